@@ -1,0 +1,144 @@
+"""A cache directory: its layout, fingerprint guard, manifest (the commit point) and checks.
+
+    CACHE_DIR/
+      fingerprint.json        settings the cache depends on; written first, guards a resume
+      run_info.json           resolved config, package versions, code revision
+      teacher_config.json     the teacher's config (a student can be built without the teacher)
+      projection.safetensors  the hidden-state projection (H, d)
+      shards/shard-NNNNN.parquet
+      manifest.json           written last; lists every shard with rows, bytes and SHA-256
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
+from kdpipe.pipeline.fsutil import dumps_json, read_json, safe_join, sha256_bytes, sha256_file
+from kdpipe.schemas.manifest import (
+    FINGERPRINT_NAME, MANIFEST_NAME, MANIFEST_VERSION, FileEntry, Manifest, ShardEntry,
+)
+
+RUN_INFO_NAME = "run_info.json"
+TEACHER_CONFIG_NAME = "teacher_config.json"
+PROJECTION_NAME = "projection.safetensors"
+
+
+def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
+    return sha256_bytes(dumps_json(fingerprint))
+
+
+def diff_fingerprints(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences, one 'key: old -> new' per leaf."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff_fingerprints(a, b, name + "."))
+        elif a != b:
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else v
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def check_fingerprint(cache_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """True if the directory already holds (part of) a cache with these settings; raises if it
+    holds one with other settings, naming every difference."""
+    path = cache_dir / FINGERPRINT_NAME
+    if not path.exists():
+        if (cache_dir / MANIFEST_NAME).exists():
+            raise KdpipeError(f"{cache_dir} has a manifest but no {FINGERPRINT_NAME}; not a kdpipe cache")
+        return False
+    old = read_json(path)
+    diffs = diff_fingerprints(old, fingerprint)
+    if diffs:
+        raise CacheMismatchError(
+            f"{cache_dir} holds a cache made with other settings; refusing to add to it "
+            f"({'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}). Use another --out."
+        )
+    return True
+
+
+def file_entry(cache_dir: Path, name: str) -> FileEntry:
+    return FileEntry(path=name, sha256=sha256_file(cache_dir / name))
+
+
+def load_manifest(cache_dir: Path) -> Manifest:
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise KdpipeError(f"cache {cache_dir} does not exist or is not a directory")
+    path = cache_dir / MANIFEST_NAME
+    if not path.is_file():
+        hint = " (a dump is unfinished: rerun teacher-dump to complete it)" if (
+            cache_dir / FINGERPRINT_NAME).exists() else ""
+        raise KdpipeError(f"{cache_dir} is not a finished kdpipe cache: no {MANIFEST_NAME}{hint}")
+    raw = read_json(path)
+    if isinstance(raw, dict) and raw.get("format_version", MANIFEST_VERSION) != MANIFEST_VERSION:
+        raise KdpipeError(f"{path}: manifest format version {raw.get('format_version')} is not "
+                          f"supported by this kdpipe (reads version {MANIFEST_VERSION})")
+    try:
+        m = Manifest.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise CorruptCacheError(f"{path} is invalid: {where}: {err['msg']}") from None
+    if fingerprint_sha256(m.fingerprint) != m.fingerprint_sha256:
+        raise CorruptCacheError(f"{path}: the fingerprint does not match its recorded hash")
+    for entry in [m.projection, m.teacher_config, *m.shards]:
+        safe_join(cache_dir, entry.path)
+    return m
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+def check_file(cache_dir: Path, entry: ShardEntry | FileEntry) -> Problem | None:
+    """Size (for shards) and SHA-256 of one listed file against the manifest."""
+    path = safe_join(cache_dir, entry.path)
+    if not path.is_file():
+        return Problem(entry.path, "missing")
+    if isinstance(entry, ShardEntry) and path.stat().st_size != entry.bytes:
+        return Problem(entry.path, f"size {path.stat().st_size} bytes, manifest says {entry.bytes}")
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        return Problem(entry.path, f"SHA-256 {digest[:12]}..., manifest says {entry.sha256[:12]}...")
+    return None
+
+
+def verify_cache(cache_dir: Path) -> tuple[Manifest, list[Problem]]:
+    """Every listed file against the manifest, plus shard files the manifest does not list."""
+    cache_dir = Path(cache_dir)
+    m = load_manifest(cache_dir)
+    entries = [m.projection, m.teacher_config, *m.shards]
+    problems = [p for e in entries if (p := check_file(cache_dir, e))]
+    listed = {e.path for e in m.shards}
+    for f in sorted((cache_dir / "shards").glob("*.parquet")):
+        rel = f.relative_to(cache_dir).as_posix()
+        if rel not in listed:
+            problems.append(Problem(rel, "not listed in the manifest (ignored by readers)"))
+    return m, problems
+
+
+def open_shard(cache_dir: Path, entry: ShardEntry) -> Path:
+    """A listed shard's path, checked against the manifest before any of it is used."""
+    problem = check_file(cache_dir, entry)
+    if problem:
+        raise CorruptCacheError(f"corrupt cache: {Path(cache_dir) / problem.path}: {problem.what}; "
+                                "run `kdpipe cache verify` and re-dump the shard")
+    return safe_join(cache_dir, entry.path)

@@ -1,0 +1,62 @@
+"""Typed stage configuration: a YAML/JSON file, overridden by command-line flags.
+
+Each stage declares a frozen pydantic model; unknown keys and wrong types are rejected, and
+every problem is reported at once, one line each, naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kdpipe.pipeline.errors import ConfigError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's configuration: frozen, and no key it does not know."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(config)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return lines
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping (JSON is YAML), with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def build_config(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -> C:
+    """File values first, then flags that were given (None means 'not given')."""
+    values = read_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        problems = _format_errors(e)
+        head = f"invalid configuration ({len(problems)} problem{'s' if len(problems) > 1 else ''}): "
+        raise ConfigError(head + "; ".join(problems)) from None

@@ -1,0 +1,210 @@
+"""Text in, packed token-id sequences out, streamed so memory stays flat in the corpus size.
+
+Sequence ids are positions in this deterministic stream: the same corpus, tokenizer, length and
+packing give the same sequence for the same id, which is what lets a shard be redone alone.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from kdpipe.pipeline.errors import KdpipeError
+
+Packing = Literal["pack", "line"]
+_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_TOKENIZE_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A resolved corpus: local files of one format, or a dataset name available offline."""
+
+    builder: str  # text | json | parquet | a dataset name
+    files: tuple[Path, ...] = ()
+    config_name: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+def _expand(sources: Iterable[str]) -> list[Path]:
+    files: list[Path] = []
+    for s in sources:
+        matches = sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
+        for m in matches:
+            p = Path(m)
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+    return files
+
+
+def _hash_and_check(path: Path, builder: str) -> dict[str, Any]:
+    """SHA-256 of a file, checking on the way that a text file decodes as UTF-8."""
+    h = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")() if builder != "parquet" else None
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                if decoder is not None:
+                    try:
+                        decoder.decode(block)
+                    except UnicodeDecodeError as e:
+                        raise KdpipeError(
+                            f"corpus file {path} is not valid UTF-8 (byte offset {size + e.start})"
+                        ) from None
+                size += len(block)
+            if decoder is not None:
+                decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise KdpipeError(f"corpus file {path} ends in the middle of a UTF-8 character") from None
+    except PermissionError:
+        raise KdpipeError(f"corpus file {path} is not readable (permission denied)") from None
+    return {"name": path.name, "bytes": size, "sha256": h.hexdigest()}
+
+
+def resolve_corpus(sources: Iterable[str], text_column: str = "text", split: str = "train") -> Corpus:
+    """Local files (text, JSON lines, Parquet; globs and folders allowed) or a dataset name."""
+    sources = list(sources)
+    if not sources:
+        raise KdpipeError("no corpus given (--data)")
+    resolved = []
+    for s in sources:
+        if s.startswith("builtin:"):
+            from kdpipe.pipeline import builtin
+
+            s = builtin.resolve(s, "data")
+        resolved.append(s)
+    local = [s for s in resolved if os.path.exists(s) or any(c in s for c in "*?[")]
+    if local and len(local) != len(resolved):
+        missing = sorted(set(resolved) - set(local))
+        raise KdpipeError(f"corpus file(s) not found: {', '.join(missing)}")
+    if not local:
+        if len(resolved) != 1:
+            raise KdpipeError(f"corpus file(s) not found: {', '.join(resolved)}")
+        return _dataset_corpus(resolved[0], text_column, split)
+    files = _expand(local)
+    if not files:
+        raise KdpipeError(f"no corpus files match {', '.join(local)}")
+    kinds = {_BUILDERS.get(p.suffix.lower()) for p in files}
+    if None in kinds:
+        bad = [str(p) for p in files if p.suffix.lower() not in _BUILDERS]
+        raise KdpipeError(
+            f"unsupported corpus file type: {bad[0]} (use .txt, .jsonl/.json or .parquet)"
+        )
+    if len(kinds) > 1:
+        raise KdpipeError("corpus files must all be of one format (text, JSON lines or Parquet)")
+    builder = kinds.pop()
+    fps = [_hash_and_check(p, builder) for p in files]
+    if sum(f["bytes"] for f in fps) == 0:
+        raise KdpipeError(f"corpus is empty: {', '.join(str(p) for p in files)}")
+    fingerprint = {"format": builder, "files": fps, "text_column": text_column}
+    return Corpus(builder, tuple(files), None, "train", text_column, fingerprint)
+
+
+def _dataset_corpus(name: str, text_column: str, split: str) -> Corpus:
+    repo, _, config = name.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as e:  # datasets raises many types for "not found offline"
+        raise KdpipeError(
+            f"corpus {name!r} is neither a local file nor a dataset available offline ({e})"
+        ) from None
+    fingerprint = {"format": "dataset", "name": repo, "config": config or None, "split": split,
+                   "dataset_fingerprint": getattr(ds, "_fingerprint", None), "text_column": text_column}
+    return Corpus(repo, (), config or None, split, text_column, fingerprint)
+
+
+def iter_texts(corpus: Corpus) -> Iterator[str]:
+    """Documents (non-blank strings) in corpus order, streamed through `datasets`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if corpus.files:
+        ds = datasets.load_dataset(
+            corpus.builder, data_files=[str(p) for p in corpus.files], split="train", streaming=True
+        )
+    else:
+        ds = datasets.load_dataset(corpus.builder, corpus.config_name, split=corpus.split)
+    column = corpus.text_column
+    try:
+        for row in ds:
+            if column not in row:
+                raise KdpipeError(
+                    f"corpus has no column {column!r} (columns: {', '.join(row)}); set --text-column"
+                )
+            text = row[column]
+            if isinstance(text, str) and text.strip():
+                yield text
+    except (ValueError, TypeError, OSError) as e:
+        if isinstance(e, KdpipeError):
+            raise
+        raise KdpipeError(f"cannot read corpus: {e}") from None
+
+
+def iter_token_docs(texts: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
+    """Token ids of each document, without special tokens, tokenized in batches."""
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == _TOKENIZE_BATCH:
+            yield from _encode(tokenizer, batch)
+            batch = []
+    if batch:
+        yield from _encode(tokenizer, batch)
+
+
+def _encode(tokenizer: Any, batch: list[str]) -> Iterator[list[int]]:
+    enc = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
+                    return_token_type_ids=False, verbose=False)
+    for ids in enc["input_ids"]:
+        if ids:
+            yield ids
+
+
+def pack(docs: Iterable[list[int]], seq_len: int, cls_id: int, sep_id: int,
+         mode: Packing = "pack") -> Iterator[np.ndarray]:
+    """[CLS] tokens [SEP] sequences of at most `seq_len` tokens.
+
+    pack: documents are joined with [SEP] and cut into full-length sequences, so no compute is
+    spent on padding (the last sequence may be short). line: one document per sequence (long
+    ones split), for corpora where a sequence must not span documents; batches are then
+    bucketed by length.
+    """
+    body = seq_len - 2
+    if body < 1:
+        raise KdpipeError(f"sequence length {seq_len} leaves no room between [CLS] and [SEP]")
+    if mode == "line":
+        for ids in docs:
+            for i in range(0, len(ids), body):
+                yield np.array([cls_id, *ids[i:i + body], sep_id], dtype=np.int64)
+        return
+    buf: list[int] = []
+    for ids in docs:
+        if buf:
+            buf.append(sep_id)
+        buf.extend(ids)
+        start = 0  # cut by offset: one enormous document stays linear, not quadratic
+        while len(buf) - start >= body:
+            yield np.array([cls_id, *buf[start:start + body], sep_id], dtype=np.int64)
+            start += body
+        del buf[:start]
+    if buf:
+        yield np.array([cls_id, *buf, sep_id], dtype=np.int64)
+
+
+def iter_sequences(corpus: Corpus, tokenizer: Any, seq_len: int, mode: Packing) -> Iterator[np.ndarray]:
+    """The corpus as a deterministic stream of packed sequences; the index is the sequence id."""
+    return pack(iter_token_docs(iter_texts(corpus), tokenizer), seq_len,
+                tokenizer.cls_token_id, tokenizer.sep_token_id, mode)

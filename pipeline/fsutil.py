@@ -1,0 +1,156 @@
+"""Atomic publication, hashing and locking: the primitives behind every resumability promise.
+
+A file appears under its final name only once complete (write to a temporary sibling, fsync,
+rename), so a reader or a resumed run never sees half a file, whatever killed the writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from filelock import FileLock, Timeout
+
+from kdpipe.pipeline.errors import KdpipeError
+
+TMP_SUFFIX = ".tmp"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tmp_path_for(path: Path) -> Path:
+    """The temporary sibling a file is written under; the pid keeps two writers apart."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a full disk or a permission error into a one-line error naming the file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise KdpipeError(f"no space left on device while writing {path}") from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise KdpipeError(f"cannot write {path}: {e.strerror}") from e
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through `write(fileobj)` to a temporary file, then rename into place."""
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    with disk_errors(path):
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Canonical JSON (sorted keys, fixed indent) so equal content gives equal bytes."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, dumps_json(obj))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise KdpipeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+
+
+def remove_stale_tmp(directory: Path) -> int:
+    """Delete temporary files left by a killed writer; returns how many were removed."""
+    n = 0
+    if directory.is_dir():
+        for p in directory.glob(f".*{TMP_SUFFIX}"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+@contextmanager
+def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
+    """Hold an OS file lock on `directory` for the duration; a second writer is refused at once.
+
+    The lock is an fcntl/flock lock, so the kernel drops it when its process dies: a crashed run
+    never leaves the directory locked.
+    """
+    lock = FileLock(str(Path(directory) / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as e:
+        raise KdpipeError(
+            f"another kdpipe process is writing {what} {directory}; wait for it to finish"
+        ) from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def ensure_dir(path: Path, what: str) -> Path:
+    """Create `path` as a directory, with a clear error when a file is in the way."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KdpipeError(f"{what} {path} exists and is not a directory")
+    with disk_errors(path):
+        path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise KdpipeError(f"{what} {path} is not writable")
+    return path
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    """Resolve a path read from a manifest, refusing anything that escapes `root`."""
+    root = Path(root).resolve()
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise KdpipeError(f"manifest path {relative!r} escapes the cache directory {root}")
+    target = (root / rel).resolve()
+    if root != target and root not in target.parents:
+        raise KdpipeError(f"manifest path {relative!r} escapes the cache directory {root}")
+    return target

@@ -1,0 +1,160 @@
+"""One shard: numpy arrays <-> an Arrow table <-> a zstd Parquet file written atomically.
+
+Columns are built from flat arrays and offsets (no Python lists per token), with the explicit
+schema of `kdpipe.schemas.shard` passed to the writer, never inferred.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdpipe.pipeline.fsutil import atomic_write
+from kdpipe.schemas.shard import BYTE_STREAM_SPLIT_COLUMNS, FINGERPRINT_KEY
+
+ROW_GROUP_ROWS = 256
+SHARD_PATTERN = "shards/shard-{index:05d}.parquet"
+
+
+def shard_path(index: int) -> str:
+    return SHARD_PATTERN.format(index=index)
+
+
+@dataclass
+class ShardData:
+    """A shard's rows as flat arrays; per-token arrays are concatenated over rows."""
+
+    seq_id: np.ndarray  # (R,)
+    view: np.ndarray  # (R,)
+    length: np.ndarray  # (R,) tokens per row; offsets into per-token arrays are its cumsum
+    input_ids: np.ndarray  # (sum T,)
+    mlm_count: np.ndarray  # (R,) masked positions per row
+    mlm_positions: np.ndarray  # (sum M,)
+    mlm_labels: np.ndarray  # (sum M,)
+    topk_ids: np.ndarray  # (sum T, k)
+    topk_logits: np.ndarray  # (sum T, k)
+    log_z: np.ndarray  # (sum T, n_T)
+    hidden: np.ndarray  # (sum T, d)
+
+    @property
+    def rows(self) -> int:
+        return len(self.seq_id)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.length.sum())
+
+    def offsets(self) -> np.ndarray:
+        """(R + 1,) start of each row in the per-token arrays."""
+        return np.concatenate([[0], np.cumsum(self.length)]).astype(np.int64)
+
+    def mlm_offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.mlm_count)]).astype(np.int64)
+
+
+def _offsets(counts: np.ndarray) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32), pa.int32())
+
+
+def _list(values: np.ndarray, counts: np.ndarray, field_type: pa.ListType) -> pa.Array:
+    inner = field_type.value_type
+    if pa.types.is_fixed_size_list(inner):
+        width = inner.list_size
+        flat = pa.array(values.reshape(-1).astype(inner.value_type.to_pandas_dtype()), inner.value_type)
+        values_arr: pa.Array = pa.FixedSizeListArray.from_arrays(flat, width)
+    else:
+        values_arr = pa.array(values.astype(inner.to_pandas_dtype()), inner)
+    return pa.ListArray.from_arrays(_offsets(counts), values_arr, type=field_type)
+
+
+def to_table(data: ShardData, schema: pa.Schema) -> pa.Table:
+    per_token = {"input_ids", "topk_ids", "topk_logits", "log_z", "hidden"}
+    per_mask = {"mlm_positions", "mlm_labels"}
+    cols = []
+    for f in schema:
+        v = getattr(data, f.name)
+        if f.name in per_token:
+            cols.append(_list(v, data.length, f.type))
+        elif f.name in per_mask:
+            cols.append(_list(v, data.mlm_count, f.type))
+        else:
+            cols.append(pa.array(v.astype(f.type.to_pandas_dtype()), f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def write_shard(path: Path, table: pa.Table, fingerprint_sha256: str, zstd_level: int) -> None:
+    """Write atomically; the fingerprint in the footer ties the file to its cache's settings."""
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint_sha256.encode()}
+    )
+    encodings = {c: "BYTE_STREAM_SPLIT" for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names}
+
+    def write(f) -> None:
+        pq.write_table(
+            table, f, row_group_size=ROW_GROUP_ROWS, compression="zstd",
+            compression_level=zstd_level, use_dictionary=False, write_statistics=False,
+            column_encoding=encodings, store_schema=True,
+        )
+
+    atomic_write(path, write)
+
+
+def column_bytes(path: Path) -> dict[str, int]:
+    """Compressed bytes per top-level column, from the footer."""
+    md = pq.ParquetFile(path).metadata
+    out: dict[str, int] = {}
+    for rg in range(md.num_row_groups):
+        g = md.row_group(rg)
+        for c in range(g.num_columns):
+            col = g.column(c)
+            name = col.path_in_schema.split(".")[0]
+            out[name] = out.get(name, 0) + col.total_compressed_size
+    return out
+
+
+def _flat(col: pa.ChunkedArray | pa.Array, depth: int) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    for _ in range(depth):
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return np.diff(arr.offsets.to_numpy()).astype(np.int64)
+
+
+def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
+    """Flat numpy arrays of a table (or row group) in the shard schema."""
+    kwargs = {}
+    for f in fields(ShardData):
+        if f.name == "mlm_count":
+            kwargs[f.name] = _list_lengths(table.column("mlm_positions"))
+            continue
+        col = table.column(f.name)
+        t = col.type
+        if pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type):
+            kwargs[f.name] = _flat(col, 2).reshape(-1, t.value_type.list_size)
+        elif pa.types.is_list(t):
+            kwargs[f.name] = _flat(col, 1)
+        else:
+            kwargs[f.name] = _flat(col, 0)
+    return ShardData(**kwargs)
+
+
+def iter_row_groups(path: Path) -> Iterator[ShardData]:
+    """Stream a shard a row group at a time: memory is bounded by one row group."""
+    pf = pq.ParquetFile(path)
+    for i in range(pf.metadata.num_row_groups):
+        yield from_table(pf.read_row_group(i))
+
+
+def read_fingerprint(path: Path) -> str | None:
+    md = pq.read_schema(path).metadata or {}
+    v = md.get(FINGERPRINT_KEY)
+    return v.decode() if v else None

@@ -1,0 +1,221 @@
+"""The frozen teacher: load it, run it, and reduce its logits to what the cache stores.
+
+The masked-LM head is split at its last linear layer (the decoder): the model runs up to the
+decoder input, and the decoder is applied here in chunks of positions, each chunk reduced at once
+(top-k, then the log-partition at every temperature from a single exp) while it is still in
+cache. The (B, T, V) logit tensor is never built, which is what keeps the dump close to the
+bare forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdpipe.pipeline.device import autocast
+from kdpipe.pipeline.errors import KdpipeError
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """Per-position results for the non-padding positions of a batch, in row-major order."""
+
+    topk_ids: np.ndarray  # (N, k) int64, by decreasing logit
+    topk_logits: np.ndarray  # (N, k) float32, raw (temperature 1)
+    log_z: np.ndarray  # (N, n_T) float32, log sum_v exp(z_v / T) over the full vocabulary
+    hidden: np.ndarray  # (N, d) float32, last hidden state through the projection
+
+
+def resolve_model_path(spec: str) -> str:
+    if spec.startswith("builtin:"):
+        from kdpipe.pipeline import builtin
+
+        return builtin.resolve(spec, "teacher")
+    return spec
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KdpipeError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from None
+    for name in ("mask_token_id", "cls_token_id", "sep_token_id", "pad_token_id"):
+        if getattr(tok, name) is None:
+            raise KdpipeError(f"tokenizer of {path} has no {name.removesuffix('_id')}; "
+                              "kdpipe needs a BERT-style masked-LM tokenizer")
+    return tok
+
+
+def load_teacher(path: str, allow_missing_head: bool = False) -> nn.Module:
+    """An `AutoModelForMaskedLM` in eval mode, refusing checkpoints whose head would be random."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    p = Path(path)
+    if p.exists() and not (p / "config.json").is_file():
+        raise KdpipeError(f"teacher {path} is not a model folder (no config.json)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(
+            path, local_files_only=True, output_loading_info=True
+        )
+    except ValueError as e:
+        raise KdpipeError(f"teacher {path} is not a masked language model: {_first_line(e)}") from None
+    except OSError as e:
+        raise KdpipeError(f"cannot load teacher {path}: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys", []))
+    if missing and not allow_missing_head:
+        raise KdpipeError(
+            f"teacher {path} has no trained masked-LM head ({len(missing)} weights missing, e.g. "
+            f"{missing[0]}): its logits would be random; give it a head with `kdpipe teacher-adapt`"
+        )
+    return model.eval()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Hash of the weights themselves (names, dtypes, shapes, bytes), whatever file held them."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """Hash of the vocabulary and special tokens: equal hashes tokenize text identically."""
+    h = hashlib.sha256(type(tokenizer).__name__.removesuffix("Fast").encode())
+    for tok, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}\t{tok}\n".encode())
+    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    h.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())
+    return h.hexdigest()
+
+
+def decoder_of(model: nn.Module) -> nn.Linear:
+    dec = model.get_output_embeddings()
+    if not isinstance(dec, nn.Linear):
+        raise KdpipeError(f"teacher's output layer is {type(dec).__name__}, not a linear decoder; "
+                          "kdpipe supports BERT-style masked-LM heads")
+    return dec
+
+
+@contextmanager
+def decoder_bypassed(model: nn.Module) -> Iterator[nn.Linear]:
+    """Within the block the model's 'logits' are the decoder's input (B, T, H)."""
+    dec = decoder_of(model)
+    dec.forward = lambda x: x  # instance attribute shadows nn.Linear.forward
+    try:
+        yield dec
+    finally:
+        del dec.forward
+
+
+def reduce_logits(z: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """Top-k of a (C, V) float32 logit chunk, and log sum exp(z/T) for each T (ascending).
+
+    One exp serves every temperature: with e = exp((z - max) / T0), exp((z - max) / T) is
+    e ** (T0 / T), computed in place (a sqrt when T doubles). `z` is overwritten.
+    """
+    vals, idx = torch.topk(z, k, dim=-1, sorted=True)  # (C, k)
+    m = vals[:, :1]  # (C, 1) the max logit
+    z.sub_(m)
+    t0 = temperatures[0]
+    if t0 != 1.0:
+        z.div_(t0)
+    z.exp_()
+    log_z = []
+    prev = t0
+    for t in temperatures:
+        r = prev / t
+        if r == 0.5:
+            z.sqrt_()
+        elif r == 0.25:
+            z.sqrt_().sqrt_()
+        elif r != 1.0:
+            z.pow_(r)
+        prev = t
+        log_z.append(m[:, 0] / t + torch.log(z.sum(-1)))
+    return idx, vals, torch.stack(log_z, dim=-1)
+
+
+class TeacherRunner:
+    """Runs the teacher on padded batches and returns per-position cache rows."""
+
+    def __init__(self, model: nn.Module, top_k: int, temperatures: tuple[float, ...],
+                 projection: torch.Tensor, device: torch.device, chunk: int | None = None) -> None:
+        self.model = model.to(device)
+        self.device = device
+        self.k = top_k
+        self.temperatures = tuple(sorted(temperatures))
+        self.projection = projection.to(device=device, dtype=torch.float32)  # (H, d)
+        self.chunk = chunk or (4096 if device.type == "cuda" else 256)
+        dec = decoder_of(model)
+        self.weight_t = dec.weight.detach().float().t()  # (H', V)
+        self.bias = None if dec.bias is None else dec.bias.detach().float()
+
+    @torch.inference_mode()
+    def hidden_and_decoder_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) last hidden states and (N, H') decoder inputs at the non-padding positions."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        with autocast(self.device), decoder_bypassed(self.model):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             output_hidden_states=True)
+        valid = attention_mask.bool()
+        return out.hidden_states[-1][valid].float(), out.logits[valid].float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Full (N, V) float32 logits from decoder inputs; for checks, not the hot path."""
+        z = x @ self.weight_t
+        return z if self.bias is None else z + self.bias
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherOutputs:
+        hidden, x = self.hidden_and_decoder_input(input_ids, attention_mask)
+        ids, vals, log_z = [], [], []
+        for i in range(0, x.shape[0], self.chunk):
+            xc = x[i:i + self.chunk]  # (C, H')
+            z = xc @ self.weight_t if self.bias is None else torch.addmm(self.bias, xc, self.weight_t)
+            a, b, c = reduce_logits(z, self.k, self.temperatures)  # (C, k), (C, k), (C, n_T)
+            ids.append(a)
+            vals.append(b)
+            log_z.append(c)
+        proj = hidden @ self.projection  # (N, d)
+        cat = lambda ts: torch.cat(ts).cpu().numpy()  # noqa: E731
+        return TeacherOutputs(cat(ids), cat(vals), cat(log_z), proj.cpu().numpy())
+
+    @torch.inference_mode()
+    def check_head_split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+        """Max |difference| between the model's own logits and the split head's; refuses a head
+        that does more after its decoder than kdpipe reproduces."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with autocast(self.device):
+            ref = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        ref = ref[attention_mask.bool()].float()
+        _, x = self.hidden_and_decoder_input(input_ids, attention_mask)
+        diff = (self.logits(x) - ref).abs().max().item()
+        tol = 1e-3 * max(1.0, ref.abs().max().item()) * (30 if self.device.type == "cuda" else 1)
+        if not diff <= tol:
+            raise KdpipeError(f"teacher's masked-LM head is not a plain linear decoder "
+                              f"(split-head logits differ by {diff:.3g}); unsupported model")
+        return diff

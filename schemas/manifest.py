@@ -1,0 +1,60 @@
+"""The cache manifest (manifest.json): the commit point of a cache, written last.
+
+Readers trust only what it lists. Version 1. Validated on read, so a hand-edited or damaged
+manifest is refused with the field that is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FORMAT = "kdpipe-cache"
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FINGERPRINT_NAME = "fingerprint.json"  # written first: guards a half-made cache against other settings
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardEntry(_Frozen):
+    path: str  # relative to the cache directory
+    index: int = Field(ge=0)
+    first_seq: int = Field(ge=0)
+    num_seqs: int = Field(ge=0)
+    rows: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class FileEntry(_Frozen):
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(_Frozen):
+    format: Literal["kdpipe-cache"] = MANIFEST_FORMAT
+    format_version: Literal[1] = MANIFEST_VERSION
+    schema_version: int
+    fingerprint: dict[str, Any]
+    fingerprint_sha256: str
+    vocab_size: int
+    seq_len: int
+    top_k: int
+    temperatures: list[float]
+    hidden_dim: int
+    projection: FileEntry
+    teacher_config: FileEntry
+    shards: list[ShardEntry]
+    sequences: int
+    rows: int
+    tokens: int
+    bytes: int
+    bytes_per_token: float
+    bytes_per_token_by_column: dict[str, float]
+    created_at: str
+    finished_at: str

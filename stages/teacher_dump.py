@@ -1,0 +1,418 @@
+"""`kdpipe teacher-dump`: corpus + frozen teacher -> a reusable, verifiable distillation cache.
+
+    kdpipe teacher-dump --teacher PATH --data corpus.txt --out caches/mini \
+        --top-k 32 --temperatures 1,2,4 --hidden-proj pca --hidden-dim 128
+
+Set up (resolve inputs, count the corpus, guard the fingerprint, fix the projection), run (one
+shard at a time: mask, teacher, reduce, write), finish (the manifest, last). The shard is the
+unit of work: a rerun after any interruption skips the finished shards and ends byte-identical
+to an uninterrupted run (same machine, batch size and device).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import click
+from pydantic import Field, field_validator, model_validator
+from tqdm import tqdm
+
+from kdpipe import __version__
+from kdpipe.pipeline import cache as cachedir
+from kdpipe.pipeline import corpus as corpus_mod
+from kdpipe.pipeline import projection as proj
+from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option
+from kdpipe.pipeline.config import StageConfig
+from kdpipe.pipeline.device import pick_device
+from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.fsutil import (
+    atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock, remove_stale_tmp, sha256_file,
+)
+from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence, token_weights
+from kdpipe.pipeline.provenance import provenance
+from kdpipe.pipeline.shards import ShardData, column_bytes, read_fingerprint, shard_path, to_table, write_shard
+from kdpipe.pipeline.teacher import (
+    TeacherRunner, load_teacher, load_tokenizer, resolve_model_path, tokenizer_sha256, weights_sha256,
+)
+from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME, Manifest, ShardEntry
+from kdpipe.schemas.shard import SCHEMA_VERSION, shard_schema
+
+
+class DumpConfig(StageConfig):
+    teacher: str
+    data: list[str] = Field(min_length=1)
+    out: str
+    text_column: str = "text"
+    data_split: str = "train"
+    seq_len: int = Field(128, ge=8, le=65535)
+    packing: Literal["pack", "line"] = "pack"
+    max_sequences: int | None = Field(None, ge=1)
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    mask_token_prob: float = Field(0.8, ge=0, le=1)
+    random_token_prob: float = Field(0.1, ge=0, le=1)
+    mask_smoothing: float = Field(0.0, ge=0, le=2)
+    mask_views: int = Field(1, ge=1, le=1024)
+    seed: int = Field(0, ge=0)
+    top_k: int = Field(32, ge=1)
+    temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
+    hidden_proj: Literal["identity", "random", "pca"] = "pca"
+    hidden_dim: int | None = Field(None, ge=1)  # default: full width (identity), else 128
+    pca_sequences: int = Field(64, ge=1)
+    shard_size: int = Field(1024, ge=1)
+    batch_size: int = Field(32, ge=1)
+    zstd_level: int = Field(3, ge=1, le=22)
+    device: str = "auto"
+    dry_run: bool = False
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temps(cls, v: list[float]) -> list[float]:
+        if any(t <= 0 for t in v):
+            raise ValueError("temperatures must be positive")
+        if len(set(v)) != len(v):
+            raise ValueError("temperatures must be distinct")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _probs(self) -> "DumpConfig":
+        if self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError("mask_token_prob + random_token_prob must not exceed 1")
+        return self
+
+    def masking(self) -> MaskingSpec:
+        return MaskingSpec(self.mask_prob, self.mask_token_prob, self.random_token_prob,
+                           self.mask_smoothing, self.seed)
+
+
+@dataclass
+class Setup:
+    cfg: DumpConfig
+    out: Path
+    tokenizer: Any
+    model: torch.nn.Module
+    corpus: corpus_mod.Corpus
+    vocab: Vocabulary
+    pool: np.ndarray  # ids a masked position may be replaced with
+    n_sequences: int
+    n_tokens: int
+    weights: np.ndarray | None
+    fingerprint: dict[str, Any]
+    hidden_dim: int
+
+
+# ---------------------------------------------------------------------------------------- set up
+
+def _sequences(s: Setup) -> "itertools.islice[np.ndarray]":
+    it = corpus_mod.iter_sequences(s.corpus, s.tokenizer, s.cfg.seq_len, s.cfg.packing)
+    return itertools.islice(it, s.cfg.max_sequences)
+
+
+def _count(cfg: DumpConfig, corpus: corpus_mod.Corpus, tokenizer: Any, vocab_size: int
+           ) -> tuple[int, int, np.ndarray | None]:
+    """One cheap pass (tokenizer only): sequences and tokens for progress/ETA, token counts for
+    frequency-smoothed masking."""
+    counts = np.zeros(vocab_size, dtype=np.int64) if cfg.mask_smoothing > 0 else None
+    n = tokens = 0
+    it = itertools.islice(corpus_mod.iter_sequences(corpus, tokenizer, cfg.seq_len, cfg.packing),
+                          cfg.max_sequences)
+    for seq in tqdm(it, desc="tokenizing", unit=" seq", leave=False, mininterval=1.0):
+        n += 1
+        tokens += len(seq)
+        if counts is not None:
+            counts += np.bincount(seq, minlength=vocab_size)
+    return n, tokens, counts
+
+
+def set_up(cfg: DumpConfig) -> Setup:
+    teacher_path = resolve_model_path(cfg.teacher)
+    tokenizer = load_tokenizer(teacher_path)
+    model = load_teacher(teacher_path)
+    mcfg = model.config
+    vocab_size = int(mcfg.vocab_size)
+    if len(tokenizer) > vocab_size:
+        raise KdpipeError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {vocab_size}")
+    if cfg.top_k > vocab_size:
+        raise KdpipeError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size})")
+    max_pos = getattr(mcfg, "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise KdpipeError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {max_pos} positions")
+    hidden_dim = proj.check_dim(cfg.hidden_proj, int(mcfg.hidden_size), cfg.hidden_dim)
+    corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split)
+    special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    vocab = Vocabulary(vocab_size, tokenizer.mask_token_id, special)
+    n_seq, n_tok, counts = _count(cfg, corpus, tokenizer, vocab_size)
+    if n_seq == 0:
+        raise KdpipeError(f"corpus {', '.join(cfg.data)} holds no text")
+    weights = token_weights(counts, cfg.mask_smoothing, special) if counts is not None else None
+    fingerprint = {
+        "schema_version": SCHEMA_VERSION,
+        "teacher": {"weights_sha256": weights_sha256(model), "model_type": mcfg.model_type,
+                    "hidden_size": int(mcfg.hidden_size), "vocab_size": vocab_size},
+        "tokenizer": {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)},
+        "corpus": {**corpus.fingerprint, "max_sequences": cfg.max_sequences},
+        "sequences": {"seq_len": cfg.seq_len, "packing": cfg.packing, "count": n_seq, "tokens": n_tok},
+        "masking": {"mask_prob": cfg.mask_prob, "mask_token_prob": cfg.mask_token_prob,
+                    "random_token_prob": cfg.random_token_prob, "smoothing": cfg.mask_smoothing,
+                    "seed": cfg.seed, "views": cfg.mask_views},
+        "targets": {"mode": "topk", "k": cfg.top_k, "temperatures": cfg.temperatures,
+                    "positions": "all"},
+        "hidden": {"projection": cfg.hidden_proj, "dim": hidden_dim, "seed": cfg.seed,
+                   "pca_sequences": cfg.pca_sequences if cfg.hidden_proj == "pca" else None},
+        "storage": {"shard_size": cfg.shard_size, "zstd_level": cfg.zstd_level},
+    }
+    return Setup(cfg, Path(cfg.out), tokenizer, model, corpus, vocab, vocab.random_pool(), n_seq, n_tok, weights,
+                 fingerprint, hidden_dim)
+
+
+def _build_projection(s: Setup, runner_for: Any) -> torch.Tensor:
+    width = s.fingerprint["teacher"]["hidden_size"]
+    if s.cfg.hidden_proj == "identity":
+        return proj.identity(width)
+    if s.cfg.hidden_proj == "random":
+        return proj.random_orthogonal(width, s.hidden_dim, s.cfg.seed)
+    # pca: fitted on the teacher's states for the first sequences, masked as they will be stored
+    runner: TeacherRunner = runner_for(proj.identity(width))
+    seqs = list(itertools.islice(_sequences(s), s.cfg.pca_sequences))
+    rows = [_mask_rows(s, i, seq)[0] for i, seq in enumerate(seqs)]
+    states = []
+    for batch in _batches(rows, s.cfg.batch_size):
+        ids, att = _pad([rows[i].input_ids for i in batch], s.tokenizer.pad_token_id)
+        states.append(runner.hidden_and_decoder_input(ids, att)[0].cpu())
+    return proj.fit_pca(torch.cat(states), s.hidden_dim)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def _mask_rows(s: Setup, seq_id: int, seq: np.ndarray) -> list[MaskedSequence]:
+    spec = s.cfg.masking()
+    return [mask_sequence(seq, seq_id, v, spec, s.vocab, s.pool, s.weights)
+            for v in range(s.cfg.mask_views)]
+
+
+def _batches(rows: list, batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (longest first), so padding is small."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = torch.from_numpy(x)
+        att[i, : len(x)] = 1
+    return ids, att
+
+
+def dump_shard(s: Setup, runner: TeacherRunner, first_seq: int, seqs: list[np.ndarray]) -> ShardData:
+    rows, meta = [], []
+    for j, seq in enumerate(seqs):
+        for v, m in enumerate(_mask_rows(s, first_seq + j, seq)):
+            rows.append(m)
+            meta.append((first_seq + j, v))
+    outs: list[Any] = [None] * len(rows)
+    for batch in _batches(rows, s.cfg.batch_size):
+        ids, att = _pad([rows[i].input_ids for i in batch], s.tokenizer.pad_token_id)
+        o = runner.run(ids, att)
+        bounds = np.cumsum([0] + [len(rows[i].input_ids) for i in batch])
+        for j, i in enumerate(batch):
+            a, b = bounds[j], bounds[j + 1]
+            outs[i] = (o.topk_ids[a:b], o.topk_logits[a:b], o.log_z[a:b], o.hidden[a:b])
+    cat = lambda xs: np.concatenate(xs)  # noqa: E731
+    return ShardData(
+        seq_id=np.array([m[0] for m in meta]), view=np.array([m[1] for m in meta]),
+        length=np.array([len(r.input_ids) for r in rows]),
+        input_ids=cat([r.input_ids for r in rows]),
+        mlm_count=np.array([len(r.positions) for r in rows]),
+        mlm_positions=cat([r.positions for r in rows]), mlm_labels=cat([r.labels for r in rows]),
+        topk_ids=cat([o[0] for o in outs]), topk_logits=cat([o[1] for o in outs]),
+        log_z=cat([o[2] for o in outs]), hidden=cat([o[3] for o in outs]),
+    )
+
+
+def _shard_done(path: Path, fp_sha: str) -> bool:
+    """A shard under its final name was completed by a run with these settings."""
+    try:
+        return path.is_file() and read_fingerprint(path) == fp_sha
+    except Exception:  # unreadable footer: treat as unfinished and redo it
+        return False
+
+
+def run(s: Setup) -> Manifest:
+    out = s.out
+    fp_sha = cachedir.fingerprint_sha256(s.fingerprint)
+    schema = shard_schema(s.vocab.size, s.cfg.top_k, len(s.cfg.temperatures), s.hidden_dim)
+    ensure_dir(out / "shards", "cache directory")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    device = pick_device(s.cfg.device)
+
+    def runner_for(p: torch.Tensor) -> TeacherRunner:
+        return TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device)
+
+    proj_path = out / cachedir.PROJECTION_NAME
+    if proj_path.exists():
+        projection = proj.load_projection(proj_path)
+    else:
+        projection = _build_projection(s, runner_for)
+        proj.save_projection(proj_path, projection)
+    runner = runner_for(projection)
+    first = next(iter(_sequences(s)))
+    runner.check_head_split(*_pad([first], s.tokenizer.pad_token_id))
+
+    n_shards = -(-s.n_sequences // s.cfg.shard_size)
+    seqs_iter = _sequences(s)
+    pending: Future | None = None
+    bar = tqdm(total=s.n_tokens * s.cfg.mask_views, desc="teacher-dump", unit=" tok",
+               unit_scale=True, mininterval=1.0, smoothing=0.1)
+    with ThreadPoolExecutor(max_workers=1) as writer:  # encode+compress overlaps the next forward
+        for index in range(n_shards):
+            seqs = list(itertools.islice(seqs_iter, s.cfg.shard_size))
+            path = out / shard_path(index)
+            if _shard_done(path, fp_sha):
+                bar.update(sum(len(x) for x in seqs) * s.cfg.mask_views)
+                continue
+            data = dump_shard(s, runner, index * s.cfg.shard_size, seqs)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_shard, path, to_table(data, schema), fp_sha, s.cfg.zstd_level)
+            bar.update(data.tokens)
+        if pending is not None:
+            pending.result()
+    bar.close()
+    return finish(s, fp_sha, n_shards, started)
+
+
+# ---------------------------------------------------------------------------------------- finish
+
+def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
+    """Hash every shard and write the manifest: the commit point of the cache."""
+    import pyarrow.parquet as pq
+
+    out, size = s.out, s.cfg.shard_size
+    entries, by_column = [], Counter()
+    for index in range(n_shards):
+        rel = shard_path(index)
+        path = out / rel
+        md = pq.ParquetFile(path).metadata
+        num_seqs = min(size, s.n_sequences - index * size)
+        tokens = int(pq.read_table(path, columns=["length"]).column("length").to_numpy().sum())
+        entries.append(ShardEntry(path=rel, index=index, first_seq=index * size, num_seqs=num_seqs,
+                                  rows=md.num_rows, tokens=tokens, bytes=path.stat().st_size,
+                                  sha256=sha256_file(path)))
+        by_column.update(column_bytes(path))
+    tokens = sum(e.tokens for e in entries)
+    total = sum(e.bytes for e in entries)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, fingerprint=s.fingerprint, fingerprint_sha256=fp_sha,
+        vocab_size=s.vocab.size, seq_len=s.cfg.seq_len, top_k=s.cfg.top_k,
+        temperatures=s.cfg.temperatures, hidden_dim=s.hidden_dim,
+        projection=cachedir.file_entry(out, cachedir.PROJECTION_NAME),
+        teacher_config=cachedir.file_entry(out, cachedir.TEACHER_CONFIG_NAME),
+        shards=entries, sequences=s.n_sequences,
+        rows=sum(e.rows for e in entries), tokens=tokens, bytes=total,
+        bytes_per_token=round(total / max(tokens, 1), 3),
+        bytes_per_token_by_column={k: round(v / max(tokens, 1), 3) for k, v in sorted(by_column.items())},
+        created_at=started, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    atomic_write_json(out / MANIFEST_NAME, manifest.model_dump(mode="json"))
+    return manifest
+
+
+def dry_run(s: Setup) -> dict[str, Any]:
+    """Estimate time and size from a couple of batches, writing nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    device = pick_device(s.cfg.device)
+    width = s.fingerprint["teacher"]["hidden_size"]
+    runner = TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures),
+                           proj.random_orthogonal(width, s.hidden_dim, s.cfg.seed), device)
+    seqs = list(itertools.islice(_sequences(s), max(1, 2 * s.cfg.batch_size // s.cfg.mask_views)))
+    dump_shard(s, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
+    t0 = time.perf_counter()
+    data = dump_shard(s, runner, 0, seqs)
+    elapsed = time.perf_counter() - t0
+    sink = pa.BufferOutputStream()
+    schema = shard_schema(s.vocab.size, s.cfg.top_k, len(s.cfg.temperatures), s.hidden_dim)
+    pq.write_table(to_table(data, schema), sink, compression="zstd",
+                   compression_level=s.cfg.zstd_level, use_dictionary=False, write_statistics=False)
+    bpt = sink.getvalue().size / data.tokens
+    total_tokens = s.n_tokens * s.cfg.mask_views
+    return {"sequences": s.n_sequences, "rows": s.n_sequences * s.cfg.mask_views,
+            "tokens": total_tokens, "shards": -(-s.n_sequences // s.cfg.shard_size),
+            "tokens_per_s": round(data.tokens / elapsed, 1),
+            "estimated_seconds": round(total_tokens / (data.tokens / elapsed), 1),
+            "bytes_per_token": round(bpt, 1), "estimated_bytes": int(bpt * total_tokens),
+            "device": str(device)}
+
+
+def main(cfg: DumpConfig) -> dict[str, Any]:
+    """The whole stage; returns a summary for the CLI to print."""
+    s = set_up(cfg)
+    if cfg.dry_run:
+        return {"dry_run": dry_run(s)}
+    ensure_dir(s.out, "cache directory")
+    with exclusive_lock(s.out, "cache"):
+        remove_stale_tmp(s.out)
+        remove_stale_tmp(s.out / "shards")
+        resuming = cachedir.check_fingerprint(s.out, s.fingerprint)
+        if resuming and (s.out / MANIFEST_NAME).exists():
+            m = cachedir.load_manifest(s.out)
+            return {"cache": str(s.out), "status": "already complete", "shards": len(m.shards),
+                    "tokens": m.tokens, "bytes_per_token": m.bytes_per_token}
+        if not resuming:
+            if {p.name for p in s.out.iterdir()} - {".lock"}:
+                raise KdpipeError(f"{s.out} is not empty and holds no kdpipe cache; refusing to write into it")
+            atomic_write_json(s.out / FINGERPRINT_NAME, s.fingerprint)
+        atomic_write_json(s.out / cachedir.RUN_INFO_NAME, provenance(cfg))
+        atomic_write_bytes(s.out / cachedir.TEACHER_CONFIG_NAME,
+                           json.dumps(s.model.config.to_dict(), indent=2, sort_keys=True).encode())
+        m = run(s)
+    return {"cache": str(s.out), "status": "resumed" if resuming else "written", "shards": len(m.shards),
+            "sequences": m.sequences, "rows": m.rows, "tokens": m.tokens,
+            "bytes_per_token": m.bytes_per_token, "version": __version__}
+
+
+@click.command("teacher-dump", epilog="Example: kdpipe teacher-dump --teacher ./bert-mlm "
+               "--data wiki.txt --out caches/wiki --top-k 32 --temperatures 1,2,4")
+@config_option
+@click.option("--teacher", help="Masked-LM checkpoint folder (or builtin:NAME).")
+@click.option("--data", multiple=True, help="Text/JSONL/Parquet files, globs or folders, or a "
+              "dataset name available offline; repeatable.")
+@click.option("--out", help="Cache directory to create or resume.")
+@click.option("--text-column", help="Column holding the text (JSONL/Parquet/datasets). [text]")
+@click.option("--data-split", help="Split of a named dataset. [train]")
+@click.option("--seq-len", type=int, help="Tokens per sequence, [CLS]/[SEP] included. [128]")
+@click.option("--packing", type=click.Choice(["pack", "line"]), help="pack: join documents into "
+              "full sequences; line: one document per sequence, batches bucketed by length. [pack]")
+@click.option("--max-sequences", type=int, help="Use only the first N sequences of the corpus.")
+@click.option("--mask-prob", type=float, help="Share of tokens chosen for MLM. [0.15]")
+@click.option("--mask-smoothing", type=float, help="Choose positions with p ~ count**-s; "
+              "the reference uses 0.7. [0: uniform]")
+@click.option("--mask-views", type=int, help="Independent mask draws per sequence. [1]")
+@click.option("--seed", type=int, help="Seed of masks and projection. [0]")
+@click.option("--top-k", type=int, help="Teacher logits kept per position. [32]")
+@click.option("--temperatures", callback=floats_option, help="Temperature grid of the stored "
+              "log-partition values, e.g. 1,2,4. [1,2,4]")
+@click.option("--hidden-proj", type=click.Choice(["identity", "random", "pca"]),
+              help="Projection of the teacher's last hidden state. [pca]")
+@click.option("--hidden-dim", type=int, help="Width of the stored projection. [128; full for identity]")
+@click.option("--shard-size", type=int, help="Sequences per shard (the unit of resumption). [1024]")
+@click.option("--batch-size", type=int, help="Sequences per teacher batch. [32]")
+@click.option("--zstd-level", type=int, help="zstd level of the shards. [3]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
+@click.option("--dry-run", is_flag=True, default=None, help="Estimate size and time; write nothing.")
+def command(config_file: Path | None, **flags: Any) -> None:
+    """Run the frozen teacher once over a corpus and write a distillation cache."""
+    echo_json(main(build_config(DumpConfig, config_file, flags)))

@@ -1,0 +1,42 @@
+"""Tiny real models and corpora built in code, shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+WORDS = ("the a of and to in is was for on with as by at from that it his her they "
+         "film book city river music war king game team school water light music year time "
+         "first new old great small long high early late north south house road story life").split()
+
+
+def write_vocab(path: Path) -> Path:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"##{chr(c)}" for c in range(ord("a"), ord("z") + 1)]
+    vocab = specials + sorted(set(WORDS)) + letters + [".", ",", "0", "1", "2"]
+    path.write_text("\n".join(vocab) + "\n")
+    return path
+
+
+def tiny_teacher(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 BERT masked LM with its tokenizer, saved as a plain folder."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = BertTokenizerFast(vocab=str(write_vocab(folder / "vocab.txt")), do_lower_case=True)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertForMaskedLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_corpus(path: Path, lines: int = 60, seed: int = 0) -> Path:
+    import random
+
+    rnd = random.Random(seed)
+    text = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(3, 25))) + " ." for _ in range(lines)]
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path
