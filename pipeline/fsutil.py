@@ -53,12 +53,16 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextmanager
 def disk_errors(path: Path) -> Iterator[None]:
-    """Turn a full disk or a permission error into a one-line error naming the file."""
+    """Turn a full disk, a quota or file-size limit, or a permission error into a one-line error
+    naming the file."""
     try:
         yield
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise KdpipeError(f"no space left on device while writing {path}") from e
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise KdpipeError(f"no space left on device while writing {path}: {e.strerror}") from e
+        if e.errno == errno.EFBIG:
+            raise KdpipeError(f"cannot write {path}: file too large (a file-size limit, "
+                              "e.g. `ulimit -f`, or the file system's maximum)") from e
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise KdpipeError(f"cannot write {path}: {e.strerror}") from e
         raise
