@@ -75,7 +75,8 @@ def mask_sequence(
     else:
         w = maskable.astype(np.float64)
     candidates = np.flatnonzero(w > 0)
-    n_mask = min(len(candidates), math.ceil(spec.mask_prob * len(candidates)))
+    # round off float noise first: 0.14 * 50 is 7.000000000000001, and means 7 positions, not 8
+    n_mask = min(len(candidates), math.ceil(round(spec.mask_prob * len(candidates), 9)))
     out = ids.copy()
     if n_mask == 0:
         empty = np.zeros(0, dtype=ids.dtype)
