@@ -1,0 +1,142 @@
+"""The three DistilBERT losses, computed from the cache and one student forward pass.
+
+    loss = alpha_ce * L_ce + alpha_mlm * L_mlm + alpha_cos * L_cos
+
+L_ce is a **KL divergence** (not a cross-entropy: it is 0 when the student matches the teacher,
+and has the same gradient as the reference's cross-entropy, whose `nn.KLDivLoss` it follows),
+computed from what the cache stores: the teacher's top-k raw logits z_i and log_z = log
+sum_v exp(z_v / T) over the full vocabulary. At temperature T the teacher's probabilities of its
+top-k tokens are exact,
+
+    p_i = exp(z_i / T - log_z_T),      and the rest of its mass is  r = 1 - sum_i p_i
+
+(known, not assumed 0: at T = 2 it is most of the mass). Both distributions are coarse-grained to
+k + 1 outcomes, the teacher's k top tokens and one tail bucket holding everything else:
+
+    L_ce = T^2 * mean_positions [ sum_i p_i (log p_i - log q_i) + r (log r - log Q_tail) ]
+
+with q the student's softmax(s / T) and Q_tail = 1 - sum_i q_i, the student's mass outside the
+teacher's top-k. With k = V (no tail) this is exactly the reference's full KL(p || q) * T^2; with
+k < V it is a lower bound of it (coarse-graining never increases a KL), equal to it when the
+student's tail is proportional to the teacher's. log Q_tail is log1p(-sum q) where sum q < 1/2,
+and an exact logsumexp over the non-top-k logits for the (rare) rows where it is not, so it is
+accurate however small the tail gets. The positions are every non-padding token (the reference's
+default), or the masked ones only (`ce_masked_only`, the reference's restrict_ce_to_mask).
+
+L_mlm: cross-entropy of the student's logits at the masked positions against the cache labels,
+mean over the masked positions of the batch.
+
+L_cos: mean over non-padding tokens of 1 - cos(student last hidden state mapped into the cache's
+projection space, cached teacher projection): the reference's CosineEmbeddingLoss with target 1.
+
+Efficiency: the student body runs once; the MLM head (and its (P, V) logits) runs only on the
+positions some loss needs; the teacher side is gathered at the top-k ids, never a (P, V) tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows whose student mass on the teacher's top-k reaches this get the exact tail logsumexp.
+_EXACT_TAIL_FROM = 0.5
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    alpha_ce: float = 5.0
+    alpha_mlm: float = 2.0
+    alpha_cos: float = 1.0
+    temperature: float = 2.0
+    ce_masked_only: bool = False
+
+
+@dataclass
+class LossTerms:
+    """The weighted total (for backward) and each term, or None for a term whose weight is 0."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor | None
+    mlm: torch.Tensor | None
+    cos: torch.Tensor | None
+
+
+def teacher_log_probs(topk_logits: torch.Tensor, log_z: torch.Tensor, temperature: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, k) log p_i of the teacher's top-k at T, and (P,) tail mass r = 1 - sum p (>= 0)."""
+    log_p = topk_logits.float() / temperature - log_z.float()[:, None]  # (P, k)
+    r = (1.0 - log_p.exp().sum(-1)).clamp(min=0.0)  # (P,) fp16 logits can push sum p a hair over 1
+    return log_p, r
+
+
+def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
+            log_z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(P,) per-position KL between teacher and student coarse-grained to top-k + tail (not
+    scaled by T^2). student_logits (P, V) raw; topk_ids/topk_logits (P, k); log_z (P,) at T."""
+    vocab, k = student_logits.shape[-1], topk_ids.shape[-1]
+    log_p, r = teacher_log_probs(topk_logits, log_z, temperature)
+    z = student_logits.float() / temperature  # (P, V)
+    lse = torch.logsumexp(z, dim=-1)  # (P,)
+    log_q = z.gather(1, topk_ids) - lse[:, None]  # (P, k)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (P,)
+    if k == vocab:  # no tail: the full KL
+        return kl
+    sum_q = log_q.exp().sum(-1)  # (P,)
+    log_tail = torch.log1p(-sum_q.clamp(max=_EXACT_TAIL_FROM))  # (P,) exact below the clamp
+    hi = (sum_q.detach() >= _EXACT_TAIL_FROM).nonzero().squeeze(1)
+    if hi.numel():
+        zt = z[hi].scatter(1, topk_ids[hi], float("-inf"))  # (H, V) the non-top-k logits
+        log_tail = log_tail.index_put((hi,), torch.logsumexp(zt, dim=-1) - lse[hi])
+    return kl + torch.xlogy(r, r) - r * log_tail
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over masked positions; logits (M, V), labels (M,)."""
+    return F.cross_entropy(logits.float(), labels, reduction="mean")
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """mean(1 - cos) over positions; both (N, d)."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)).mean()
+
+
+def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, batch, spec: LossSpec
+                      ) -> LossTerms:
+    """All three terms from one student forward.
+
+    body: (B, T) ids -> (B, T, H) last hidden state; head: (P, H) -> (P, V) MLM logits;
+    hidden_map: (N, H) -> (N, d) into the cache's projection space. `batch` is a loader.Batch.
+    """
+    h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]  # (B, T, H)
+    hv = h[batch.attention_mask.bool()]  # (N, H) non-padding positions, row-major as the cache
+    total = hv.new_zeros((), dtype=torch.float32)
+    ce = mlm = cos = None
+    need_ce, need_mlm = spec.alpha_ce > 0, spec.alpha_mlm > 0 and batch.mlm_index.numel() > 0
+    if need_ce or spec.alpha_mlm > 0:
+        if need_ce and not spec.ce_masked_only:
+            logits = head(hv)  # (N, V)
+            ce_rows = None  # every non-padding position
+            mlm_rows = batch.mlm_index
+        else:
+            logits = head(hv[batch.mlm_index])  # (M, V) masked positions only
+            ce_rows = batch.mlm_index
+            mlm_rows = torch.arange(batch.mlm_index.numel(), device=hv.device)
+        if need_ce:
+            ids, zt, lz = batch.topk_ids, batch.topk_logits, batch.log_z
+            if ce_rows is not None:
+                ids, zt, lz = ids[ce_rows], zt[ce_rows], lz[ce_rows]
+            if ids.shape[0]:
+                ce = topk_kl(logits, ids, zt, lz, spec.temperature).mean() * spec.temperature ** 2
+            else:
+                ce = total.clone()
+            total = total + spec.alpha_ce * ce
+        if spec.alpha_mlm > 0:
+            mlm = mlm_loss(logits[mlm_rows], batch.mlm_labels) if need_mlm else total.new_zeros(())
+            total = total + spec.alpha_mlm * mlm
+    if spec.alpha_cos > 0:
+        cos = cosine_loss(hidden_map(hv), batch.hidden)
+        total = total + spec.alpha_cos * cos
+    return LossTerms(total, ce, mlm, cos)
