@@ -1,0 +1,173 @@
+"""The student: its architecture, its initialisation from teacher layers, and the map of its
+hidden states into the cache's projection space.
+
+The architecture starts from the teacher's config stored in the cache (so a student is built
+without the teacher), optionally replaced by a config file, then overridden by the layer, width
+and head counts asked for; the default is the teacher with half its layers.
+
+Initialisation from the teacher (DistilBERT-style) copies student layer j from teacher layer
+layer_map[j] (default: every other layer, floor(j * L_teacher / L_student): 0,2,4 of 6), and every
+other tensor (embeddings, MLM head) whose name and shape match; the rest keeps its seeded random
+init. Layers are only copied whole: a layer map needs the student's layer shapes to be the
+teacher's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdpipe.pipeline.errors import KdpipeError
+
+_LAYER_KEY = re.compile(r"^(.*?\.layer\.)(\d+)\.(.+)$")  # bert.encoder.layer.3.attention...
+
+
+def default_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spread teacher layers, starting at 0: every other one when the student has half."""
+    return [j * teacher_layers // student_layers for j in range(student_layers)]
+
+
+def check_layer_map(layer_map: list[int], teacher_layers: int, student_layers: int) -> list[str]:
+    """Problems with a layer map, one line each (empty when it is usable)."""
+    problems = []
+    if len(layer_map) != student_layers:
+        problems.append(f"layer map has {len(layer_map)} entries but the student has {student_layers} layers")
+    bad = [i for i in layer_map if not 0 <= i < teacher_layers]
+    if bad:
+        problems.append(f"layer map names teacher layer(s) {', '.join(map(str, bad))} but the teacher has "
+                        f"{teacher_layers} layers (0..{teacher_layers - 1})")
+    return problems
+
+
+def student_config(teacher_config: dict[str, Any], override: dict[str, Any] | None = None,
+                   layers: int | None = None, hidden: int | None = None, heads: int | None = None,
+                   intermediate: int | None = None) -> Any:
+    """A transformers config for the student, from the teacher's config dict."""
+    from transformers import AutoConfig
+
+    base = dict(teacher_config)
+    base.update(override or {})
+    model_type = base.pop("model_type", None)
+    if not model_type:
+        raise KdpipeError("the student's config has no model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **{k: v for k, v in base.items() if not k.startswith("_")})
+    except (ValueError, KeyError) as e:
+        raise KdpipeError(f"cannot build a {model_type!r} student config: {e}") from None
+    t_hidden, t_inter = int(teacher_config["hidden_size"]), int(teacher_config["intermediate_size"])
+    if layers is None and not (override and "num_hidden_layers" in override):
+        layers = max(1, int(teacher_config["num_hidden_layers"]) // 2)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    if hidden is not None:
+        cfg.hidden_size = hidden
+        if intermediate is None and not (override and "intermediate_size" in override):
+            cfg.intermediate_size = max(1, round(hidden * t_inter / t_hidden))
+    if heads is not None:
+        cfg.num_attention_heads = heads
+    if intermediate is not None:
+        cfg.intermediate_size = intermediate
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise KdpipeError(f"student hidden size {cfg.hidden_size} is not a multiple of its "
+                          f"{cfg.num_attention_heads} attention heads")
+    cfg.architectures = None
+    return cfg
+
+
+def build_student(cfg: Any, seed: int) -> nn.Module:
+    """A masked LM with seeded random weights (torch's global RNG is seeded here)."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForMaskedLM.from_config(cfg)
+    except ValueError as e:
+        raise KdpipeError(f"cannot build a masked-LM student of type {cfg.model_type!r}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    mlm_head(model)  # refuse unsupported architectures before any training
+    return model
+
+
+def mlm_head(model: nn.Module) -> nn.Module:
+    """The head mapping (..., H) last hidden states to (..., V) logits."""
+    for name in ("cls", "lm_head"):  # BERT, RoBERTa
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise KdpipeError(f"student {type(model).__name__} has no BERT/RoBERTa-style MLM head; "
+                      "kdpipe trains BERT-style students")
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The encoder without the MLM head: (B, T) ids -> outputs whose [0] is (B, T, H)."""
+    return model.base_model
+
+
+@dataclass
+class InitReport:
+    """What a teacher initialisation copied, for the run record."""
+
+    layer_map: list[int]
+    copied: list[str] = field(default_factory=list)  # student parameter names
+    kept_random: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"layer_map": self.layer_map, "copied": len(self.copied), "kept_random": self.kept_random}
+
+
+def init_from_teacher(student: nn.Module, teacher_state: dict[str, torch.Tensor], layer_map: list[int]
+                      ) -> InitReport:
+    """Copy teacher layer layer_map[j] into student layer j, and every non-layer tensor whose name
+    and shape match. Refuses a layer whose shapes differ (a partial layer copy means nothing)."""
+    report = InitReport(list(layer_map))
+    sd = student.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        m = _LAYER_KEY.match(name)
+        src = f"{m.group(1)}{layer_map[int(m.group(2))]}.{m.group(3)}" if m else name
+        src_t = teacher_state.get(src)
+        if src_t is not None and src_t.shape == t.shape:
+            new[name] = src_t.detach().to(t.dtype).clone()
+            report.copied.append(name)
+        elif m:
+            got = "missing" if src_t is None else f"shape {tuple(src_t.shape)}"
+            raise KdpipeError(f"cannot initialise student {name} {tuple(t.shape)} from teacher {src} "
+                              f"({got}); the student's layers must have the teacher's shapes, "
+                              "or use --init random")
+        else:
+            report.kept_random.append(name)
+    student.load_state_dict({**sd, **new})
+    return report
+
+
+class FixedProjection(nn.Module):
+    """The cache's own (H, d) projection, for a student as wide as the teacher. Not trained."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("matrix", matrix.float().clone(), persistent=True)  # (H, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N, d)
+        return h @ self.matrix.to(h.dtype)
+
+
+def hidden_map(student_width: int, teacher_width: int, projection: torch.Tensor) -> nn.Module:
+    """Student hidden states -> cache projection space: the cache's matrix where the widths match,
+    else a learned linear map (H_student -> d), trained with the student and saved beside it."""
+    if student_width == teacher_width:
+        return FixedProjection(projection)
+    return nn.Linear(student_width, projection.shape[1], bias=False)
+
+
+def check_vocab(student_vocab: int, cache_vocab: int) -> None:
+    if student_vocab != cache_vocab:
+        raise KdpipeError(f"the student's vocabulary has {student_vocab} tokens but the cache's has "
+                          f"{cache_vocab}: its logits could not be compared with the teacher's")
