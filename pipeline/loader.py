@@ -1,0 +1,340 @@
+"""Streaming a cache into training batches: deterministic shuffling, exact data position, prefetch.
+
+The order of one epoch is a pure function of (seed, epoch, manifest):
+
+1. the listed shards are permuted (seeded by seed, epoch);
+2. consecutive groups of `window` shards of that order form windows; the rows of a window are
+   permuted together (seeded by seed, epoch, window number);
+3. the epoch is the windows' rows one after the other; batches are consecutive runs of it
+   (`batch_size` rows, or as many rows as fit in `batch_tokens` padded tokens), never crossing
+   an epoch's end.
+
+The data position is (epoch, rows of that epoch's order already consumed): from it the rest of
+the stream is recomputed exactly, so a resumed run sees the same batches as an uninterrupted one.
+Only the current window is in memory (each shard opened through `cache.open_shard`, its hash
+checked before use, then read a row group at a time), so memory is flat in the cache size.
+A background thread decodes and pads the next batches while the model trains on this one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from kdpipe.pipeline.cache import open_shard
+from kdpipe.pipeline.errors import CorruptCacheError, KdpipeError
+from kdpipe.pipeline.shards import ShardData, iter_row_groups
+from kdpipe.schemas.manifest import Manifest, ShardEntry
+
+_ORDER_SALT, _WINDOW_SALT = 0x5EED0, 0x5EED1
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Rows of epoch `epoch`'s order already consumed (an exhausted epoch is (epoch + 1, 0))."""
+
+    epoch: int
+    index: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+@dataclass
+class Batch:
+    """A padded batch and, per non-padding position (N of them, row-major), the cache's targets."""
+
+    input_ids: torch.Tensor  # (B, T) int64, padded with pad_id
+    attention_mask: torch.Tensor  # (B, T) int64
+    topk_ids: torch.Tensor  # (N, k) int64
+    topk_logits: torch.Tensor  # (N, k) float32, raw
+    log_z: torch.Tensor  # (N,) float32, log-partition at the chosen temperature
+    hidden: torch.Tensor  # (N, d) float32, teacher hidden @ projection
+    mlm_index: torch.Tensor  # (M,) int64 into the N positions
+    mlm_labels: torch.Tensor  # (M,) int64
+    seq_id: np.ndarray  # (B,)
+    view: np.ndarray  # (B,)
+    tokens: int  # N
+    position: DataPosition  # the data position after this batch
+    epoch_progress: float  # epoch + share of it consumed after this batch
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.topk_ids),
+                     move(self.topk_logits), move(self.log_z), move(self.hidden), move(self.mlm_index),
+                     move(self.mlm_labels), self.seq_id, self.view, self.tokens, self.position,
+                     self.epoch_progress)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    seed: int
+    window: int = 4  # shards shuffled together
+    batch_size: int | None = 32  # rows per batch, or
+    batch_tokens: int | None = None  # padded tokens per batch (rows x longest row)
+    temperature_index: int = 0  # column of log_z
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        assert (self.batch_size is None) != (self.batch_tokens is None)
+
+
+class EpochPlan:
+    """The order of one epoch's rows, computed a window at a time."""
+
+    def __init__(self, shards: list[ShardEntry], seed: int, epoch: int, window: int) -> None:
+        self.seed, self.epoch = seed, epoch
+        rng = np.random.default_rng([seed, epoch, _ORDER_SALT])
+        order = [shards[i] for i in rng.permutation(len(shards))]
+        self.windows: list[list[ShardEntry]] = [order[i:i + window] for i in range(0, len(order), window)]
+        sizes = [sum(e.rows for e in w) for w in self.windows]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (W + 1,)
+        self.rows = int(self.starts[-1])
+
+    def window_of(self, index: int) -> int:
+        return int(np.searchsorted(self.starts, index, side="right") - 1)
+
+    def window_order(self, w: int) -> np.ndarray:
+        """(rows of window w,) indices into the window's shards' rows, concatenated in window order."""
+        n = int(self.starts[w + 1] - self.starts[w])
+        return np.random.default_rng([self.seed, self.epoch, _WINDOW_SALT, w]).permutation(n)
+
+
+def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardData:
+    """One listed shard, hash-checked, read a row group at a time, checked against the manifest."""
+    path = open_shard(cache_dir, entry)
+    parts = list(iter_row_groups(path))
+    data = concat(parts)
+    what = None
+    if data.rows != entry.rows:
+        what = f"{data.rows} rows, manifest says {entry.rows}"
+    elif data.topk_ids.shape[1] != manifest.top_k or data.hidden.shape[1] != manifest.hidden_dim:
+        what = "its top-k or hidden width differ from the manifest's"
+    elif data.log_z.shape[1] != len(manifest.temperatures):
+        what = "its temperature grid differs from the manifest's"
+    if what:
+        raise CorruptCacheError(f"corrupt cache: {path}: {what}")
+    return data
+
+
+def concat(parts: list[ShardData]) -> ShardData:
+    if len(parts) == 1:
+        return parts[0]
+    names = ShardData.__dataclass_fields__
+    return ShardData(**{n: np.concatenate([getattr(p, n) for p in parts]) for n in names})
+
+
+class _Window:
+    """The decoded rows of one window, with per-row offsets into the per-token arrays."""
+
+    def __init__(self, data: ShardData) -> None:
+        self.data = data
+        self.off = data.offsets()  # (R + 1,)
+        self.moff = data.mlm_offsets()  # (R + 1,)
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c), without a Python loop per element."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    rep = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return rep + np.arange(total, dtype=np.int64)
+
+
+def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPosition, progress: float
+            ) -> Batch:
+    """Pad a list of (window, row) into a Batch; per-token arrays keep row-major order."""
+    pieces: dict[str, list[np.ndarray]] = {k: [] for k in
+                                           ("ids", "topk", "logit", "logz", "hid", "mpos", "mlab")}
+    lengths, mcounts, seq, view = [], [], [], []
+    # group consecutive rows of the same window so slicing is vectorised per window
+    i = 0
+    while i < len(rows):
+        win = rows[i][0]
+        j = i
+        while j < len(rows) and rows[j][0] is win:
+            j += 1
+        r = np.array([x[1] for x in rows[i:j]], dtype=np.int64)
+        d = win.data
+        ln, mc = d.length[r].astype(np.int64), d.mlm_count[r].astype(np.int64)
+        tok = _ranges(win.off[r], ln)
+        msk = _ranges(win.moff[r], mc)
+        pieces["ids"].append(d.input_ids[tok])
+        pieces["topk"].append(d.topk_ids[tok])
+        pieces["logit"].append(d.topk_logits[tok])
+        pieces["logz"].append(d.log_z[tok, spec.temperature_index])
+        pieces["hid"].append(d.hidden[tok])
+        pieces["mpos"].append(d.mlm_positions[msk])
+        pieces["mlab"].append(d.mlm_labels[msk])
+        lengths.append(ln)
+        mcounts.append(mc)
+        seq.append(d.seq_id[r])
+        view.append(d.view[r])
+        i = j
+    cat = np.concatenate
+    length, mcount = cat(lengths), cat(mcounts)
+    bsz, width = len(length), int(length.max())
+    ids = np.full((bsz, width), spec.pad_id, dtype=np.int64)  # (B, T)
+    att = (np.arange(width)[None, :] < length[:, None])  # (B, T)
+    ids[att] = cat(pieces["ids"])
+    row_start = np.concatenate([[0], np.cumsum(length)[:-1]])  # (B,) first position of each row
+    mlm_index = np.repeat(row_start, mcount) + cat(pieces["mpos"]).astype(np.int64)  # (M,)
+    t = torch.from_numpy
+    return Batch(
+        input_ids=t(ids), attention_mask=t(att.astype(np.int64)),
+        topk_ids=t(cat(pieces["topk"]).astype(np.int64)),
+        topk_logits=t(cat(pieces["logit"]).astype(np.float32)),
+        log_z=t(cat(pieces["logz"]).astype(np.float32)),
+        hidden=t(cat(pieces["hid"]).astype(np.float32)),
+        mlm_index=t(mlm_index), mlm_labels=t(cat(pieces["mlab"]).astype(np.int64)),
+        seq_id=cat(seq), view=cat(view), tokens=int(length.sum()), position=position,
+        epoch_progress=progress,
+    )
+
+
+def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: DataPosition,
+                epochs: int | None) -> Iterator[tuple[_Window, int, int, int, EpochPlan]]:
+    """(window, row in window, epoch, index of the row in the epoch, plan) from `start` on."""
+    epoch, index = start.epoch, start.index
+    while epochs is None or epoch < epochs:
+        plan = EpochPlan(manifest.shards, spec.seed, epoch, spec.window)
+        if plan.rows == 0:
+            raise KdpipeError("the cache lists no rows to train on")
+        while index < plan.rows:
+            w = plan.window_of(index)
+            win = _Window(concat([read_shard(cache_dir, e, manifest) for e in plan.windows[w]]))
+            order = plan.window_order(w)
+            base = int(plan.starts[w])
+            for i in range(index - base, len(order)):
+                yield win, int(order[i]), epoch, base + i, plan
+            index = int(plan.starts[w + 1])
+            del win
+        epoch, index = epoch + 1, 0
+
+
+def _full_before(count: int, longest: int, length: int, spec: LoaderSpec) -> bool:
+    """Whether a batch of `count` rows must be closed before a row of `length` joins it."""
+    return count > 0 and spec.batch_tokens is not None and (count + 1) * max(longest, length) > spec.batch_tokens
+
+
+def _full_after(count: int, spec: LoaderSpec) -> bool:
+    return spec.batch_size is not None and count == spec.batch_size
+
+
+def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: DataPosition,
+                 epochs: int | None = None) -> Iterator[Batch]:
+    """Batches from `start` to the end of epoch `epochs - 1` (forever when None), in order."""
+    rows: list[tuple[_Window, int]] = []
+    longest = 0
+    cur = (start.epoch, start.index)  # (epoch, index after the last row taken)
+    plan_rows = 1
+
+    def emit() -> Batch:
+        ep, idx = cur
+        pos = DataPosition(ep + 1, 0) if idx >= plan_rows else DataPosition(ep, idx)
+        return collate(rows, spec, pos, ep + idx / plan_rows)
+
+    for win, r, epoch, index, plan in _row_stream(Path(cache_dir), manifest, spec, start, epochs):
+        length = int(win.data.length[r])
+        if rows and (cur[0] != epoch or _full_before(len(rows), longest, length, spec)):
+            yield emit()  # full, or the epoch ended (a batch never crosses an epoch's end)
+            rows, longest = [], 0
+        rows.append((win, r))
+        longest = max(longest, length)
+        cur, plan_rows = (epoch, index + 1), plan.rows
+        if _full_after(len(rows), spec):
+            yield emit()
+            rows, longest = [], 0
+    if rows:
+        yield emit()
+
+
+def batches_per_epoch(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, epochs: int) -> list[int]:
+    """How many batches each of the first `epochs` epochs holds (for the learning-rate schedule).
+    With batch_tokens this reads the `length` column of every shard once (hash-checked)."""
+    rows = sum(e.rows for e in manifest.shards)
+    if spec.batch_size is not None:
+        return [-(-rows // spec.batch_size)] * epochs
+    lengths = {e.path: _lengths(cache_dir, e) for e in manifest.shards}  # 8 bytes a row
+    out = []
+    for epoch in range(epochs):
+        plan = EpochPlan(manifest.shards, spec.seed, epoch, spec.window)
+        n = count = longest = 0
+        for w, window in enumerate(plan.windows):
+            lens = np.concatenate([lengths[e.path] for e in window])
+            for r in plan.window_order(w):
+                length = int(lens[r])
+                if _full_before(count, longest, length, spec):
+                    n, count, longest = n + 1, 0, 0
+                count, longest = count + 1, max(longest, length)
+        out.append(n + (1 if count else 0))
+    return out
+
+
+def _lengths(cache_dir: Path, entry: ShardEntry) -> np.ndarray:
+    """(rows,) lengths of a listed shard (hash-checked), from its `length` column only."""
+    path = open_shard(cache_dir, entry)
+    return pq.read_table(path, columns=["length"]).column("length").to_numpy().astype(np.int64)
+
+
+class Prefetcher:
+    """Runs a batch iterator in a background thread, `depth` batches ahead.
+
+    Iterating yields the batches in order; an exception in the thread is raised here. The time
+    spent waiting for a batch is added to `wait_s` (the loop's data-wait time).
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Batch], depth: int = 4) -> None:
+        self.wait_s = 0.0
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(batches,), name="kdpipe-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, batches: Iterator[Batch]) -> None:
+        try:
+            for b in batches:
+                if not self._put(b):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(e)
+
+    def __iter__(self) -> Iterator[Batch]:
+        import time
+
+        while True:
+            t0 = time.perf_counter()
+            item = self._q.get()
+            self.wait_s += time.perf_counter() - t0
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

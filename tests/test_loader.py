@@ -1,0 +1,132 @@
+"""Streaming the cache: every row once per epoch, a deterministic order, an exact data position."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kdpipe.pipeline.cache import load_manifest
+from kdpipe.pipeline.errors import CorruptCacheError
+from kdpipe.pipeline.loader import (
+    DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches,
+)
+
+
+def rows_of(batches) -> list[tuple[int, int]]:
+    return [(int(s), int(v)) for b in batches for s, v in zip(b.seq_id, b.view)]
+
+
+def spec(**kw) -> LoaderSpec:
+    base = dict(seed=3, window=4, batch_size=7, batch_tokens=None, temperature_index=1, pad_id=0)
+    base.update(kw)
+    return LoaderSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def manifest(reference_cache: Path):
+    return load_manifest(reference_cache)
+
+
+@pytest.fixture(scope="module")
+def all_rows(reference_cache: Path, manifest) -> set[tuple[int, int]]:
+    t = pq.read_table([reference_cache / e.path for e in manifest.shards], columns=["seq_id", "view"])
+    return set(zip(t.column("seq_id").to_pylist(), t.column("view").to_pylist()))
+
+
+def test_each_epoch_is_every_row_once_in_a_seeded_order(reference_cache, manifest, all_rows):
+    batches = list(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0), epochs=2))
+    per_epoch = [rows_of(b for b in batches if math.ceil(b.epoch_progress) - 1 == e) for e in (0, 1)]
+    for rows in per_epoch:
+        assert len(rows) == len(set(rows)) == len(all_rows) and set(rows) == all_rows
+    assert per_epoch[0] != per_epoch[1]
+    again = list(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0), epochs=2))
+    assert rows_of(again) == rows_of(batches)
+    other_seed = list(iter_batches(reference_cache, manifest, spec(seed=4), DataPosition(0, 0), epochs=1))
+    assert rows_of(other_seed) != per_epoch[0]
+    # a batch never crosses an epoch's end, and the position after an epoch's last batch is the next epoch
+    ends = [b.position for b in batches if b.position.index == 0]
+    assert ends == [DataPosition(1, 0), DataPosition(2, 0)]
+    assert len(batches) == sum(batches_per_epoch(reference_cache, manifest, spec(), 2))
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size=7), dict(batch_size=None, batch_tokens=100)])
+def test_resuming_at_any_batch_boundary_gives_the_same_rest(reference_cache, manifest, kw):
+    s = spec(**kw)
+    full = list(iter_batches(reference_cache, manifest, s, DataPosition(0, 0), epochs=2))
+    flat = rows_of(full)
+    assert len(full) == sum(batches_per_epoch(reference_cache, manifest, s, 2))
+    done = 0
+    for i, b in enumerate(full[:-1]):
+        done += len(b.seq_id)
+        if i % 4:
+            continue
+        rest = list(iter_batches(reference_cache, manifest, s, b.position, epochs=2))
+        assert [len(x.seq_id) for x in rest] == [len(x.seq_id) for x in full[i + 1:]]
+        assert rows_of(rest) == flat[done:]  # nothing skipped, nothing repeated
+        assert all(np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.topk_ids, y.topk_ids)
+                   for x, y in zip(rest[:2], full[i + 1:i + 3]))
+
+
+def test_batch_tokens_bounds_the_padded_batch(reference_cache, manifest):
+    for b in iter_batches(reference_cache, manifest, spec(batch_size=None, batch_tokens=100),
+                          DataPosition(0, 0), epochs=1):
+        assert b.input_ids.numel() <= 100 or b.input_ids.shape[0] == 1
+
+
+def test_batches_hold_the_cached_rows_token_for_token(reference_cache, manifest):
+    t = pq.read_table([reference_cache / e.path for e in manifest.shards]).to_pylist()
+    by_key = {(r["seq_id"], r["view"]): r for r in t}
+    batch = next(iter_batches(reference_cache, manifest, spec(temperature_index=2), DataPosition(0, 0)))
+    pos = 0
+    mlm = set(batch.mlm_index.tolist())
+    for b, key in enumerate(zip(batch.seq_id.tolist(), batch.view.tolist())):
+        r = by_key[key]
+        n = r["length"]
+        assert batch.input_ids[b, :n].tolist() == r["input_ids"] and batch.attention_mask[b].sum() == n
+        assert batch.topk_ids[pos:pos + n].tolist() == r["topk_ids"]
+        assert np.allclose(batch.topk_logits[pos:pos + n].numpy(), np.array(r["topk_logits"], dtype=np.float32))
+        assert np.allclose(batch.log_z[pos:pos + n].numpy(), np.array(r["log_z"], dtype=np.float32)[:, 2])
+        assert np.allclose(batch.hidden[pos:pos + n].numpy(), np.array(r["hidden"], dtype=np.float32))
+        assert {pos + p for p in r["mlm_positions"]} <= mlm
+        pos += n
+    assert batch.tokens == pos == batch.topk_ids.shape[0]
+    labels = dict(zip(batch.mlm_index.tolist(), batch.mlm_labels.tolist()))
+    first = by_key[(int(batch.seq_id[0]), int(batch.view[0]))]
+    assert [labels[p] for p in first["mlm_positions"]] == first["mlm_labels"]
+
+
+def test_a_corrupt_shard_is_refused_when_reached(copy_cache):
+    cache = copy_cache()
+    m = load_manifest(cache)
+    victim = cache / m.shards[-1].path
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match="shard"):
+        for _ in iter_batches(cache, m, spec(), DataPosition(0, 0), epochs=1):
+            pass
+
+
+def test_prefetcher_yields_the_same_batches_and_raises_the_threads_errors(reference_cache, manifest):
+    direct = rows_of(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0), epochs=1))
+    p = Prefetcher(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0), epochs=1), depth=2)
+    assert rows_of(p) == direct
+    p.close()
+
+    def failing():
+        yield from itertools.islice(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0)), 2)
+        raise RuntimeError("decode failed")
+
+    p = Prefetcher(failing(), depth=2)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        list(p)
+    p.close()
+    early = Prefetcher(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0)), depth=1)
+    next(iter(early))
+    early.close()  # stops an endless stream without hanging
+    assert not early._thread.is_alive()
