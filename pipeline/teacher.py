@@ -132,29 +132,32 @@ def decoder_bypassed(model: nn.Module) -> Iterator[nn.Linear]:
 def reduce_logits(z: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
     """Top-k of a (C, V) float32 logit chunk, and log sum exp(z/T) for each T (ascending).
 
-    One exp serves every temperature: with e = exp((z - max) / T0), exp((z - max) / T) is
-    e ** (T0 / T), computed in place (a sqrt when T doubles). `z` is overwritten.
+    One exp serves every temperature: with e = exp((z - max) / T_max), exp((z - max) / T) is
+    e ** (T_max / T), computed in place going down the grid (a square when T halves). Starting
+    from the highest T, a term that underflows is negligible at every lower T too; starting from
+    the lowest would drop logits more than ~87 * T_min below the max, which still hold mass at
+    the highest T. `z` is overwritten.
     """
     vals, idx = torch.topk(z, k, dim=-1, sorted=True)  # (C, k)
     m = vals[:, :1]  # (C, 1) the max logit
     z.sub_(m)
-    t0 = temperatures[0]
-    if t0 != 1.0:
-        z.div_(t0)
+    t_max = temperatures[-1]
+    if t_max != 1.0:
+        z.div_(t_max)
     z.exp_()
     log_z = []
-    prev = t0
-    for t in temperatures:
-        r = prev / t
-        if r == 0.5:
-            z.sqrt_()
-        elif r == 0.25:
-            z.sqrt_().sqrt_()
+    prev = t_max
+    for t in reversed(temperatures):
+        r = prev / t  # >= 1
+        if r == 2.0:
+            z.square_()
+        elif r == 4.0:
+            z.square_().square_()
         elif r != 1.0:
             z.pow_(r)
         prev = t
         log_z.append(m[:, 0] / t + torch.log(z.sum(-1)))
-    return idx, vals, torch.stack(log_z, dim=-1)
+    return idx, vals, torch.stack(log_z[::-1], dim=-1)
 
 
 class TeacherRunner:
