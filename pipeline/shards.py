@@ -87,12 +87,22 @@ def to_table(data: ShardData, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def _leaf_path(field: pa.Field) -> str:
+    """The Parquet leaf column of a (nested) list field: pyarrow silently ignores an encoding
+    given under the top-level name of a nested column."""
+    path, t = field.name, field.type
+    while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+        path, t = path + ".list.element", t.value_type
+    return path
+
+
 def write_shard(path: Path, table: pa.Table, fingerprint_sha256: str, zstd_level: int) -> None:
     """Write atomically; the fingerprint in the footer ties the file to its cache's settings."""
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint_sha256.encode()}
     )
-    encodings = {c: "BYTE_STREAM_SPLIT" for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names}
+    encodings = {_leaf_path(table.schema.field(c)): "BYTE_STREAM_SPLIT"
+                 for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names}
 
     def write(f) -> None:
         pq.write_table(
