@@ -1,0 +1,155 @@
+"""Shards: the explicit Arrow schema, a lossless round trip, and files that plain `pyarrow` and
+`datasets` read without any kdpipe code, holding what the teacher produced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from kdpipe.pipeline.shards import ShardData, from_table, iter_row_groups, read_fingerprint, to_table, write_shard
+from kdpipe.schemas.shard import FINGERPRINT_KEY, SCHEMA_VERSION_KEY, id_type, shard_schema
+
+
+def random_shard(rows: int, k: int, n_t: int, d: int, vocab: int, seed: int = 0) -> ShardData:
+    rng = np.random.default_rng(seed)
+    length = rng.integers(3, 40, size=rows)
+    mlm_count = np.array([rng.integers(0, n + 1) for n in length])
+    n, m = int(length.sum()), int(mlm_count.sum())
+    return ShardData(
+        seq_id=np.arange(100, 100 + rows), view=rng.integers(0, 3, size=rows), length=length,
+        input_ids=rng.integers(0, vocab, size=n), mlm_count=mlm_count,
+        mlm_positions=rng.integers(0, 40, size=m), mlm_labels=rng.integers(0, vocab, size=m),
+        topk_ids=rng.integers(0, vocab, size=(n, k)),
+        topk_logits=rng.normal(0, 5, size=(n, k)).astype(np.float32),
+        log_z=rng.normal(10, 3, size=(n, n_t)).astype(np.float32),
+        hidden=rng.normal(0, 1, size=(n, d)).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("vocab", [30522, 70000])
+def test_round_trip(tmp_path: Path, vocab: int) -> None:
+    data = random_shard(300, 8, 3, 16, vocab)
+    schema = shard_schema(vocab, 8, 3, 16)
+    path = tmp_path / "shard-00000.parquet"
+    write_shard(path, to_table(data, schema), "ab" * 32, zstd_level=3)
+    assert read_fingerprint(path) == "ab" * 32
+    assert not list(tmp_path.glob(".*"))  # no temporary left
+    table = pq.read_table(path)
+    assert table.schema.equals(schema, check_metadata=False)
+    assert table.schema.metadata[SCHEMA_VERSION_KEY] == b"1"
+    back = from_table(table)
+    exact = ("seq_id", "view", "length", "input_ids", "mlm_count", "mlm_positions", "mlm_labels",
+             "topk_ids", "log_z")
+    for name in exact:
+        np.testing.assert_array_equal(getattr(back, name), getattr(data, name), err_msg=name)
+    for name in ("topk_logits", "hidden"):  # stored as float16
+        np.testing.assert_array_equal(getattr(back, name), getattr(data, name).astype(np.float16))
+    # streaming by row group gives the same rows
+    parts = list(iter_row_groups(path))
+    assert len(parts) > 1
+    np.testing.assert_array_equal(np.concatenate([p.input_ids for p in parts]), data.input_ids)
+
+
+def test_types_are_sized_to_the_data() -> None:
+    assert id_type(30522) == pa.uint16() and id_type(65536) == pa.uint16()
+    assert id_type(65537) == pa.uint32()
+    s = shard_schema(30522, 32, 3, 128)
+    assert s.field("topk_ids").type == pa.list_(pa.list_(pa.uint16(), 32))
+    assert s.field("topk_logits").type == pa.list_(pa.list_(pa.float16(), 32))
+    assert s.field("log_z").type == pa.list_(pa.list_(pa.float32(), 3))
+    assert s.field("hidden").type == pa.list_(pa.list_(pa.float16(), 128))
+    assert not any(f.nullable for f in s)
+
+
+def test_zstd_and_byte_stream_split_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "s.parquet"
+    write_shard(path, to_table(random_shard(50, 4, 2, 8, 1000), shard_schema(1000, 4, 2, 8)), "0" * 64, 3)
+    md = pq.ParquetFile(path).metadata
+    col = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i)
+           for i in range(md.num_columns)}
+    assert all(c.compression == "ZSTD" for c in col.values())
+    split = [p for p, c in col.items() if "BYTE_STREAM_SPLIT" in c.encodings]
+    assert {p.split(".")[0] for p in split} == {"topk_logits", "log_z", "hidden"}
+
+
+# ------------------------------------------------------------------- a real cache, read plainly
+
+def manifest_of(cache: Path) -> dict:
+    return json.loads((cache / "manifest.json").read_text())
+
+
+def test_plain_pyarrow_reads_what_the_teacher_produced(reference_cache: Path, teacher_model, tokenizer,
+                                                       corpus_file: Path) -> None:
+    """Each stored row, read with pyarrow alone, against the teacher run again on the stored input."""
+    from kdpipe.pipeline.corpus import iter_sequences, resolve_corpus
+
+    m = manifest_of(reference_cache)
+    k, temps, d = m["top_k"], m["temperatures"], m["hidden_dim"]
+    projection = load_file(str(reference_cache / m["projection"]["path"]))["projection"]  # (H, d)
+    assert projection.shape == (teacher_model.config.hidden_size, d)
+    seqs = list(iter_sequences(resolve_corpus([str(corpus_file)]), tokenizer, m["seq_len"], "pack"))
+    assert len(seqs) == m["sequences"]
+    checked = 0
+    for entry in m["shards"][:3] + m["shards"][-1:]:
+        table = pq.read_table(reference_cache / entry["path"]).to_pylist()
+        assert len(table) == entry["rows"]
+        assert [r["seq_id"] for r in table] == list(range(entry["first_seq"], entry["first_seq"] + entry["num_seqs"]))
+        for row in table:
+            ids = np.array(row["input_ids"])
+            pos, labels = np.array(row["mlm_positions"], dtype=np.int64), np.array(row["mlm_labels"])
+            assert row["length"] == len(ids) == len(row["topk_ids"]) == len(row["hidden"])
+            original = ids.copy()
+            original[pos] = labels
+            np.testing.assert_array_equal(original, seqs[row["seq_id"]])  # masked from the corpus
+            assert len(pos) == int(np.ceil(0.15 * (len(ids) - 2) - 1e-9))
+            with torch.inference_mode():
+                out = teacher_model(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True)
+            z = out.logits[0].double()  # (T, V)
+            stored_ids = torch.tensor(row["topk_ids"])  # (T, k)
+            stored_vals = torch.tensor(row["topk_logits"], dtype=torch.float64)
+            # the stored ids are the k largest logits, by falling value, stored to fp16 precision
+            assert torch.allclose(z.gather(1, stored_ids), stored_vals, rtol=1e-3, atol=1e-3)
+            kth = z.topk(k, dim=-1).values[:, -1:]
+            assert (z.gather(1, stored_ids) >= kth - 1e-4).all()
+            assert (stored_vals.diff(dim=-1) <= 0).all()
+            ref_log_z = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temps], dim=-1)
+            assert torch.allclose(torch.tensor(row["log_z"], dtype=torch.float64), ref_log_z, atol=1e-4)
+            ref_hidden = out.hidden_states[-1][0].double() @ torch.from_numpy(projection).double()
+            assert torch.allclose(torch.tensor(row["hidden"], dtype=torch.float64), ref_hidden,
+                                  rtol=2e-3, atol=2e-3)
+            checked += 1
+    assert checked >= 7
+
+
+def test_datasets_reads_the_shards(reference_cache: Path, tmp_path: Path) -> None:
+    import datasets
+
+    m = manifest_of(reference_cache)
+    files = [str(reference_cache / e["path"]) for e in m["shards"]]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == m["rows"]
+    assert set(ds.column_names) == {f.name for f in shard_schema(m["vocab_size"], m["top_k"], len(m["temperatures"]),
+                                                                 m["hidden_dim"])}
+    plain = pa.concat_tables([pq.read_table(f) for f in files])
+    for i in (0, ds.num_rows // 2, ds.num_rows - 1):
+        a, b = ds[i], plain.slice(i, 1).to_pylist()[0]
+        for col in b:
+            if col in ("topk_logits", "hidden", "log_z"):
+                np.testing.assert_allclose(np.array(a[col], dtype=np.float64), np.array(b[col], dtype=np.float64),
+                                           err_msg=col)
+            else:
+                assert a[col] == b[col], col
+    assert sum(ds["length"]) == m["tokens"]
+
+
+def test_shard_footer_carries_the_fingerprint(reference_cache: Path) -> None:
+    m = manifest_of(reference_cache)
+    md = pq.read_schema(reference_cache / m["shards"][0]["path"]).metadata
+    assert md[FINGERPRINT_KEY].decode() == m["fingerprint_sha256"]
