@@ -1,0 +1,79 @@
+"""The on-disk formats of a student run: run.json and each checkpoint's checkpoint.json. Version 1.
+
+    RUN_DIR/
+      run.json                       RunRecord: the cache it trains from, the resolved config
+      metrics.jsonl                  one line per logging step (see METRIC_KEYS)
+      samples.jsonl                  with --record-samples: the (seq_id, view) rows of each step
+      checkpoints/step-NNNNNNN/      one checkpoint, renamed into place when complete:
+        student.safetensors            student weights (tied tensors stored once)
+        hidden_map.safetensors         the map of student hidden states into the cache's space
+        optimizer.pt                   AdamW state (torch.save; read back with weights_only=True)
+        rng.safetensors                torch CPU (and CUDA) generator states
+        checkpoint.json                CheckpointMeta, written last, with the SHA-256 of the others
+      checkpoints/latest             name of the newest complete checkpoint, written atomically
+      final/                         save_pretrained student (+ tokenizer), loadable without kdpipe
+
+Nothing here is pickle except optimizer.pt, which is only ever read with weights_only=True.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RUN_FORMAT = "kdpipe-run"
+RUN_VERSION = 1
+RUN_NAME = "run.json"
+CHECKPOINT_FORMAT = "kdpipe-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_META = "checkpoint.json"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_NAME = "latest"
+FINAL_DIR = "final"
+METRICS_NAME = "metrics.jsonl"
+SAMPLES_NAME = "samples.jsonl"
+CHECKPOINT_PATTERN = r"^step-(\d{7})$"
+
+# What the eval stage plots: keep these names.
+METRIC_KEYS = ("step", "loss", "loss_ce", "loss_mlm", "loss_cos", "lr", "tokens_per_s", "epoch")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunRecord(_Frozen):
+    format: Literal["kdpipe-run"] = RUN_FORMAT
+    format_version: Literal[1] = RUN_VERSION
+    run_id: str
+    cache: str  # the path it was started with; the fingerprint hash is what must match
+    cache_fingerprint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    config: dict[str, Any]  # every setting, resolved
+    identity: dict[str, Any]  # the settings a resume must repeat (the others are operational)
+    student_config: dict[str, Any]
+    init: dict[str, Any]  # what a teacher initialisation copied
+    total_steps: int = Field(ge=1)
+    created_at: str
+    versions: dict[str, str]
+    code_revision: str
+
+
+class Position(_Frozen):
+    epoch: int = Field(ge=0)
+    index: int = Field(ge=0)
+
+
+class CheckpointMeta(_Frozen):
+    format: Literal["kdpipe-checkpoint"] = CHECKPOINT_FORMAT
+    format_version: Literal[1] = CHECKPOINT_VERSION
+    run_id: str
+    step: int = Field(ge=1)
+    position: Position
+    cache_fingerprint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    identity_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    python_rng: list[Any]  # random.getstate() as JSON
+    numpy_rng: list[Any]  # numpy.random.get_state() as JSON
+    log_window: dict[str, float]  # metric sums since the last logged step
+    files: dict[str, str]  # file name -> SHA-256
+    created_at: str

@@ -1,0 +1,601 @@
+"""`kdpipe student-train`: train a smaller student from a teacher cache, never running the teacher.
+
+    kdpipe student-train --cache caches/wiki --out runs/l3 --teacher ./bert-mlm \
+        --student-layers 3 --max-steps 2000 --batch-size 32 --save-every 200
+
+Set up (read the cache's manifest and teacher config, resolve the student and check everything
+against the cache before touching the run directory), run (stream the cache, one student forward
+per batch, the three DistilBERT losses, AdamW with warm-up and linear decay, atomic checkpoints),
+finish (the student as a plain `save_pretrained` folder in RUN_DIR/final). To resume after any
+interruption, `kill -9` included, rerun the same command: it continues from the latest checkpoint
+and ends, on CPU, with the same weights bit for bit as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import torch
+from pydantic import Field, ValidationError, model_validator
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from kdpipe import __version__
+from kdpipe.pipeline import cache as cachedir
+from kdpipe.pipeline import checkpoint as ckpt
+from kdpipe.pipeline import student as stu
+from kdpipe.pipeline.cli import build_config, config_option, echo_json
+from kdpipe.pipeline.config import StageConfig
+from kdpipe.pipeline.device import autocast, pick_device
+from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
+from kdpipe.pipeline.fsutil import (
+    atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, read_json, safe_join,
+    sha256_bytes,
+)
+from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
+from kdpipe.pipeline.losses import LossSpec, distillation_loss
+from kdpipe.pipeline.projection import load_projection
+from kdpipe.pipeline.provenance import code_revision, package_versions
+from kdpipe.pipeline.schedule import lr_at, warmup_steps
+from kdpipe.schemas.checkpoint import FINAL_DIR, METRICS_NAME, RUN_NAME, SAMPLES_NAME, Position, RunRecord
+from kdpipe.schemas.manifest import Manifest
+
+# DistilBERT reference (examples/research_projects/distillation/train.py and distiller.py):
+REFERENCE_LR = 5e-4  # --learning_rate
+REFERENCE_WARMUP_PROP = 0.05  # --warmup_prop
+REFERENCE_WEIGHT_DECAY = 0.0  # --weight_decay
+REFERENCE_ADAM_EPS = 1e-6  # --adam_epsilon
+REFERENCE_BETAS = (0.9, 0.98)  # AdamW(betas=(0.9, 0.98)) in Distiller.__init__
+REFERENCE_MAX_GRAD_NORM = 5.0  # --max_grad_norm
+REFERENCE_TEMPERATURE = 2.0  # --temperature
+REFERENCE_EPOCHS = 3  # --n_epoch
+REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the reference never decays
+DEFAULT_BATCH_SIZE = 32
+
+# Settings that change how a run is operated, not what it computes: free to differ on resume.
+OPERATIONAL = ("cache", "out", "teacher", "device", "save_every", "keep_checkpoints", "log_every",
+               "prefetch", "record_samples")
+
+
+class StudentConfig(StageConfig):
+    cache: str
+    out: str
+    teacher: str | None = None
+    init: Literal["teacher", "random"] = "teacher"
+    layer_map: list[int] | None = None
+    student_config: str | None = None
+    student_layers: int | None = Field(None, ge=1)
+    student_hidden: int | None = Field(None, ge=1)
+    student_heads: int | None = Field(None, ge=1)
+    student_intermediate: int | None = Field(None, ge=1)
+    alpha_ce: float = Field(5.0, ge=0)
+    alpha_mlm: float = Field(2.0, ge=0)
+    alpha_cos: float = Field(1.0, ge=0)
+    temperature: float = Field(REFERENCE_TEMPERATURE, gt=0)
+    ce_masked_only: bool = False
+    max_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+    batch_size: int | None = Field(None, ge=1)
+    batch_tokens: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(REFERENCE_LR, gt=0)
+    warmup: float = Field(REFERENCE_WARMUP_PROP, ge=0, lt=1)
+    weight_decay: float = Field(REFERENCE_WEIGHT_DECAY, ge=0)
+    adam_betas: list[float] = Field(default_factory=lambda: list(REFERENCE_BETAS), min_length=2, max_length=2)
+    adam_eps: float = Field(REFERENCE_ADAM_EPS, gt=0)
+    max_grad_norm: float = Field(REFERENCE_MAX_GRAD_NORM, ge=0)  # 0: no clipping
+    shuffle_window: int = Field(4, ge=1)
+    save_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    prefetch: int = Field(4, ge=0)  # 0: decode batches in the training thread
+    device: str = "auto"
+    record_samples: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("max_steps") is None and data.get("epochs") is None:
+                data["epochs"] = REFERENCE_EPOCHS
+            if data.get("batch_size") is None and data.get("batch_tokens") is None:
+                data["batch_size"] = DEFAULT_BATCH_SIZE
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudentConfig":
+        problems = []
+        if self.alpha_ce == self.alpha_mlm == self.alpha_cos == 0:
+            problems.append("alpha_ce, alpha_mlm and alpha_cos are all 0: there is nothing to train")
+        if self.max_steps is not None and self.epochs is not None:
+            problems.append("give max_steps or epochs, not both")
+        if self.batch_size is not None and self.batch_tokens is not None:
+            problems.append("give batch_size or batch_tokens, not both")
+        if self.layer_map is not None and self.init == "random":
+            problems.append("layer_map only applies to init=teacher")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            problems.append("adam_betas must lie in [0, 1)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+@dataclass
+class Setup:
+    cfg: StudentConfig
+    cache: Path
+    out: Path
+    manifest: Manifest
+    teacher_config: dict[str, Any]
+    projection: torch.Tensor  # (H_teacher, d)
+    student_config: Any  # a transformers config
+    layer_map: list[int] | None
+    teacher_path: str | None  # for init (checked against the fingerprint) and the tokenizer
+    identity: dict[str, Any]
+    identity_sha: str
+    loader: LoaderSpec
+    total_steps: int
+    device: torch.device
+
+
+# ---------------------------------------------------------------------------------------- set up
+
+def _cache_file_json(cache: Path, manifest: Manifest) -> dict[str, Any]:
+    problem = cachedir.check_file(cache, manifest.teacher_config)
+    if problem:
+        raise CorruptCacheError(f"corrupt cache: {cache / problem.path}: {problem.what}")
+    return read_json(cache / manifest.teacher_config.path)
+
+
+def _teacher_path(cfg: StudentConfig, cache: Path) -> tuple[str | None, str]:
+    """--teacher, else the path the dump recorded in run_info.json (if any), and where it came from."""
+    if cfg.teacher:
+        return cfg.teacher, "--teacher"
+    info = cache / cachedir.RUN_INFO_NAME
+    if info.is_file():
+        recorded = (read_json(info).get("config") or {}).get("teacher")
+        if isinstance(recorded, str) and recorded:
+            return recorded, f"{info}"
+    return None, ""
+
+
+def set_up(cfg: StudentConfig) -> Setup:
+    """Every check that needs only the cache and the config; writes nothing."""
+    cache, out = Path(cfg.cache), Path(cfg.out)
+    manifest = cachedir.load_manifest(cache)
+    teacher_config = _cache_file_json(cache, manifest)
+    problem = cachedir.check_file(cache, manifest.projection)
+    if problem:
+        raise CorruptCacheError(f"corrupt cache: {cache / problem.path}: {problem.what}")
+    projection = load_projection(cache / manifest.projection.path)
+    for entry in manifest.shards:  # cheap now (sizes); each shard's hash is checked when it is opened
+        path = safe_join(cache, entry.path)
+        if not path.is_file() or path.stat().st_size != entry.bytes:
+            raise CorruptCacheError(f"corrupt cache: {path} is missing or not the size the manifest says; "
+                                    "run `kdpipe cache verify`")
+
+    problems = []
+    t_index = next((i for i, t in enumerate(manifest.temperatures) if math.isclose(t, cfg.temperature)), None)
+    if t_index is None:
+        problems.append(f"--temperature {cfg.temperature:g} is not in the cache's temperature grid "
+                        f"({', '.join(f'{t:g}' for t in manifest.temperatures)}): pick one of those, "
+                        "or dump a cache with it")
+    override = None
+    if cfg.student_config:
+        p = Path(cfg.student_config)
+        if not p.is_file():
+            raise KdpipeError(f"--student-config {p} does not exist")
+        override = read_json(p)
+        if not isinstance(override, dict):
+            raise KdpipeError(f"--student-config {p} must hold a JSON object")
+    scfg = stu.student_config(teacher_config, override, cfg.student_layers, cfg.student_hidden,
+                              cfg.student_heads, cfg.student_intermediate)
+    if int(scfg.vocab_size) != manifest.vocab_size:
+        problems.append(f"the student's vocabulary has {scfg.vocab_size} tokens but the cache's has "
+                        f"{manifest.vocab_size}: its logits cannot be compared with the teacher's")
+    layer_map = None
+    teacher_path, source = _teacher_path(cfg, cache)
+    if cfg.init == "teacher":
+        t_layers = int(teacher_config["num_hidden_layers"])
+        layer_map = list(cfg.layer_map) if cfg.layer_map is not None else stu.default_layer_map(
+            t_layers, int(scfg.num_hidden_layers))
+        problems += stu.check_layer_map(layer_map, t_layers, int(scfg.num_hidden_layers))
+        if teacher_path is None:
+            problems.append("--init teacher needs the teacher's weights: pass --teacher PATH (the cache "
+                            "records no teacher path), or use --init random")
+        elif not Path(teacher_path).exists() and not teacher_path.startswith("builtin:"):
+            problems.append(f"teacher {teacher_path} (from {source}) does not exist: pass --teacher PATH, "
+                            "or use --init random")
+    if problems:
+        raise KdpipeError("; ".join(problems))
+
+    resolved = cfg.model_dump(mode="json")
+    resolved["layer_map"] = layer_map
+    student_dict = json.loads(scfg.to_json_string())
+    student_dict.pop("transformers_version", None)
+    identity = {k: v for k, v in resolved.items() if k not in OPERATIONAL}
+    identity["student_config"] = student_dict
+    loader = LoaderSpec(seed=cfg.seed, window=cfg.shuffle_window, batch_size=cfg.batch_size,
+                        batch_tokens=cfg.batch_tokens, temperature_index=t_index,
+                        pad_id=int(teacher_config.get("pad_token_id") or 0))
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    else:
+        total = -(-sum(batches_per_epoch(cache, manifest, loader, cfg.epochs)) // cfg.grad_accum)
+    return Setup(cfg, cache, out, manifest, teacher_config, projection, scfg, layer_map, teacher_path,
+                 identity, sha256_bytes(dumps_json(identity)), loader, total, pick_device(cfg.device))
+
+
+def check_run_dir(s: Setup) -> RunRecord | None:
+    """The run this directory holds (to resume), None for a new run; refuses anything else.
+    Read-only: a refused directory is left exactly as it was."""
+    out = s.out
+    if out.exists() and not out.is_dir():
+        raise KdpipeError(f"run directory {out} exists and is not a directory")
+    if not out.exists():
+        return None
+    record_path = out / RUN_NAME
+    if not record_path.is_file():
+        if {p.name for p in out.iterdir()} - {".lock"}:
+            raise KdpipeError(f"run directory {out} is not empty and holds no kdpipe student run; "
+                              "refusing to write into it (use another --out)")
+        return None
+    try:
+        record = RunRecord.model_validate(read_json(record_path))
+    except ValidationError as e:
+        raise KdpipeError(f"{record_path} is not a kdpipe run record ({e.errors()[0]['msg']}); "
+                          "refusing to write into that directory") from None
+    fp = s.manifest.fingerprint_sha256
+    if record.cache_fingerprint_sha256 != fp:
+        raise CacheMismatchError(
+            f"run directory {out} trains from another cache (fingerprint {record.cache_fingerprint_sha256[:12]}..., "
+            f"--cache {s.cache} has {fp[:12]}...); refusing to resume: use another --out")
+    diffs = cachedir.diff_fingerprints(record.identity, s.identity)
+    if diffs:
+        raise KdpipeError(f"run directory {out} was started with other settings "
+                          f"({'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}); "
+                          "rerun with the same settings to resume, or use another --out")
+    return record
+
+
+def _load_teacher_checked(s: Setup) -> dict[str, torch.Tensor]:
+    """The teacher's weights, refused unless they are the ones the cache was made from."""
+    from kdpipe.pipeline.teacher import load_teacher, resolve_model_path, weights_sha256
+
+    path = resolve_model_path(s.teacher_path)
+    model = load_teacher(path)
+    want = s.manifest.fingerprint["teacher"]["weights_sha256"]
+    got = weights_sha256(model)
+    if got != want:
+        raise CacheMismatchError(f"teacher {path} is not the teacher this cache was made from (weights "
+                                 f"SHA-256 {got[:12]}..., the cache's fingerprint says {want[:12]}...); refusing")
+    return model.state_dict()
+
+
+def _tokenizer(s: Setup) -> Any | None:
+    """The teacher's tokenizer when a teacher path is known and exists, checked against the cache."""
+    if s.teacher_path is None:
+        return None
+    from kdpipe.pipeline.teacher import load_tokenizer, resolve_model_path, tokenizer_sha256
+
+    try:
+        path = resolve_model_path(s.teacher_path)
+    except (ImportError, KdpipeError):
+        return None
+    if not Path(path).exists():
+        return None
+    tok = load_tokenizer(path)
+    want = s.manifest.fingerprint.get("tokenizer", {}).get("sha256")
+    if want and tokenizer_sha256(tok) != want:
+        raise CacheMismatchError(f"the tokenizer of {path} is not the one this cache was made with; refusing")
+    return tok
+
+
+# ------------------------------------------------------------------------------------------- run
+
+@dataclass
+class Trainer:
+    student: torch.nn.Module
+    hidden_map: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    init_report: dict[str, Any]
+
+
+def build_trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
+    """Student (seeded), its teacher initialisation, the hidden map and AdamW, in a fixed order."""
+    cfg = s.cfg
+    model = stu.build_student(s.student_config, cfg.seed)
+    report: dict[str, Any] = {"init": cfg.init}
+    if teacher_state is not None:
+        report.update(stu.init_from_teacher(model, teacher_state, s.layer_map).summary())
+    hmap = stu.hidden_map(int(s.student_config.hidden_size), int(s.teacher_config["hidden_size"]), s.projection)
+    model.to(s.device).train()
+    hmap.to(s.device).train()
+    decay, no_decay = [], []
+    for name, p in [*model.named_parameters(), *(("hidden_map." + n, p) for n, p in hmap.named_parameters())]:
+        (no_decay if any(nd in name for nd in REFERENCE_NO_DECAY) else decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    return Trainer(model, hmap, opt, decay + no_decay, report)
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines of steps <= last_step (and drop a torn last line), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+            keep.append(line + "\n")
+    atomic_write_bytes(path, "".join(keep).encode())
+
+
+def _tensorboard(out: Path) -> Any | None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+_WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "tokens")
+
+
+def open_stream(s: Setup, position: Position) -> Iterator[Batch]:
+    """The batches from `position` on; the first is decoded now, so a corrupt first window of the
+    cache is refused before anything in the run directory changes."""
+    stream = iter_batches(s.cache, s.manifest, s.loader, DataPosition(position.epoch, position.index),
+                          epochs=s.cfg.epochs)
+    first = next(stream, None)
+    if first is None:
+        raise KdpipeError(f"the cache has no rows left to train on from position {position}")
+    return itertools.chain([first], stream)
+
+
+def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
+        stream: Iterator[Batch]) -> dict[str, Any]:
+    cfg, out = s.cfg, s.out
+    spec = LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.ce_masked_only)
+    step, position = 0, Position(epoch=0, index=0)
+    window = {k: 0.0 for k in _WINDOW_KEYS}
+    if start is not None:
+        step, position, window = start.step, start.position, {**window, **start.log_window}
+    _truncate_jsonl(out / METRICS_NAME, step)
+    _truncate_jsonl(out / SAMPLES_NAME, step)
+    total, warm = s.total_steps, warmup_steps(s.total_steps, cfg.warmup)
+    body, head = stu.body(tr.student), stu.mlm_head(tr.student)
+    prefetch = Prefetcher(stream, cfg.prefetch) if cfg.prefetch > 0 else None
+    batches = iter(prefetch) if prefetch else stream
+    tb = _tensorboard(out)
+    bar = tqdm(total=total, initial=step, desc="student-train", unit=" step", mininterval=1.0,
+               dynamic_ncols=True)
+    t_log, wait_log, epoch_progress = time.perf_counter(), 0.0, float(position.epoch)
+    metrics = open(out / METRICS_NAME, "a", encoding="utf-8")
+    samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples else None
+    try:
+        while step < total:
+            lr = lr_at(step, cfg.lr, total, warm)
+            for g in tr.optimizer.param_groups:
+                g["lr"] = lr
+            tr.optimizer.zero_grad(set_to_none=True)
+            micro, last, rows = 0, None, []
+            for _ in range(cfg.grad_accum):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                batch = batch.to(s.device)
+                with autocast(s.device):
+                    terms = distillation_loss(body, head, tr.hidden_map, batch, spec)
+                (terms.loss / cfg.grad_accum).backward()
+                micro += 1
+                last = batch
+                window["loss"] += terms.loss.item() / cfg.grad_accum
+                for key, t in (("ce", terms.ce), ("mlm", terms.mlm), ("cos", terms.cos)):
+                    if t is not None:
+                        window[key] += t.item() / cfg.grad_accum
+                window["tokens"] += batch.tokens
+                if samples:
+                    rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
+            if micro == 0:
+                break  # the epochs are over
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm)
+            tr.optimizer.step()
+            step += 1
+            window["steps"] += 1
+            position = Position(epoch=last.position.epoch, index=last.position.index)
+            epoch_progress = last.epoch_progress
+            bar.update(1)
+            if samples:
+                samples.write(json.dumps({"step": step, "rows": rows}) + "\n")
+                samples.flush()
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                waited = (prefetch.wait_s if prefetch else 0.0) - wait_log
+                line = _metrics_line(step, window, lr, now - t_log, waited, epoch_progress, spec)
+                metrics.write(json.dumps(line) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{line['loss']:.3f}")
+                if tb is not None:
+                    for k, v in line.items():
+                        if k != "step" and v is not None:
+                            tb.add_scalar(f"train/{k}", v, step)
+                t_log, wait_log = now, wait_log + waited
+                window = {k: 0.0 for k in _WINDOW_KEYS}
+            if step % cfg.save_every == 0 and step < total:
+                ckpt.save_checkpoint(out, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha,
+                                     ckpt.TrainState(step, position, dict(window)), tr.student,
+                                     tr.hidden_map, tr.optimizer, cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        metrics.close()
+        if samples:
+            samples.close()
+        if prefetch:
+            prefetch.close()
+        if tb is not None:
+            tb.close()
+    return {"steps": step, "epoch": round(epoch_progress, 4)}
+
+
+def _metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, waited: float, epoch: float,
+                  spec: LossSpec) -> dict[str, Any]:
+    n = max(w["steps"], 1.0)
+    term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
+    return {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
+            "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos),
+            "lr": lr, "tokens_per_s": round(w["tokens"] / max(elapsed, 1e-9), 1),
+            "epoch": round(epoch, 4), "data_wait_pct": round(100 * waited / max(elapsed, 1e-9), 2)}
+
+
+# ---------------------------------------------------------------------------------------- finish
+
+def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, result: dict[str, Any]) -> Path:
+    """RUN_DIR/final: a save_pretrained student (+ tokenizer), published by one rename."""
+    final = s.out / FINAL_DIR
+    tmp = s.out / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tr.student.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
+              str(tmp / "kdpipe_hidden_map.safetensors"))
+    atomic_write_json(tmp / "kdpipe_student.json", {
+        "run_id": record.run_id, "cache_fingerprint_sha256": record.cache_fingerprint_sha256,
+        "steps": result["steps"], "epoch": result["epoch"], "init": record.init,
+        "tokenizer": "copied from the teacher" if tokenizer is not None else "none (no teacher path known)",
+    })
+    os.replace(tmp, final)
+    return final
+
+
+def _summary(s: Setup, status: str, **extra: Any) -> dict[str, Any]:
+    return {"run": str(s.out), "status": status, "total_steps": s.total_steps,
+            "cache_fingerprint_sha256": s.manifest.fingerprint_sha256, "version": __version__, **extra}
+
+
+def main(cfg: StudentConfig) -> dict[str, Any]:
+    """The whole stage; returns a summary for the CLI to print. Every check runs before the run
+    directory is written to: a refused run leaves it as it was."""
+    s = set_up(cfg)
+    record = check_run_dir(s)
+    if record is not None and (s.out / FINAL_DIR).is_dir():
+        return _summary(s, "already complete", final=str(s.out / FINAL_DIR))
+    tokenizer = _tokenizer(s)
+    fresh = record is None or ckpt.latest_checkpoint(s.out) is None
+    teacher_state = _load_teacher_checked(s) if fresh and cfg.init == "teacher" else None
+    ensure_dir(s.out, "run directory")
+    with exclusive_lock(s.out, "run"):
+        record = check_run_dir(s)  # again, now that no other process can change it
+        resume_from = ckpt.latest_checkpoint(s.out) if record is not None else None
+        meta = None
+        if resume_from is not None:
+            meta = ckpt.read_meta(resume_from, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha)
+        elif cfg.init == "teacher" and teacher_state is None:  # another process changed the run meanwhile
+            teacher_state = _load_teacher_checked(s)
+        stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0))
+        tr = build_trainer(s, teacher_state if meta is None else None)
+        del teacher_state
+        start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
+                                     s.device) if meta else None
+        for p in s.out.glob(".final.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        ckpt.remove_stale_tmp(s.out)
+        if record is None:
+            record = RunRecord(
+                run_id=uuid.uuid4().hex, cache=str(s.cache),
+                cache_fingerprint_sha256=s.manifest.fingerprint_sha256,
+                config=s.cfg.model_dump(mode="json") | {"layer_map": s.layer_map},
+                identity=s.identity, student_config=s.identity["student_config"], init=tr.init_report,
+                total_steps=s.total_steps, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                versions=package_versions(), code_revision=code_revision(),
+            )
+            atomic_write_json(s.out / RUN_NAME, record.model_dump(mode="json"))
+        result = run(s, record, tr, start, stream)
+        final = finish(s, record, tr, tokenizer, result)
+    return _summary(s, "resumed" if resume_from else "trained", final=str(final), **result)
+
+
+def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@click.command("student-train", epilog="Example: kdpipe student-train --cache caches/wiki --out runs/s3 "
+               "--teacher ./bert-mlm --max-steps 2000 --save-every 200. Rerun the same command to resume.")
+@config_option
+@click.option("--cache", help="Teacher cache directory (made by teacher-dump).")
+@click.option("--out", help="Run directory to create or resume.")
+@click.option("--teacher", help="Teacher folder, read only to initialise the student and copy its "
+              "tokenizer; its weights must match the cache. [the path recorded in the cache]")
+@click.option("--init", type=click.Choice(["teacher", "random"]), help="Student initialisation. [teacher]")
+@click.option("--layer-map", callback=_ints, help="Teacher layer copied into each student layer, e.g. "
+              "0,2,4. [every other layer]")
+@click.option("--student-config", help="JSON config of the student architecture (transformers format). "
+              "[the teacher's]")
+@click.option("--student-layers", type=int, help="Student layers. [half the teacher's]")
+@click.option("--student-hidden", type=int, help="Student hidden width. [the teacher's]")
+@click.option("--student-heads", type=int, help="Student attention heads. [the teacher's]")
+@click.option("--student-intermediate", type=int, help="Student feed-forward width. [scaled with the width]")
+@click.option("--alpha-ce", type=float, help="Weight of the distillation KL. [5.0]")
+@click.option("--alpha-mlm", type=float, help="Weight of the masked-LM loss. [2.0]")
+@click.option("--alpha-cos", type=float, help="Weight of the hidden-state cosine loss. [1.0]")
+@click.option("--temperature", type=float, help="Softening temperature; must be in the cache's grid. [2.0]")
+@click.option("--ce-masked-only", is_flag=True, default=None, help="Distil only at masked positions "
+              "(the reference's restrict_ce_to_mask). [every non-padding token]")
+@click.option("--max-steps", type=int, help="Optimizer updates to run (instead of --epochs).")
+@click.option("--epochs", type=int, help="Passes over the cache. [3]")
+@click.option("--seed", type=int, help="Seed of the student init, dropout and data order. [0]")
+@click.option("--batch-size", type=int, help="Sequences per batch. [32]")
+@click.option("--batch-tokens", type=int, help="Padded tokens per batch, instead of --batch-size.")
+@click.option("--grad-accum", type=int, help="Batches per optimizer update. [1]")
+@click.option("--lr", type=float, help="Peak learning rate. [5e-4]")
+@click.option("--warmup", type=float, help="Share of the updates spent warming up. [0.05]")
+@click.option("--weight-decay", type=float, help="AdamW weight decay. [0]")
+@click.option("--adam-betas", callback=_floats, help="AdamW betas. [0.9,0.98]")
+@click.option("--adam-eps", type=float, help="AdamW epsilon. [1e-6]")
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm; 0 turns it off. [5.0]")
+@click.option("--shuffle-window", type=int, help="Shards whose rows are shuffled together. [4]")
+@click.option("--save-every", type=int, help="Updates between checkpoints. [500]")
+@click.option("--keep-checkpoints", type=int, help="Checkpoints kept. [3]")
+@click.option("--log-every", type=int, help="Updates between metrics lines. [10]")
+@click.option("--prefetch", type=int, help="Batches decoded ahead in a background thread. [4]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
+@click.option("--record-samples", is_flag=True, default=None,
+              help="Write the (seq_id, view) rows of every update to samples.jsonl.")
+def command(config_file: Path | None, **flags: Any) -> None:
+    """Train a student from a teacher cache (the teacher is never run)."""
+    echo_json(main(build_config(StudentConfig, config_file, flags)))
