@@ -1,0 +1,391 @@
+"""Downstream classification for `kdpipe eval`: load a labelled task, split it, fine-tune, score.
+
+A task is a local file (CSV/TSV, JSON lines, a JSON array of records, Parquet) with a text and a
+label column, a `datasets` dataset available offline (`name` or `name:config`), or
+`builtin:NAME` (a JSONL file with `text` and `label`). Labels are compared as strings.
+
+The split is a pure function of (seed, example index): examples are ranked by
+SHA-256("kdpipe-split:{seed}:{index}") and the first round(n * dev_fraction) form the dev set, the
+rest the training set in that same order (so `--max-train-examples N` takes a fixed random
+subset). No RNG library is involved, so the split is the same on every machine and version.
+
+Every model gets the same recipe: `AutoModelForSequenceClassification` from its folder ([CLS]
+pooling as transformers does it: BERT's pooler, DistilBERT's pre-classifier; weights absent
+from a masked-LM checkpoint, the pooler included, start from the seeded initialisation), AdamW
+(no decay on biases and LayerNorm), linear warm-up then linear decay, gradient clipping at 1.0.
+The seed fixes the head's initialisation, dropout and the order of examples; teacher and
+students see the same order for the same seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdpipe.pipeline import metrics
+from kdpipe.pipeline.device import autocast
+from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.fsutil import sha256_file
+
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+SPLIT_METHOD = "sha256-rank"  # see the module docstring
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    spec: str
+    texts: list[str]
+    labels: list[str]
+    label_names: list[str]  # sorted; class i of the classifier is label_names[i]
+    text_column: str
+    label_column: str
+    fingerprint: dict[str, Any]
+    dropped: int  # rows without a usable text or label
+
+    def label_counts(self) -> dict[str, int]:
+        c = Counter(self.labels)
+        return {k: c[k] for k in self.label_names}
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def task_name(spec: str) -> str:
+    """A short name for a task spec: the built-in name, the file stem, or the dataset name."""
+    if spec.startswith("builtin:"):
+        base = spec.split(":", 1)[1]
+    elif os.path.splitext(spec)[1].lower() in _FORMATS or os.path.exists(spec):
+        base = Path(spec).stem
+    else:
+        base = spec.replace("/", "-").replace(":", "-")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "task"
+
+
+def load_task(spec: str, text_column: str = "text", label_column: str = "label",
+              split: str = "train", name: str | None = None) -> Task:
+    """Read a task's (text, label) rows, dropping rows whose text or label is missing or empty."""
+    name = name or task_name(spec)
+    path = spec
+    if spec.startswith("builtin:"):
+        try:
+            from kdpipe.pipeline import builtin
+        except ImportError as e:
+            raise KdpipeError(f"task {spec}: built-in tasks are unavailable ({e})") from None
+        path = builtin.resolve(spec, "task")
+    suffix = os.path.splitext(path)[1].lower()
+    if os.path.exists(path):
+        if os.path.isdir(path) or suffix not in _FORMATS:
+            raise KdpipeError(f"task {spec}: unsupported task file (use .csv, .tsv, .jsonl, .json "
+                              "or .parquet with a text and a label column)")
+        rows, columns = _read_file(Path(path), _FORMATS[suffix], text_column, label_column)
+        fingerprint = {"format": _FORMATS[suffix], "file": Path(path).name,
+                       "bytes": os.path.getsize(path), "sha256": sha256_file(Path(path))}
+    elif suffix in _FORMATS or spec.startswith((".", "/", "~")):
+        raise KdpipeError(f"task file {spec} does not exist")
+    else:
+        rows, columns, fingerprint = _read_dataset(spec, split, text_column, label_column)
+    for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if col not in columns:
+            raise KdpipeError(f"task {spec} has no column {col!r} (columns: "
+                              f"{', '.join(map(str, columns)) or 'none'}); set {flag}")
+    texts, labels, dropped = [], [], 0
+    for text, label in rows:
+        label = _label_str(label)
+        if not isinstance(text, str) or not text.strip() or label is None:
+            dropped += 1
+            continue
+        texts.append(text)
+        labels.append(label)
+    if len(texts) < 2:
+        raise KdpipeError(f"task {spec} has {len(texts)} usable example(s) (text in {text_column!r}, "
+                          f"label in {label_column!r}); a task needs at least 2")
+    names = sorted(set(labels), key=_label_key)
+    if len(names) < 2:
+        raise KdpipeError(f"task {spec} has a single label ({names[0]!r} in column "
+                          f"{label_column!r}); classification needs at least two classes")
+    fingerprint = {**fingerprint, "rows": len(texts), "dropped": dropped,
+                   "text_column": text_column, "label_column": label_column}
+    return Task(name, spec, texts, labels, names, text_column, label_column, fingerprint, dropped)
+
+
+def _label_str(v: Any) -> str | None:
+    if v is None or isinstance(v, (list, dict)):
+        return None
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if v.is_integer():
+            v = int(v)
+    s = str(v).strip()
+    return s or None
+
+
+def _label_key(s: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(s), s)
+    except ValueError:
+        return (1, 0.0, s)
+
+
+def _read_file(path: Path, fmt: str, text_col: str, label_col: str) -> tuple[list[tuple], list[str]]:
+    try:
+        if fmt in ("csv", "tsv"):
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+                columns = list(reader.fieldnames or [])
+                rows = [(r.get(text_col), r.get(label_col)) for r in reader]
+            return rows, columns
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
+            if text_col not in columns or label_col not in columns:
+                return [], columns
+            t = pq.read_table(path, columns=[text_col, label_col])
+            return list(zip(t.column(0).to_pylist(), t.column(1).to_pylist())), columns
+        records = _read_json_records(path, fmt)
+    except UnicodeDecodeError as e:
+        raise KdpipeError(f"task file {path} is not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise KdpipeError(f"cannot read task file {path}: {e.strerror or e}") from None
+    except Exception as e:  # pyarrow's errors for a damaged Parquet file
+        if isinstance(e, KdpipeError):
+            raise
+        raise KdpipeError(f"cannot read task file {path}: {e}") from None
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    return [(r.get(text_col), r.get(label_col)) for r in records], columns
+
+
+def _read_json_records(path: Path, fmt: str) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if fmt == "json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KdpipeError(f"task file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        records = data
+    else:
+        records = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise KdpipeError(f"task file {path}, line {i}: not valid JSON ({e.msg})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise KdpipeError(f"task file {path} must hold JSON objects (one per line, or an array)")
+    return records
+
+
+def _read_dataset(spec: str, split: str, text_col: str, label_col: str
+                  ) -> tuple[list[tuple], list[str], dict[str, Any]]:
+    repo, _, config = spec.partition(":")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as e:  # datasets raises many types for "not available offline"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdpipeError(f"task {spec!r} is neither a local file nor a dataset available "
+                          f"offline ({why})") from None
+    columns = list(ds.column_names)
+    fingerprint = {"format": "dataset", "name": repo, "config": config or None, "split": split,
+                   "dataset_fingerprint": getattr(ds, "_fingerprint", None)}
+    if text_col not in columns or label_col not in columns:
+        return [], columns, fingerprint
+    labels = ds[label_col]
+    feature = ds.features.get(label_col)
+    if hasattr(feature, "int2str"):  # ClassLabel: use the class names
+        labels = [feature.int2str(v) if isinstance(v, int) and v >= 0 else None for v in labels]
+    return list(zip(ds[text_col], labels)), columns, fingerprint
+
+
+# -------------------------------------------------------------------------------------- split
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[int]  # example indices fine-tuned on, in training-pool order
+    dev: list[int]  # example indices scored, ascending
+    train_pool: int
+    dev_pool: int
+    seed: int
+    dev_fraction: float
+
+    def record(self, examples: int, file: str) -> dict[str, Any]:
+        return {"method": SPLIT_METHOD, "seed": self.seed, "dev_fraction": self.dev_fraction,
+                "examples": examples, "train": len(self.train), "dev": len(self.dev),
+                "train_pool": self.train_pool, "dev_pool": self.dev_pool,
+                "train_indices_sha256": _indices_sha(self.train),
+                "dev_indices_sha256": _indices_sha(self.dev), "file": file}
+
+
+def _indices_sha(ix: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, ix)).encode()).hexdigest()
+
+
+def split_rank(seed: int, index: int) -> bytes:
+    return hashlib.sha256(f"kdpipe-split:{seed}:{index}".encode()).digest()
+
+
+def split_indices(n: int, dev_fraction: float, seed: int, max_train: int | None = None,
+                  max_dev: int | None = None) -> Split:
+    """A deterministic, disjoint train/dev split of n examples (see the module docstring)."""
+    if not 0 < dev_fraction < 1:
+        raise KdpipeError(f"dev fraction must be between 0 and 1, got {dev_fraction}")
+    if n < 2:
+        raise KdpipeError(f"cannot split {n} example(s) into train and dev")
+    n_dev = min(n - 1, max(1, round(n * dev_fraction)))
+    order = sorted(range(n), key=lambda i: split_rank(seed, i))
+    dev_pool, train_pool = order[:n_dev], order[n_dev:]
+    dev = sorted(dev_pool[:max_dev] if max_dev else dev_pool)
+    train = train_pool[:max_train] if max_train else train_pool
+    return Split(train, dev, len(train_pool), len(dev_pool), seed, dev_fraction)
+
+
+# ---------------------------------------------------------------------------------- fine-tune
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lr: float = 5e-5
+    epochs: int = 3
+    batch_size: int = 32
+    max_length: int = 128
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A task tokenized for one tokenizer: token ids and class indices of train and dev."""
+
+    train_ids: list[list[int]]
+    train_y: list[int]
+    dev_ids: list[list[int]]
+    dev_y: list[int]
+
+
+def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> Encoded:
+    cls = {name: i for i, name in enumerate(task.label_names)}
+
+    def enc(ix: list[int]) -> list[list[int]]:
+        if not ix:
+            return []
+        out = tokenizer([task.texts[i] for i in ix], truncation=True, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        return [list(x) for x in out["input_ids"]]
+
+    return Encoded(enc(split.train), [cls[task.labels[i]] for i in split.train],
+                   enc(split.dev), [cls[task.labels[i]] for i in split.dev])
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        att[i, : len(s)] = 1
+    return ids, att
+
+
+def linear_schedule(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def load_classifier(path: str, label_names: list[str]) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised weights" is expected: head and pooler
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdpipeError(f"cannot build a classifier from {path}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names: list[str],
+                       recipe: Recipe, seed: int, device: torch.device) -> dict[str, Any]:
+    """Fine-tune a fresh classifier from `model_path` with `seed`; accuracy and macro-F1 on dev."""
+    torch.manual_seed(seed)
+    model = load_classifier(model_path, label_names).to(device)
+    opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    n = len(data.train_ids)
+    per_epoch = math.ceil(n / recipe.batch_size)
+    total = per_epoch * recipe.epochs
+    warmup = int(recipe.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, warmup, total))
+    order_rng = torch.Generator().manual_seed(seed)
+    y_all = torch.tensor(data.train_y, dtype=torch.long)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(n, generator=order_rng).tolist()
+        for b in range(0, n, recipe.batch_size):
+            ix = perm[b:b + recipe.batch_size]
+            ids, att = pad_batch([data.train_ids[i] for i in ix], pad_id)
+            with autocast(device):
+                out = model(input_ids=ids.to(device), attention_mask=att.to(device),
+                            labels=y_all[ix].to(device))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+    train_seconds = time.perf_counter() - t0
+    preds = predict(model, data.dev_ids, pad_id, recipe.eval_batch_size, device)
+    gold = data.dev_y
+    return {"seed": seed, "accuracy": metrics.accuracy(preds, gold),
+            "macro_f1": metrics.macro_f1(preds, gold), "steps": total,
+            "train_seconds": round(train_seconds, 3)}
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int,
+            device: torch.device) -> list[int]:
+    """Class index of each sequence; batches of similar length so little is spent on padding."""
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    preds = np.zeros(len(seqs), dtype=np.int64)
+    for b in range(0, len(order), batch_size):
+        ix = order[b:b + batch_size]
+        ids, att = pad_batch([seqs[i] for i in ix], pad_id)
+        with autocast(device):
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (B, C)
+        preds[ix] = logits.argmax(-1).cpu().numpy()
+    return preds.tolist()

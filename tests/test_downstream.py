@@ -1,0 +1,145 @@
+"""Downstream tasks: loading every format, the fixed-seed split, and a deterministic fine-tune."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kdpipe.pipeline import downstream
+from kdpipe.pipeline.errors import KdpipeError
+
+# Words only: the tiny vocabulary of helpers.py lists "a" twice, so its last id (the digit "2")
+# is one past the model's embedding table.
+NOUNS = "film book city river music war king game team school".split()
+ROWS = [{"sentence": f"the {NOUNS[i % 10]} of {NOUNS[i * 7 % 10]} was {'great' if i % 3 else 'old'}",
+         "y": "pos" if i % 3 else "neg"} for i in range(30)]
+
+
+def write(path: Path, rows: list[dict] = ROWS) -> Path:
+    fmt = path.suffix
+    if fmt in (".csv", ".tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="," if fmt == ".csv" else "\t")
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif fmt == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ loading
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+def test_every_format_loads_the_same_task(tmp_path: Path, suffix: str) -> None:
+    t = downstream.load_task(str(write(tmp_path / f"reviews{suffix}")), "sentence", "y")
+    assert t.name == "reviews"
+    assert t.texts == [r["sentence"] for r in ROWS]
+    assert t.labels == [r["y"] for r in ROWS]
+    assert t.label_names == ["neg", "pos"]
+    assert t.label_counts() == {"neg": 10, "pos": 20}
+    assert len(t.fingerprint["sha256"]) == 64 and t.dropped == 0
+
+
+def test_numeric_labels_become_strings_and_empty_rows_are_dropped(tmp_path: Path) -> None:
+    rows = [{"text": "a film", "label": 1}, {"text": "a book", "label": 0}, {"text": "", "label": 1},
+            {"text": "the city", "label": None}, {"text": "a war", "label": 10}]
+    t = downstream.load_task(str(write(tmp_path / "t.jsonl", rows)))
+    assert t.labels == ["1", "0", "10"] and t.label_names == ["0", "1", "10"]  # numeric order
+    assert t.dropped == 2
+
+
+def test_missing_column_names_it_and_the_flag(tmp_path: Path) -> None:
+    path = str(write(tmp_path / "t.csv"))
+    with pytest.raises(KdpipeError, match=r"no column 'text' \(columns: sentence, y\); set --text-column"):
+        downstream.load_task(path)
+    with pytest.raises(KdpipeError, match="no column 'label'.*--label-column"):
+        downstream.load_task(path, "sentence")
+
+
+def test_one_class_missing_file_and_bad_suffix_are_refused(tmp_path: Path) -> None:
+    one = [{"text": f"film {i}", "label": "pos"} for i in range(5)]
+    with pytest.raises(KdpipeError, match=r"single label \('pos' in column 'label'\); classification"):
+        downstream.load_task(str(write(tmp_path / "one.jsonl", one)))
+    with pytest.raises(KdpipeError, match="does not exist"):
+        downstream.load_task(str(tmp_path / "nope.csv"))
+    (tmp_path / "t.xlsx").write_text("x")
+    with pytest.raises(KdpipeError, match="unsupported task file"):
+        downstream.load_task(str(tmp_path / "t.xlsx"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{oops\n')
+    with pytest.raises(KdpipeError, match="line 2: not valid JSON"):
+        downstream.load_task(str(tmp_path / "bad.jsonl"))
+
+
+def test_builtin_task_goes_through_builtin_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    builtin = pytest.importorskip("kdpipe.pipeline.builtin")
+    target = write(tmp_path / "movie-sentiment.jsonl",
+                   [{"text": r["sentence"], "label": r["y"]} for r in ROWS])
+    calls = []
+    monkeypatch.setattr(builtin, "resolve", lambda spec, kind: calls.append((spec, kind)) or str(target))
+    t = downstream.load_task("builtin:movie-sentiment")
+    assert calls == [("builtin:movie-sentiment", "task")]
+    assert t.name == "movie-sentiment" and t.spec == "builtin:movie-sentiment" and len(t.texts) == 30
+
+
+# -------------------------------------------------------------------------------------- split
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    a = downstream.split_indices(1000, 0.1, seed=0)
+    b = downstream.split_indices(1000, 0.1, seed=0)
+    assert a == b
+    assert len(a.dev) == 100 and a.train_pool == 900
+    assert not set(a.train) & set(a.dev)
+    assert sorted(a.train + a.dev) == list(range(1000))
+    assert a.dev == sorted(a.dev)
+    other = downstream.split_indices(1000, 0.1, seed=1)
+    assert other.dev != a.dev
+    # the split is a function of (seed, index) through SHA-256: pinned, so no library can move it
+    assert a.dev == sorted(sorted(range(1000), key=lambda i: downstream.split_rank(0, i))[:100])
+    assert downstream.split_rank(0, 0).hex()[:16] == "43a4159d2aaaa3e5"
+
+
+def test_split_caps_take_a_fixed_subset_and_tiny_sets_still_split() -> None:
+    full = downstream.split_indices(200, 0.25, seed=3)
+    capped = downstream.split_indices(200, 0.25, seed=3, max_train=20, max_dev=7)
+    assert capped.train == full.train[:20]
+    assert set(capped.dev) <= set(full.dev) and len(capped.dev) == 7
+    assert (capped.train_pool, capped.dev_pool) == (150, 50)
+    two = downstream.split_indices(2, 0.1, seed=0)
+    assert len(two.train) == 1 and len(two.dev) == 1
+    with pytest.raises(KdpipeError):
+        downstream.split_indices(1, 0.1, seed=0)
+    rec = capped.record(200, "splits/t.json")
+    assert rec["train"] == 20 and rec["dev"] == 7 and len(rec["dev_indices_sha256"]) == 64
+
+
+def test_linear_schedule() -> None:
+    assert [downstream.linear_schedule(s, 2, 6) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert downstream.linear_schedule(0, 0, 4) == 1.0
+
+
+# ---------------------------------------------------------------------------------- fine-tune
+
+def test_finetune_is_deterministic_per_seed(tmp_path: Path, teacher_dir: Path, tokenizer) -> None:
+    task = downstream.load_task(str(write(tmp_path / "t.jsonl",
+                                          [{"text": r["sentence"], "label": r["y"]} for r in ROWS])))
+    split = downstream.split_indices(len(task.texts), 0.3, seed=0)
+    enc = downstream.encode_task(tokenizer, task, split, max_length=16)
+    assert len(enc.train_ids) == 21 and len(enc.dev_ids) == 9
+    assert all(len(x) <= 16 and x[0] == tokenizer.cls_token_id for x in enc.train_ids)
+    recipe = downstream.Recipe(lr=1e-3, epochs=2, batch_size=8, max_length=16, eval_batch_size=4)
+    run = lambda seed: downstream.finetune_and_score(  # noqa: E731
+        str(teacher_dir), tokenizer.pad_token_id, enc, task.label_names, recipe, seed, torch.device("cpu"))
+    a, b = run(0), run(0)
+    assert {k: v for k, v in a.items() if k != "train_seconds"} == \
+        {k: v for k, v in b.items() if k != "train_seconds"}
+    assert a["steps"] == 2 * 3 and 0 <= a["accuracy"] <= 1 and 0 <= a["macro_f1"] <= 1
