@@ -358,7 +358,7 @@ def _tensorboard(out: Path) -> Any | None:
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-_WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "tokens")
+_WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos")  # saved in checkpoints: exact on resume
 
 
 def open_stream(s: Setup, position: Position) -> Iterator[Batch]:
@@ -372,67 +372,91 @@ def open_stream(s: Setup, position: Position) -> Iterator[Batch]:
     return itertools.chain([first], stream)
 
 
+@dataclass
+class StepResult:
+    batches: int  # micro-batches consumed (0: the data is exhausted)
+    last: Batch | None
+    sums: dict[str, float]  # loss terms, averaged over the accumulation as the gradient is
+    tokens: int
+    rows: list[list[int]]  # (seq_id, view) of every row, in order
+    waited: float  # seconds spent waiting for batches
+
+
+def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, s: Setup, lr: float,
+               record_rows: bool) -> StepResult:
+    """One optimizer update over `grad_accum` batches: forward, the losses, backward, clip, AdamW."""
+    cfg = s.cfg
+    body, head = stu.body(tr.student), stu.mlm_head(tr.student)
+    for g in tr.optimizer.param_groups:
+        g["lr"] = lr
+    tr.optimizer.zero_grad(set_to_none=True)
+    res = StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}, 0, [], 0.0)
+    for _ in range(cfg.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        res.waited += time.perf_counter() - t0
+        if batch is None:
+            break
+        batch = batch.to(s.device)
+        with autocast(s.device):
+            terms = distillation_loss(body, head, tr.hidden_map, batch, spec)
+        (terms.loss / cfg.grad_accum).backward()
+        res.batches, res.last, res.tokens = res.batches + 1, batch, res.tokens + batch.tokens
+        for key, t in (("loss", terms.loss), ("ce", terms.ce), ("mlm", terms.mlm), ("cos", terms.cos)):
+            if t is not None:
+                res.sums[key] += t.item() / cfg.grad_accum
+        if record_rows:
+            res.rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
+    if res.batches:
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm)
+        tr.optimizer.step()
+    return res
+
+
 def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
         stream: Iterator[Batch]) -> dict[str, Any]:
+    """Updates from the start (or checkpoint) to total_steps: log, checkpoint, repeat."""
     cfg, out = s.cfg, s.out
     spec = LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.ce_masked_only)
     step, position = 0, Position(epoch=0, index=0)
     window = {k: 0.0 for k in _WINDOW_KEYS}
     if start is not None:
         step, position, window = start.step, start.position, {**window, **start.log_window}
-    _truncate_jsonl(out / METRICS_NAME, step)
+    _truncate_jsonl(out / METRICS_NAME, step)  # a resumed run's files equal an uninterrupted one's
     _truncate_jsonl(out / SAMPLES_NAME, step)
     total, warm = s.total_steps, warmup_steps(s.total_steps, cfg.warmup)
-    body, head = stu.body(tr.student), stu.mlm_head(tr.student)
     prefetch = Prefetcher(stream, cfg.prefetch) if cfg.prefetch > 0 else None
     batches = iter(prefetch) if prefetch else stream
     tb = _tensorboard(out)
     bar = tqdm(total=total, initial=step, desc="student-train", unit=" step", mininterval=1.0,
                dynamic_ncols=True)
-    t_log, wait_log, epoch_progress = time.perf_counter(), 0.0, float(position.epoch)
+    t_log, waited, timed_steps, timed_tokens = time.perf_counter(), 0.0, 0, 0  # timings: this process only
+    epoch_progress = float(position.epoch)
     metrics = open(out / METRICS_NAME, "a", encoding="utf-8")
     samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples else None
     try:
         while step < total:
             lr = lr_at(step, cfg.lr, total, warm)
-            for g in tr.optimizer.param_groups:
-                g["lr"] = lr
-            tr.optimizer.zero_grad(set_to_none=True)
-            micro, last, rows = 0, None, []
-            for _ in range(cfg.grad_accum):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                batch = batch.to(s.device)
-                with autocast(s.device):
-                    terms = distillation_loss(body, head, tr.hidden_map, batch, spec)
-                (terms.loss / cfg.grad_accum).backward()
-                micro += 1
-                last = batch
-                window["loss"] += terms.loss.item() / cfg.grad_accum
-                for key, t in (("ce", terms.ce), ("mlm", terms.mlm), ("cos", terms.cos)):
-                    if t is not None:
-                        window[key] += t.item() / cfg.grad_accum
-                window["tokens"] += batch.tokens
-                if samples:
-                    rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
-            if micro == 0:
+            res = train_step(tr, batches, spec, s, lr, samples is not None)
+            waited += res.waited
+            if res.batches == 0:
                 break  # the epochs are over
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm)
-            tr.optimizer.step()
             step += 1
             window["steps"] += 1
-            position = Position(epoch=last.position.epoch, index=last.position.index)
-            epoch_progress = last.epoch_progress
+            for key, v in res.sums.items():
+                window[key] += v
+            timed_steps, timed_tokens = timed_steps + 1, timed_tokens + res.tokens
+            position = Position(epoch=res.last.position.epoch, index=res.last.position.index)
+            epoch_progress = res.last.epoch_progress
             bar.update(1)
             if samples:
-                samples.write(json.dumps({"step": step, "rows": rows}) + "\n")
+                samples.write(json.dumps({"step": step, "rows": res.rows}) + "\n")
                 samples.flush()
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
-                waited = (prefetch.wait_s if prefetch else 0.0) - wait_log
-                line = _metrics_line(step, window, lr, now - t_log, waited, epoch_progress, spec)
+                line = _metrics_line(step, window, lr, now - t_log, waited, timed_steps, timed_tokens,
+                                     epoch_progress, spec)
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{line['loss']:.3f}")
@@ -440,7 +464,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                     for k, v in line.items():
                         if k != "step" and v is not None:
                             tb.add_scalar(f"train/{k}", v, step)
-                t_log, wait_log = now, wait_log + waited
+                t_log, waited, timed_steps, timed_tokens = now, 0.0, 0, 0
                 window = {k: 0.0 for k in _WINDOW_KEYS}
             if step % cfg.save_every == 0 and step < total:
                 ckpt.save_checkpoint(out, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha,
@@ -458,14 +482,17 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
     return {"steps": step, "epoch": round(epoch_progress, 4)}
 
 
-def _metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, waited: float, epoch: float,
-                  spec: LossSpec) -> dict[str, Any]:
+def _metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, waited: float, timed_steps: int,
+                  timed_tokens: int, epoch: float, spec: LossSpec) -> dict[str, Any]:
+    """Means over the updates since the last line; the timings (tokens_per_s, steps_per_s,
+    data_wait_pct: time spent waiting for a batch, % of wall time) cover this process only."""
     n = max(w["steps"], 1.0)
     term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
     return {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
             "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos),
-            "lr": lr, "tokens_per_s": round(w["tokens"] / max(elapsed, 1e-9), 1),
-            "epoch": round(epoch, 4), "data_wait_pct": round(100 * waited / max(elapsed, 1e-9), 2)}
+            "lr": lr, "tokens_per_s": round(timed_tokens / max(elapsed, 1e-9), 1),
+            "epoch": round(epoch, 4), "steps_per_s": round(timed_steps / max(elapsed, 1e-9), 4),
+            "data_wait_pct": round(100 * waited / max(elapsed, 1e-9), 2)}
 
 
 # ---------------------------------------------------------------------------------------- finish
@@ -523,7 +550,7 @@ def main(cfg: StudentConfig) -> dict[str, Any]:
         ckpt.remove_stale_tmp(s.out)
         if record is None:
             record = RunRecord(
-                run_id=uuid.uuid4().hex, cache=str(s.cache),
+                run_id=uuid.uuid4().hex, cache=str(s.cache.resolve()),
                 cache_fingerprint_sha256=s.manifest.fingerprint_sha256,
                 config=s.cfg.model_dump(mode="json") | {"layer_map": s.layer_map},
                 identity=s.identity, student_config=s.identity["student_config"], init=tr.init_report,

@@ -20,7 +20,7 @@ from kdpipe.stages.student_train import StudentConfig, main
 # The session's reference cache stores temperatures 1, 1.5, 3 (165 rows in 85 shards).
 BASE = ("--temperature", "1.5", "--batch-size", "8", "--seed", "0")
 RESUME = (*BASE, "--epochs", "2", "--save-every", "3", "--log-every", "2", "--record-samples")
-TIMING = ("tokens_per_s", "data_wait_pct")
+TIMING = ("tokens_per_s", "steps_per_s", "data_wait_pct")
 
 
 def invoke(*args) -> "click.testing.Result":  # noqa: F821
