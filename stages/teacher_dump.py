@@ -36,7 +36,8 @@ from kdpipe.pipeline.config import StageConfig
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
-    atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock, remove_stale_tmp, sha256_file,
+    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock, remove_stale_tmp,
+    sha256_file,
 )
 from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence, token_weights
 from kdpipe.pipeline.provenance import provenance
@@ -357,23 +358,38 @@ def dry_run(s: Setup) -> dict[str, Any]:
             "device": str(device)}
 
 
+def _refuse_foreign(out: Path) -> None:
+    """Refuse a directory holding anything but a kdpipe cache, or the leftovers of a run killed
+    before it wrote the fingerprint (the lock file, the fingerprint's temporary)."""
+    if (out / FINGERPRINT_NAME).exists() or (out / MANIFEST_NAME).exists():
+        return  # a cache (check_fingerprint judges it)
+
+    def ours(name: str) -> bool:
+        return name == ".lock" or (name.startswith(f".{FINGERPRINT_NAME}.") and name.endswith(TMP_SUFFIX))
+
+    if any(not ours(p.name) for p in out.iterdir()):
+        raise KdpipeError(f"{out} is not empty and holds no kdpipe cache; refusing to write into it")
+
+
 def main(cfg: DumpConfig) -> dict[str, Any]:
     """The whole stage; returns a summary for the CLI to print."""
     s = set_up(cfg)
     if cfg.dry_run:
         return {"dry_run": dry_run(s)}
     ensure_dir(s.out, "cache directory")
+    _refuse_foreign(s.out)  # before the lock file: a refused run leaves a foreign folder as it was
     with exclusive_lock(s.out, "cache"):
+        # refusals first: a cache with other settings is left as it is, temporaries included
+        resuming = cachedir.check_fingerprint(s.out, s.fingerprint)
+        if not resuming:
+            _refuse_foreign(s.out)
         remove_stale_tmp(s.out)
         remove_stale_tmp(s.out / "shards")
-        resuming = cachedir.check_fingerprint(s.out, s.fingerprint)
         if resuming and (s.out / MANIFEST_NAME).exists():
             m = cachedir.load_manifest(s.out)
             return {"cache": str(s.out), "status": "already complete", "shards": len(m.shards),
                     "tokens": m.tokens, "bytes_per_token": m.bytes_per_token}
         if not resuming:
-            if {p.name for p in s.out.iterdir()} - {".lock"}:
-                raise KdpipeError(f"{s.out} is not empty and holds no kdpipe cache; refusing to write into it")
             atomic_write_json(s.out / FINGERPRINT_NAME, s.fingerprint)
         atomic_write_json(s.out / cachedir.RUN_INFO_NAME, provenance(cfg))
         atomic_write_bytes(s.out / cachedir.TEACHER_CONFIG_NAME,
