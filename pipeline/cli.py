@@ -24,6 +24,7 @@ from kdpipe.pipeline.errors import KdpipeError
 COMMANDS = {
     "teacher-dump": "kdpipe.stages.teacher_dump:command",
     "cache": "kdpipe.stages.cache_tools:command",
+    "eval": "kdpipe.stages.evaluate:command",
     "student-train": "kdpipe.stages.student_train:command",
 }
 

@@ -1,0 +1,308 @@
+"""`kdpipe eval` end to end on tiny models: the report, resuming, refusals, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from transformers import BertConfig, BertForMaskedLM
+
+from helpers import WORDS, tiny_corpus
+from kdpipe.pipeline.cli import cli
+from kdpipe.schemas.report import Report
+
+STUDENTS = ("full", "no-ce")
+FAST = ("--seeds", "2", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--seq-len", "32",
+        "--heldout-sequences", "16", "--speed-repeats", "2", "--speed-warmup", "1",
+        "--speed-batch-size", "4", "--speed-seq-len", "16", "--max-train-examples", "40")
+
+
+def make_student(root: Path, teacher_dir: Path, name: str, seed: int, metrics: bool = True,
+                 final: bool = True) -> Path:
+    """A student-train run directory as stage two leaves it: final/, metrics.jsonl, run.json."""
+    run = root / name
+    run.mkdir(parents=True)
+    if final:
+        torch.manual_seed(seed)
+        teacher_cfg = BertConfig.from_pretrained(teacher_dir)
+        cfg = BertConfig(vocab_size=teacher_cfg.vocab_size, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+        BertForMaskedLM(cfg).save_pretrained(run / "final")
+        for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+            if (teacher_dir / f).exists():
+                shutil.copy(teacher_dir / f, run / "final" / f)
+    (run / "run.json").write_text(json.dumps({"format": "kdpipe-run", "cache": str(root / "cache")}))
+    if metrics:
+        rnd = random.Random(seed)
+        with open(run / "metrics.jsonl", "w") as f:
+            for step in range(10, 310, 10):
+                ce = 0.0 if name == "no-ce" else 3 * 0.99 ** step + 0.1 * rnd.random()
+                mlm, cos = 4 * 0.992 ** step + 0.1 * rnd.random(), 0.5 * 0.995 ** step
+                f.write(json.dumps({"step": step, "loss": 5 * ce + 2 * mlm + cos, "loss_ce": ce,
+                                    "loss_mlm": mlm, "loss_cos": cos, "lr": 1e-4,
+                                    "tokens_per_s": 1e3, "epoch": 0}) + "\n")
+            f.write('{"step": 310, "loss": ')  # a torn last line, as a killed run leaves
+    return run
+
+
+def write_task(path: Path, labels: tuple[str, ...] = ("pos", "neg"), n: int = 60) -> Path:
+    rnd = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            label = labels[i % len(labels)]
+            cue = ["great", "light"] if label == "pos" else ["war", "old"]
+            f.write(json.dumps({"text": " ".join(rnd.choice(WORDS) for _ in range(5)) + " " + " ".join(cue),
+                                "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    for i, name in enumerate(STUDENTS):
+        make_student(root, teacher_dir, name, seed=i + 1)
+    tiny_corpus(root / "heldout.txt", lines=30, seed=7)
+    write_task(root / "task.jsonl")
+    return root
+
+
+def kdpipe(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, ["eval", *map(str, args)])
+
+
+def base_args(work: Path, teacher_dir: Path, out: Path) -> list[str | Path]:
+    return ["--teacher", teacher_dir, "--student", work / "full", "--student", work / "no-ce",
+            "--task", work / "task.jsonl", "--heldout", work / "heldout.txt", "--out", out, *FAST]
+
+
+def ok(result: Result) -> dict:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+def one_line_error(result: Result, *needles: str) -> str:
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def report_dir(work: Path, teacher_dir: Path) -> Path:
+    out = work / "report"
+    summary = ok(kdpipe(*base_args(work, teacher_dir, out)))
+    # speed + 3 masked-LM parts + 2 seeds x 1 task x 3 models
+    assert summary["computed"] == 1 + 3 + 6 and summary["reused"] == 0
+    return out
+
+
+def parts_mtimes(out: Path) -> dict[str, int]:
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in (out / "parts").rglob("*.json")}
+
+
+# ------------------------------------------------------------------------------------ the report
+
+def test_report_has_every_table_and_plot(report_dir: Path) -> None:
+    import matplotlib.image as mpimg
+
+    report = Report.model_validate_json((report_dir / "report.json").read_text())
+    assert report.format_version == 1 and report.students == list(STUDENTS)
+    assert report.plots == ["training_curves.png", "retention.png", "tradeoff.png"]
+    for name in report.plots:
+        data = (report_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(report_dir / name)
+        assert img.shape[0] > 200 and img.shape[1] > 300
+    md = (report_dir / "report.md").read_text()
+    for section in ("## Summary", "## Ablation", "## Masked LM on held-out text", "## Downstream: task",
+                    "## Size and speed", "![Training curves](training_curves.png)"):
+        assert section in md
+    for s in STUDENTS:  # a row in summary, ablation, masked LM, downstream, speed and models tables
+        assert md.count(f"| {s} |") == 6, s
+    assert report.provenance["code_revision"] and report.provenance["versions"]["torch"]
+
+
+def test_report_numbers_are_consistent(report_dir: Path) -> None:
+    report = Report.model_validate_json((report_dir / "report.json").read_text())
+    mlm = {r.model: r for r in report.mlm.results}
+    assert mlm["teacher"].teacher_agreement is None and mlm["teacher"].kl_teacher_student is None
+    assert len({r.masked_tokens for r in mlm.values()}) == 1 and mlm["full"].masked_tokens > 0
+    for s in STUDENTS:
+        assert mlm[s].kl_teacher_student >= 0 and 0 <= mlm[s].teacher_agreement <= 1
+        assert mlm[s].top1_accuracy <= mlm[s].top5_accuracy
+    (task,) = report.tasks
+    teacher = next(r for r in task.results if r.model == "teacher")
+    for r in task.results:
+        assert [x.seed for x in r.seeds] == [0, 1]
+        assert r.accuracy.min <= r.accuracy.median <= r.accuracy.max
+        if r.model != "teacher":
+            assert r.accuracy_retention == pytest.approx(100 * r.accuracy.median / teacher.accuracy.median)
+    split = json.loads((report_dir / task.split.file).read_text())
+    assert not set(split["train"]) & set(split["dev"])
+    assert task.split.train == len(split["train"]) == 40 and task.split.dev == len(split["dev"]) == 6
+    speed = {r.model: r for r in report.speed.results}
+    assert speed["teacher"].latency_speedup == 1.0 and speed["full"].latency_ms.median > 0
+    sizes = {m.name: m for m in report.models}
+    assert sizes["full"].parameters < sizes["teacher"].parameters
+    assert sizes["full"].metrics_file and sizes["teacher"].metrics_file is None
+    assert report.baseline == "full"
+    assert {a.model: a.delta_points for a in report.ablation}["full"] == 0.0
+
+
+def test_masked_logits_equal_the_full_head(teacher_model: torch.nn.Module) -> None:
+    from kdpipe.stages.evaluate import masked_logits
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (2, 12), generator=g)
+    att = torch.ones_like(ids)
+    att[1, 9:] = 0
+    sel = torch.zeros_like(ids, dtype=torch.bool)
+    sel[0, [1, 4]] = True
+    sel[1, 3] = True
+    got = masked_logits(teacher_model, ids, att, sel, torch.device("cpu"))
+    with torch.inference_mode():
+        ref = teacher_model(input_ids=ids, attention_mask=att).logits[sel]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- resume
+
+def test_rerun_recomputes_only_missing_parts(tmp_path: Path, work: Path, teacher_dir: Path,
+                                             report_dir: Path) -> None:
+    out = Path(shutil.copytree(report_dir, tmp_path / "report"))
+    gone = ["parts/task/task/no-ce/seed1.json", "parts/mlm/full.json"]
+    for g in gone:
+        (out / g).unlink()
+    before = parts_mtimes(out)
+    time.sleep(0.01)
+    summary = ok(kdpipe(*base_args(work, teacher_dir, out)))
+    assert summary["computed"] == 2 and summary["reused"] == 8 and summary["resumed"]
+    after = parts_mtimes(out)
+    assert {k for k in after if k not in before} == set(gone)
+    assert all(after[k] == v for k, v in before.items())  # nothing finished was redone
+    old = json.loads((report_dir / gone[0]).read_text())["data"]
+    new = json.loads((out / gone[0]).read_text())["data"]
+    assert {k: v for k, v in old.items() if k != "train_seconds"} == \
+        {k: v for k, v in new.items() if k != "train_seconds"}  # and the redone seed is the same
+
+
+def test_more_seeds_reuse_the_seeds_done(tmp_path: Path, work: Path, teacher_dir: Path,
+                                         report_dir: Path) -> None:
+    out = Path(shutil.copytree(report_dir, tmp_path / "report"))
+    before = parts_mtimes(out)
+    summary = ok(kdpipe(*base_args(work, teacher_dir, out), "--seeds", "3"))
+    assert summary["computed"] == 3 and summary["reused"] == 10
+    assert all(parts_mtimes(out)[k] == v for k, v in before.items())
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert all(len(r.seeds) == 3 for r in report.tasks[0].results)
+
+
+def test_other_settings_are_refused_naming_the_difference(tmp_path: Path, work: Path,
+                                                          teacher_dir: Path, report_dir: Path) -> None:
+    out = Path(shutil.copytree(report_dir, tmp_path / "report"))
+    before = parts_mtimes(out)
+    one_line_error(kdpipe(*base_args(work, teacher_dir, out), "--epochs", "2"),
+                   "other settings", "downstream.epochs: 1 → 2")
+    assert parts_mtimes(out) == before
+
+
+def test_killed_eval_resumes_without_redoing_finished_seeds(tmp_path: Path, work: Path, teacher_dir: Path,
+                                                            kdpipe_popen) -> None:
+    out = tmp_path / "report"
+    args = ["--teacher", teacher_dir, "--student", work / "full", "--student", work / "no-ce",
+            "--task", work / "task.jsonl", "--out", out, "--no-speed", "--seeds", "4",
+            "--epochs", "2", "--batch-size", "4"]
+    proc = kdpipe_popen("eval", *args)
+    deadline = time.monotonic() + 90
+    while not list((out / "parts").rglob("seed*.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no part appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_mid_way = not (out / "report.json").exists()
+    before = parts_mtimes(out)
+    assert before, "the killed run left no finished part"
+    summary = ok(kdpipe(*args))
+    after = parts_mtimes(out)
+    assert len(after) == 12 and all(after[k] == v for k, v in before.items())
+    assert summary["reused"] == len(before) and summary["computed"] == 12 - len(before)
+    assert not list(out.rglob("*.tmp"))
+    if not killed_mid_way:
+        pytest.skip("the eval finished before the kill; resume was checked on a complete run only")
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+def test_plain_model_folder_as_named_student(work: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    ok(kdpipe("--teacher", teacher_dir, "--student", f"small={work / 'full' / 'final'}",
+              "--student", f"plain={teacher_dir}", "--heldout", work / "heldout.txt", "--out", out,
+              "--no-speed", "--seq-len", "32", "--heldout-sequences", "8"))
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert report.students == ["small", "plain"]
+    plain = next(r for r in report.mlm.results if r.model == "plain")
+    assert plain.teacher_agreement == 1.0 and plain.kl_teacher_student == pytest.approx(0, abs=1e-9)
+    # a run's final/ given directly still finds its run directory and metrics
+    assert next(m for m in report.models if m.name == "small").metrics_file
+    assert "training_curves.png" in report.plots and "retention.png" not in report.plots
+
+
+def test_student_run_without_final_model(work: Path, teacher_dir: Path, tmp_path: Path,
+                                         kdpipe_cli, one_line_error) -> None:
+    run = make_student(tmp_path, teacher_dir, "unfinished", seed=3, final=False)
+    proc = kdpipe_cli("eval", "--teacher", teacher_dir, "--student", run, "--out", tmp_path / "r",
+                      check=False)
+    one_line_error(proc, "student run", "has no final model", "final/config.json")  # the real CLI
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("case", ["no-columns", "one-class", "no-heldout", "no-student", "same-name"])
+def test_bad_inputs_give_one_line_errors(case: str, work: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    args: list = ["--teacher", teacher_dir, "--student", work / "full", "--out", tmp_path / "r", "--no-speed"]
+    if case == "no-columns":
+        (tmp_path / "t.jsonl").write_text('{"sentence": "the film", "y": "pos"}\n' * 3)
+        needles = ("no column 'text'", "--text-column")
+        args += ["--task", tmp_path / "t.jsonl"]
+    elif case == "one-class":
+        args += ["--task", write_task(tmp_path / "t.jsonl", labels=("pos",))]
+        needles = ("single label", "at least two classes")
+    elif case == "no-heldout":
+        args += ["--heldout", tmp_path / "missing.txt"]
+        needles = ("held-out file", "missing.txt", "does not exist")
+    elif case == "no-student":
+        args += ["--student", tmp_path / "nowhere"]
+        needles = ("student", "nowhere", "does not exist")
+    else:
+        args += ["--student", work / "full"]
+        needles = ("two models are named 'full'", "NAME=PATH")
+    one_line_error(kdpipe(*args), *needles)
+    assert not (tmp_path / "r").exists()  # nothing is written before every input checks out
+
+
+def test_heldout_text_the_student_was_distilled_on_is_flagged(work: Path, teacher_dir: Path,
+                                                              tmp_path: Path) -> None:
+    from kdpipe.pipeline.fsutil import sha256_file
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    held = work / "heldout.txt"
+    (cache / "fingerprint.json").write_text(json.dumps(
+        {"corpus": {"files": [{"name": "wiki.txt", "sha256": sha256_file(held)}]}}))
+    run = make_student(tmp_path, teacher_dir, "leaky", seed=4, metrics=False)
+    (run / "run.json").write_text(json.dumps({"cache": str(cache)}))
+    out = tmp_path / "r"
+    ok(kdpipe("--teacher", teacher_dir, "--student", run, "--heldout", held, "--out", out,
+              "--no-speed", "--seq-len", "32", "--heldout-sequences", "4"))
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert len(report.warnings) == 1 and "student leaky was distilled" in report.warnings[0]
+    assert "> **Warnings**" in (out / "report.md").read_text()
