@@ -94,9 +94,43 @@ def load_manifest(cache_dir: Path) -> Manifest:
         raise CorruptCacheError(f"{path} is invalid: {where}: {err['msg']}") from None
     if fingerprint_sha256(m.fingerprint) != m.fingerprint_sha256:
         raise CorruptCacheError(f"{path}: the fingerprint does not match its recorded hash")
+    problems = _inconsistencies(m)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptCacheError(f"{path} was edited or is damaged: {problems[0]}{more}")
     for entry in [m.projection, m.teacher_config, *m.shards]:
         safe_join(cache_dir, entry.path)
     return m
+
+
+def _inconsistencies(m: Manifest) -> list[str]:
+    """Fields the manifest repeats (from its fingerprint, or as sums over its shards) must agree;
+    a hand-edited summary (top_k, say) would otherwise mislead every reader of the cache."""
+
+    def fp(*keys: str) -> Any:
+        d: Any = m.fingerprint
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    out = []
+    for field, want in (("schema_version", fp("schema_version")), ("vocab_size", fp("teacher", "vocab_size")),
+                        ("seq_len", fp("sequences", "seq_len")), ("top_k", fp("targets", "k")),
+                        ("temperatures", fp("targets", "temperatures")), ("hidden_dim", fp("hidden", "dim")),
+                        ("sequences", fp("sequences", "count"))):
+        if want is not None and getattr(m, field) != want:
+            out.append(f"{field} is {getattr(m, field)!r} but the fingerprint says {want!r}")
+    for field in ("sequences", "rows", "tokens", "bytes"):
+        total = sum(getattr(e, "num_seqs" if field == "sequences" else field) for e in m.shards)
+        if getattr(m, field) != total:
+            out.append(f"{field} is {getattr(m, field)} but the listed shards add up to {total}")
+    size, views = fp("storage", "shard_size"), fp("masking", "views") or 1
+    for i, e in enumerate(m.shards):
+        if e.index != i or (size is not None and e.first_seq != i * size):
+            out.append(f"shard entry {i} ({e.path}) is out of place (index {e.index}, first_seq {e.first_seq})")
+        elif e.rows != e.num_seqs * views:
+            out.append(f"shard entry {i} ({e.path}) has {e.rows} rows for {e.num_seqs} sequences x {views} views")
+    return out
 
 
 @dataclass(frozen=True)
