@@ -274,9 +274,10 @@ def run(s: Setup) -> Manifest:
     n_shards = -(-s.n_sequences // s.cfg.shard_size)
     seqs_iter = _sequences(s)
     pending: Future | None = None
-    bar = tqdm(total=s.n_tokens * s.cfg.mask_views, desc="teacher-dump", unit=" tok",
-               unit_scale=True, mininterval=1.0, smoothing=0.1)
-    with ThreadPoolExecutor(max_workers=1) as writer:  # encode+compress overlaps the next forward
+    # the bar is closed on an error too, so the error message starts a line of its own
+    with tqdm(total=s.n_tokens * s.cfg.mask_views, desc="teacher-dump", unit=" tok", unit_scale=True,
+              mininterval=1.0, smoothing=0.1) as bar, \
+            ThreadPoolExecutor(max_workers=1) as writer:  # encode+compress overlaps the next forward
         for index in range(n_shards):
             seqs = list(itertools.islice(seqs_iter, s.cfg.shard_size))
             path = out / shard_path(index)
@@ -290,7 +291,6 @@ def run(s: Setup) -> Manifest:
             bar.update(data.tokens)
         if pending is not None:
             pending.result()
-    bar.close()
     return finish(s, fp_sha, n_shards, started)
 
 
