@@ -62,6 +62,24 @@ def popen_kdpipe(*args: str | Path) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, env=_env())
 
 
+def invoke_kdpipe(*args: str | Path) -> subprocess.CompletedProcess:
+    """`kdpipe ARGS` in this process through click's runner (real CLI code, a fraction of a
+    subprocess's start-up time); an uncaught exception shows up as a traceback on stderr, as it
+    would in a terminal."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from kdpipe.pipeline.cli import cli
+
+    argv = [str(a) for a in args]
+    r = CliRunner().invoke(cli, argv, prog_name="kdpipe")
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(["kdpipe", *argv], r.exit_code, r.stdout, stderr)
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Relative path -> SHA-256 of every file under `root` (hidden ones included)."""
     root = Path(root)
@@ -144,6 +162,11 @@ def copy_cache(tmp_path: Path, reference_cache: Path) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def kdpipe_cli() -> Callable[..., subprocess.CompletedProcess]:
     return run_kdpipe
+
+
+@pytest.fixture(scope="session")
+def kdpipe_inproc() -> Callable[..., subprocess.CompletedProcess]:
+    return invoke_kdpipe
 
 
 @pytest.fixture(scope="session")
