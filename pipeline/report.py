@@ -271,17 +271,25 @@ def plot_training_curves(curves: dict[str, list[dict[str, Any]]]) -> bytes | Non
     fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 3.6 * nrows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, present):
-        for i, (name, rows) in enumerate(curves.items()):
+        absent = []
+        for i, (name, rows) in enumerate(curves.items()):  # one colour per student in every panel
             xs, ys = _series(rows, key)
             if xs:
                 ax.plot(xs, ys, label=name, color=colors[i % len(colors)], linewidth=1.3)
-        ax.set_title(title)
+            else:
+                absent.append(name)
+        # a term an ablation switched off is logged as null: say so rather than leave a gap
+        ax.set_title(title + (f"\n(not logged by: {', '.join(absent)})" if absent else ""))
         ax.set_xlabel("training step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    labels, handles = list(legend), list(legend.values())
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5),
                bbox_to_anchor=(0.5, 1.0), frameon=False, title="student")
     fig.suptitle("Student training curves (from each run's metrics.jsonl)", y=1.06)

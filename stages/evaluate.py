@@ -43,7 +43,7 @@ from kdpipe.pipeline.device import autocast, pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
     atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, read_json,
-    remove_stale_tmp, sha256_bytes, sha256_file,
+    remove_stale_tmp, safe_join, sha256_bytes, sha256_file,
 )
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, mask_sequence
 from kdpipe.pipeline.provenance import provenance
@@ -217,10 +217,17 @@ def _first_line(e: Exception) -> str:
 
 
 def weights_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    """The model's weights as save_pretrained writes them: one file, or the shards an index lists
+    (other safetensors files beside them, such as student-train's hidden map, are not the model)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            return [p for p in (safe_join(folder, s) for s in shards) if p.is_file()]
+    files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
     if not files:
-        raise KdpipeError(f"model folder {folder} holds no weights file (*.safetensors)")
-    return files
+        raise KdpipeError(f"model folder {folder} holds no weights file (model.safetensors)")
+    return files[:1]  # transformers loads the safetensors file when both are there
 
 
 def load_model(m: Model, teacher_tokenizer: Any = None) -> None:

@@ -35,6 +35,9 @@ def make_student(root: Path, teacher_dir: Path, name: str, seed: int, metrics: b
         cfg = BertConfig(vocab_size=teacher_cfg.vocab_size, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
         BertForMaskedLM(cfg).save_pretrained(run / "final")
+        from safetensors.torch import save_file  # student-train keeps its hidden map beside the model
+
+        save_file({"weight": torch.zeros(16, 32)}, str(run / "final" / "kdpipe_hidden_map.safetensors"))
         for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
             if (teacher_dir / f).exists():
                 shutil.copy(teacher_dir / f, run / "final" / f)
@@ -154,6 +157,8 @@ def test_report_numbers_are_consistent(report_dir: Path) -> None:
     assert speed["teacher"].latency_speedup == 1.0 and speed["full"].latency_ms.median > 0
     sizes = {m.name: m for m in report.models}
     assert sizes["full"].parameters < sizes["teacher"].parameters
+    assert sizes["full"].weights_files == ["model.safetensors"]  # not the hidden map beside it
+    assert sizes["full"].weights_bytes == (Path(sizes["full"].path) / "model.safetensors").stat().st_size
     assert sizes["full"].metrics_file and sizes["teacher"].metrics_file is None
     assert report.baseline == "full"
     assert {a.model: a.delta_points for a in report.ablation}["full"] == 0.0
