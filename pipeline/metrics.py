@@ -55,6 +55,9 @@ def perplexity(ce_sum: float, count: int) -> float:
     return math.exp(mean) if mean < 700 else math.inf
 
 
+ROW_CHUNK = 512
+
+
 @dataclass
 class MlmSums:
     """Running sums over masked positions; `add` one batch at a time, `result` at the end."""
@@ -69,15 +72,21 @@ class MlmSums:
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor,
             teacher_logits: torch.Tensor | None = None) -> None:
-        """logits (N, V) and labels (N,) at masked positions; teacher_logits (N, V) for a student."""
+        """logits (N, V) and labels (N,) at masked positions; teacher_logits (N, V) for a student.
+
+        Rows are taken `ROW_CHUNK` at a time, so the float64 temporaries stay small with a
+        30k-token vocabulary."""
         self.count += int(labels.numel())
-        self.top1 += topk_correct(logits, labels, 1)
-        self.top5 += topk_correct(logits, labels, 5)
-        self.ce += cross_entropy_sum(logits, labels)
-        if teacher_logits is not None:
-            self.compared = True
-            self.agree += agreement_count(teacher_logits, logits)
-            self.kl += kl_sum(teacher_logits, logits)
+        for i in range(0, labels.numel(), ROW_CHUNK):
+            z, y = logits[i:i + ROW_CHUNK], labels[i:i + ROW_CHUNK]
+            self.top1 += topk_correct(z, y, 1)
+            self.top5 += topk_correct(z, y, 5)
+            self.ce += cross_entropy_sum(z, y)
+            if teacher_logits is not None:
+                zt = teacher_logits[i:i + ROW_CHUNK]
+                self.agree += agreement_count(zt, z)
+                self.kl += kl_sum(zt, z)
+        self.compared = self.compared or teacher_logits is not None
 
     def result(self) -> dict[str, float | int | None]:
         n = self.count

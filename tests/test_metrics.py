@@ -45,7 +45,8 @@ def test_kl_and_agreement_by_hand() -> None:
     assert metrics.agreement_count(t2, s2) == 1
 
 
-def test_mlm_sums_batches_equal_one_pass() -> None:
+def test_mlm_sums_batches_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "ROW_CHUNK", 4)  # chunked rows inside one batch, too
     g = torch.Generator().manual_seed(0)
     zt, zs = torch.randn(10, 7, generator=g), torch.randn(10, 7, generator=g)
     y = torch.randint(0, 7, (10,), generator=g)
