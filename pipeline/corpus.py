@@ -72,6 +72,12 @@ def _hash_and_check(path: Path, builder: str) -> dict[str, Any]:
     return {"name": path.name, "bytes": size, "sha256": h.hexdigest()}
 
 
+def looks_like_path(spec: str) -> bool:
+    """A spec meant as a local file (so a missing one is 'not found', not a dataset lookup)."""
+    return (spec.startswith(("/", "./", "../", "~")) or Path(spec).suffix.lower() in _BUILDERS
+            or Path(spec).suffix.lower() in {".csv", ".tsv"})
+
+
 def resolve_corpus(sources: Iterable[str], text_column: str = "text", split: str = "train") -> Corpus:
     """Local files (text, JSON lines, Parquet; globs and folders allowed) or a dataset name."""
     sources = list(sources)
@@ -89,7 +95,7 @@ def resolve_corpus(sources: Iterable[str], text_column: str = "text", split: str
         missing = sorted(set(resolved) - set(local))
         raise KdpipeError(f"corpus file(s) not found: {', '.join(missing)}")
     if not local:
-        if len(resolved) != 1:
+        if len(resolved) != 1 or looks_like_path(resolved[0]):
             raise KdpipeError(f"corpus file(s) not found: {', '.join(resolved)}")
         return _dataset_corpus(resolved[0], text_column, split)
     files = _expand(local)

@@ -14,7 +14,8 @@ WORDS = ("the a of and to in is was for on with as by at from that it his her th
 def write_vocab(path: Path) -> Path:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"##{chr(c)}" for c in range(ord("a"), ord("z") + 1)]
-    vocab = specials + sorted(set(WORDS)) + letters + [".", ",", "0", "1", "2"]
+    # dict.fromkeys: one id per token ("a" is a word and a letter), so every id fits the embeddings
+    vocab = list(dict.fromkeys(specials + sorted(set(WORDS)) + letters + [".", ",", "0", "1", "2"]))
     path.write_text("\n".join(vocab) + "\n")
     return path
 
