@@ -161,16 +161,17 @@ def _cache_file_json(cache: Path, manifest: Manifest) -> dict[str, Any]:
     return read_json(cache / manifest.teacher_config.path)
 
 
-def _teacher_path(cfg: StudentConfig, cache: Path) -> tuple[str | None, str]:
-    """--teacher, else the path the dump recorded in run_info.json (if any), and where it came from."""
+def _teacher_path(cfg: StudentConfig, cache: Path) -> str | None:
+    """--teacher; for init=teacher without it, the path the dump recorded in run_info.json if it
+    exists here. With init=random and no --teacher nothing of the teacher is read (no tokenizer)."""
     if cfg.teacher:
-        return cfg.teacher, "--teacher"
+        return cfg.teacher
     info = cache / cachedir.RUN_INFO_NAME
-    if info.is_file():
+    if cfg.init == "teacher" and info.is_file():
         recorded = (read_json(info).get("config") or {}).get("teacher")
-        if isinstance(recorded, str) and recorded:
-            return recorded, f"{info}"
-    return None, ""
+        if isinstance(recorded, str) and (recorded.startswith("builtin:") or Path(recorded).exists()):
+            return recorded
+    return None
 
 
 def set_up(cfg: StudentConfig) -> Setup:
@@ -208,18 +209,14 @@ def set_up(cfg: StudentConfig) -> Setup:
         problems.append(f"the student's vocabulary has {scfg.vocab_size} tokens but the cache's has "
                         f"{manifest.vocab_size}: its logits cannot be compared with the teacher's")
     layer_map = None
-    teacher_path, source = _teacher_path(cfg, cache)
+    teacher_path = _teacher_path(cfg, cache)
+    if cfg.teacher and not cfg.teacher.startswith("builtin:") and not Path(cfg.teacher).exists():
+        problems.append(f"--teacher {cfg.teacher} does not exist")
     if cfg.init == "teacher":
         t_layers = int(teacher_config["num_hidden_layers"])
         layer_map = list(cfg.layer_map) if cfg.layer_map is not None else stu.default_layer_map(
             t_layers, int(scfg.num_hidden_layers))
         problems += stu.check_layer_map(layer_map, t_layers, int(scfg.num_hidden_layers))
-        if teacher_path is None:
-            problems.append("--init teacher needs the teacher's weights: pass --teacher PATH (the cache "
-                            "records no teacher path), or use --init random")
-        elif not Path(teacher_path).exists() and not teacher_path.startswith("builtin:"):
-            problems.append(f"teacher {teacher_path} (from {source}) does not exist: pass --teacher PATH, "
-                            "or use --init random")
     if problems:
         raise KdpipeError("; ".join(problems))
 
@@ -276,6 +273,9 @@ def _load_teacher_checked(s: Setup) -> dict[str, torch.Tensor]:
     """The teacher's weights, refused unless they are the ones the cache was made from."""
     from kdpipe.pipeline.teacher import load_teacher, resolve_model_path, weights_sha256
 
+    if s.teacher_path is None:
+        raise KdpipeError("--init teacher needs the teacher's weights: pass --teacher PATH (the cache "
+                          "records no teacher path that exists here), or use --init random")
     path = resolve_model_path(s.teacher_path)
     model = load_teacher(path)
     want = s.manifest.fingerprint["teacher"]["weights_sha256"]
