@@ -27,6 +27,7 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline import metrics
+from kdpipe.pipeline.corpus import looks_like_path
 from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import sha256_file
@@ -93,7 +95,7 @@ def load_task(spec: str, text_column: str = "text", label_column: str = "label",
         rows, columns = _read_file(Path(path), _FORMATS[suffix], text_column, label_column)
         fingerprint = {"format": _FORMATS[suffix], "file": Path(path).name,
                        "bytes": os.path.getsize(path), "sha256": sha256_file(Path(path))}
-    elif suffix in _FORMATS or spec.startswith((".", "/", "~")):
+    elif looks_like_path(path):
         raise KdpipeError(f"task file {spec} does not exist")
     else:
         rows, columns, fingerprint = _read_dataset(spec, split, text_column, label_column)
@@ -119,6 +121,17 @@ def load_task(spec: str, text_column: str = "text", label_column: str = "label",
     fingerprint = {**fingerprint, "rows": len(texts), "dropped": dropped,
                    "text_column": text_column, "label_column": label_column}
     return Task(name, spec, texts, labels, names, text_column, label_column, fingerprint, dropped)
+
+
+def load_tasks(named_specs: Iterable[tuple[str | None, str]], text_column: str = "text",
+               label_column: str = "label", split: str = "train") -> list[Task]:
+    """`load_task` of each (name or None, spec); two tasks may not have the same name."""
+    tasks = [load_task(spec, text_column, label_column, split, name) for name, spec in named_specs]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise KdpipeError(f"two tasks are named {dup!r}; name them with --task NAME=SPEC")
+    return tasks
 
 
 def _label_str(v: Any) -> str | None:

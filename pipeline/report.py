@@ -1,7 +1,9 @@
-"""What `kdpipe eval` shows a person: report.md tables and PNG plots, from a validated Report.
+"""What `kdpipe eval` shows a person: report.md tables, PNG plots and the CLI's headline numbers,
+from a validated Report.
 
 Pure rendering: every function takes the report (and, for the curves, the students' metrics) and
-returns text or PNG bytes; the stage writes them atomically. matplotlib runs on the Agg backend.
+returns text, PNG bytes or a small dict; the stage writes them atomically. matplotlib runs on the
+Agg backend.
 
 Plots
   training_curves.png  one panel per loss term (loss, loss_ce, loss_mlm, loss_cos) against step,
@@ -115,6 +117,20 @@ def summary_rows(report: Report) -> tuple[list[str], list[list[str]]]:
             row.append(num(sum(kept) / len(kept), 1) if len(kept) == len(report.tasks) else "–")
         rows.append(row)
     return header, rows
+
+
+def headline(report: Report) -> dict[str, Any]:
+    """What the CLI prints beside the report's path: each student's accuracy retention per task
+    (% of the teacher, one decimal) and batch-1 latency speed-up."""
+    out: dict[str, Any] = {}
+    for t in report.tasks:
+        out[f"{t.name}_accuracy_retention"] = {r.model: None if r.accuracy_retention is None
+                                               else round(r.accuracy_retention, 1)
+                                               for r in t.results if r.model != report.teacher}
+    if report.speed:
+        out["latency_speedup"] = {r.model: round(r.latency_speedup, 2) for r in report.speed.results
+                                  if r.model != report.teacher and r.latency_speedup}
+    return out
 
 
 def render_markdown(report: Report) -> str:
@@ -239,6 +255,13 @@ def render_markdown(report: Report) -> str:
 
 
 # -------------------------------------------------------------------------------------- plots
+
+
+def plots(report: Report, curves: dict[str, list[dict[str, Any]]]) -> dict[str, bytes]:
+    """File name -> PNG of every plot there is something to draw for, in the report's order."""
+    pngs = {CURVES_NAME: plot_training_curves(curves), RETENTION_NAME: plot_retention(report),
+            TRADEOFF_NAME: plot_tradeoff(report)}
+    return {name: png for name, png in pngs.items() if png is not None}
 
 
 def _figure_bytes(fig: Any) -> bytes:

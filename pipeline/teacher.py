@@ -110,10 +110,11 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def decoder_of(model: nn.Module) -> nn.Linear:
+def decoder_of(model: nn.Module, role: str = "teacher") -> nn.Linear:
+    """The masked-LM head's last linear layer; `role` names the model in the error ("student x")."""
     dec = model.get_output_embeddings()
     if not isinstance(dec, nn.Linear):
-        raise KdpipeError(f"teacher's output layer is {type(dec).__name__}, not a linear decoder; "
+        raise KdpipeError(f"{role}'s output layer is {type(dec).__name__}, not a linear decoder; "
                           "kdpipe supports BERT-style masked-LM heads")
     return dec
 

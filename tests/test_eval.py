@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -165,7 +166,7 @@ def test_report_numbers_are_consistent(report_dir: Path) -> None:
 
 
 def test_masked_logits_equal_the_full_head(teacher_model: torch.nn.Module) -> None:
-    from kdpipe.stages.evaluate import masked_logits
+    from kdpipe.pipeline.mlm_eval import masked_logits
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 100, (2, 12), generator=g)
@@ -178,6 +179,43 @@ def test_masked_logits_equal_the_full_head(teacher_model: torch.nn.Module) -> No
     with torch.inference_mode():
         ref = teacher_model(input_ids=ids, attention_mask=att).logits[sel]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_heldout_labels_line_up_with_masked_positions(tmp_path: Path, tokenizer, teacher_model) -> None:
+    """masked_logits returns rows in row-major (b, t) order: the labels must come in that order."""
+    from kdpipe.pipeline import corpus
+    from kdpipe.pipeline.masking import MaskingSpec
+    from kdpipe.pipeline.mlm_eval import Heldout, heldout_batches
+
+    held = tiny_corpus(tmp_path / "held.txt", lines=20, seed=3)
+    h = Heldout((str(held),), sequences=12, seq_len=16, masking=MaskingSpec(mask_prob=0.3), batch_size=5)
+    vocab = teacher_model.config.vocab_size
+    batches, n_seq, _ = heldout_batches(h, corpus.resolve_corpus(h.sources), tokenizer, vocab)
+    again, _, _ = heldout_batches(h, corpus.resolve_corpus(h.sources), tokenizer, vocab)
+    unmasked = [torch.from_numpy(s) for s in itertools.islice(
+        corpus.iter_sequences(corpus.resolve_corpus(h.sources), tokenizer, 16, "pack"), 12)]
+    assert n_seq == 12 and sum(len(b[0]) for b in batches) == 12
+    originals = {tuple(s.tolist()) for s in unmasked}
+    for (ids, att, sel, labels), (ids2, *_, labels2) in zip(batches, again, strict=True):
+        assert torch.equal(ids, ids2) and torch.equal(labels, labels2)  # the same masks every time
+        assert labels.numel() == int(sel.sum()) and not (sel & ~att.bool()).any()
+        for row in range(len(ids)):  # putting the labels back gives an original sequence
+            restored = ids[row].clone()
+            restored[sel[row]] = labels[int(sel[:row].sum()):int(sel[:row + 1].sum())]
+            assert tuple(restored[att[row].bool()].tolist()) in originals
+
+
+def test_a_student_head_that_is_not_linear_is_named(teacher_model: torch.nn.Module) -> None:
+    from kdpipe.pipeline.errors import KdpipeError
+    from kdpipe.pipeline.mlm_eval import masked_logits
+
+    class NoDecoder(torch.nn.Module):
+        def get_output_embeddings(self) -> None:
+            return None
+
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(KdpipeError, match="^student small's output layer is NoneType"):
+        masked_logits(NoDecoder(), ids, ids, ids.bool(), torch.device("cpu"), "student small")
 
 
 # ---------------------------------------------------------------------------------------- resume
