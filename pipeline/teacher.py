@@ -130,6 +130,33 @@ def decoder_bypassed(model: nn.Module) -> Iterator[nn.Linear]:
         del dec.forward
 
 
+TOPK_BLOCK = 64  # logits per block of the blocked top-k
+
+
+def topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of the k largest logits of each row of a (C, V) chunk, by falling value.
+
+    Exact, and several times faster than torch.topk over a 30k vocabulary on CPU: the k largest
+    of a row lie in its k blocks (of TOPK_BLOCK logits) with the largest maxima, so torch.topk
+    runs on the block maxima, then on those k blocks (plus the tail past the last full block).
+    Only the order among exactly equal logits may differ from torch.topk's.
+    """
+    c, v = z.shape
+    nb = v // TOPK_BLOCK
+    if nb < 4 * k:  # a small vocabulary or a large k: nothing to gain
+        return torch.topk(z, k, dim=-1, sorted=True)
+    head = z[:, : nb * TOPK_BLOCK].view(c, nb, TOPK_BLOCK)  # (C, nb, B)
+    blocks = torch.topk(head.amax(dim=-1), k, dim=-1, sorted=False).indices  # (C, k)
+    rows = torch.arange(c, device=z.device)[:, None]
+    cand = head[rows, blocks].view(c, k * TOPK_BLOCK)  # (C, k*B) their logits
+    cols = (blocks[..., None] * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=z.device)).view(c, -1)
+    if nb * TOPK_BLOCK < v:  # the tail past the last full block is always a candidate
+        cand = torch.cat([cand, z[:, nb * TOPK_BLOCK:]], dim=1)
+        cols = torch.cat([cols, torch.arange(nb * TOPK_BLOCK, v, device=z.device).expand(c, -1)], dim=1)
+    vals, j = torch.topk(cand, k, dim=-1, sorted=True)  # (C, k)
+    return vals, cols.gather(1, j)
+
+
 def reduce_logits(z: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
     """Top-k of a (C, V) float32 logit chunk, and log sum exp(z/T) for each T (ascending).
 
@@ -139,7 +166,7 @@ def reduce_logits(z: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> t
     the lowest would drop logits more than ~87 * T_min below the max, which still hold mass at
     the highest T. `z` is overwritten.
     """
-    vals, idx = torch.topk(z, k, dim=-1, sorted=True)  # (C, k)
+    vals, idx = topk(z, k)  # (C, k)
     m = vals[:, :1]  # (C, 1) the max logit
     z.sub_(m)
     t_max = temperatures[-1]
@@ -171,7 +198,10 @@ class TeacherRunner:
         self.k = top_k
         self.temperatures = tuple(sorted(temperatures))
         self.projection = projection.to(device=device, dtype=torch.float32)  # (H, d)
-        self.chunk = chunk or (4096 if device.type == "cuda" else 256)
+        self.chunk = chunk or (4096 if device.type == "cuda" else 256)  # rows per decoder matmul
+        # rows reduced at a time: on CPU few enough (16 x 30k float32 = 2 MB) that the logits stay
+        # in cache through top-k, exp and sums, instead of a trip to memory for each pass
+        self.reduce_rows = self.chunk if device.type == "cuda" else min(16, self.chunk)
         dec = decoder_of(model)
         self.weight_t = dec.weight.detach().float().t()  # (H', V)
         self.bias = None if dec.bias is None else dec.bias.detach().float()
@@ -200,10 +230,11 @@ class TeacherRunner:
         for i in range(0, x.shape[0], self.chunk):
             xc = x[i:i + self.chunk]  # (C, H')
             z = xc @ self.weight_t if self.bias is None else torch.addmm(self.bias, xc, self.weight_t)
-            a, b, c = reduce_logits(z, self.k, self.temperatures)  # (C, k), (C, k), (C, n_T)
-            ids.append(a)
-            vals.append(b)
-            log_z.append(c)
+            for j in range(0, z.shape[0], self.reduce_rows):
+                a, b, c = reduce_logits(z[j:j + self.reduce_rows], self.k, self.temperatures)
+                ids.append(a)  # (R, k)
+                vals.append(b)  # (R, k)
+                log_z.append(c)  # (R, n_T)
         proj = hidden @ self.projection  # (N, d)
         cat = lambda ts: torch.cat(ts).cpu().numpy()  # noqa: E731
         return TeacherOutputs(cat(ids), cat(vals), cat(log_z), proj.cpu().numpy())
