@@ -11,7 +11,7 @@ import torch
 
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.teacher import (
-    TeacherRunner, decoder_bypassed, load_teacher, reduce_logits, tokenizer_sha256, weights_sha256,
+    TeacherRunner, decoder_bypassed, load_teacher, reduce_logits, tokenizer_sha256, topk, weights_sha256,
 )
 
 GRIDS = [(1.0,), (1.0, 2.0, 4.0), (1.0, 1.5, 3.0), (0.5, 1.0, 2.0, 4.0), (2.0, 3.0, 7.0), (0.7, 1.3)]
@@ -43,6 +43,23 @@ def test_reduce_logits_matches_float64(temps: tuple[float, ...], spread: float) 
     assert torch.equal(vals.double(), r_vals)  # raw logits, bit for bit
     err = (log_z.double() - r_log_z).abs().max().item()
     assert err < 1e-6 * r_log_z.abs().max().item() + 1e-6, f"log Z off by {err:.2e}"
+
+
+@pytest.mark.parametrize("vocab", [110, 3000, 30522, 30528])
+@pytest.mark.parametrize("k", [1, 8, 32, 64])
+def test_blocked_topk_equals_torch_topk(vocab: int, k: int) -> None:
+    """The blocked top-k (block maxima, then the best blocks) against torch.topk, with winners
+    planted in the partial block at the end of the vocabulary and in one block together."""
+    z = logits(64, vocab, 3.0, seed=vocab + k)
+    z[::2, -1] += 30  # the tail past the last full block of 64
+    z[1::4, 128:128 + 40] += 25  # many winners in one block
+    vals, ids = topk(z.clone(), k)
+    r_vals, r_ids = torch.topk(z, k, dim=-1, sorted=True)
+    assert torch.equal(vals, r_vals)
+    distinct = (r_vals[:, 1:] != r_vals[:, :-1]).all(dim=-1)  # ties may come in either order
+    assert distinct.float().mean() > 0.9
+    assert torch.equal(ids[distinct], r_ids[distinct])
+    assert torch.equal(z.gather(1, ids), vals)
 
 
 @pytest.mark.parametrize("temps", [(1.0, 2.0, 4.0), (1.0, 1.5, 3.0), (0.5, 1.0, 2.0, 4.0)])
@@ -109,6 +126,27 @@ def test_runner_matches_the_models_own_logits(teacher_model, tokenizer, temps, c
     assert (torch.from_numpy(out.log_z).double() - r_log_z).abs().max().item() < 1e-5
     r_hidden = ref.hidden_states[-1][valid].double() @ proj.double()
     assert (torch.from_numpy(out.hidden).double() - r_hidden).abs().max().item() < 1e-5
+
+
+def test_runner_on_a_wide_vocabulary() -> None:
+    """4000 tokens, 300 positions: the blocked top-k and the row blocks of the reduction on the
+    runner's default path (several matmul chunks, cache-sized reduction blocks)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=4000, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64)).eval()
+    runner = TeacherRunner(model, 8, (1.0, 1.5, 3.0), torch.eye(32), torch.device("cpu"))
+    assert runner.chunk < 300 and runner.reduce_rows < runner.chunk
+    ids = torch.randint(5, 4000, (3, 100))
+    att = torch.ones_like(ids)
+    out = runner.run(ids, att)
+    with torch.inference_mode():
+        z = model(input_ids=ids, attention_mask=att).logits.reshape(300, -1)
+    r_ids, r_vals, r_log_z = reference(z, 8, runner.temperatures)
+    assert (torch.from_numpy(out.topk_logits).double() - r_vals).abs().max().item() < 1e-5
+    assert (torch.from_numpy(out.topk_ids) == r_ids).float().mean().item() > 0.99  # ties aside
+    assert (torch.from_numpy(out.log_z).double() - r_log_z).abs().max().item() < 1e-5
 
 
 def test_runner_sorts_the_grid(teacher_model) -> None:

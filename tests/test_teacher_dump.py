@@ -337,7 +337,7 @@ def text(tmp: Path, content: str, name: str = "c.txt") -> Path:
 
 
 CORPORA = {
-    "missing": (lambda tmp: tmp / "nope.txt", "neither a local file nor a dataset"),
+    "missing": (lambda tmp: tmp / "nope.txt", "corpus file(s) not found"),
     "empty": (lambda tmp: text(tmp, ""), "corpus is empty"),
     "whitespace": (lambda tmp: text(tmp, "  \n\n\t \n   \n"), "holds no text"),
     "latin1": (latin1, "not valid UTF-8"),
