@@ -290,14 +290,12 @@ def _lengths(cache_dir: Path, entry: ShardEntry) -> np.ndarray:
 class Prefetcher:
     """Runs a batch iterator in a background thread, `depth` batches ahead.
 
-    Iterating yields the batches in order; an exception in the thread is raised here. The time
-    spent waiting for a batch is added to `wait_s` (the loop's data-wait time).
+    Iterating yields the batches in order; an exception in the thread is raised here.
     """
 
     _END = object()
 
     def __init__(self, batches: Iterator[Batch], depth: int = 4) -> None:
-        self.wait_s = 0.0
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, args=(batches,), name="kdpipe-prefetch",
@@ -323,12 +321,8 @@ class Prefetcher:
             self._put(e)
 
     def __iter__(self) -> Iterator[Batch]:
-        import time
-
         while True:
-            t0 = time.perf_counter()
             item = self._q.get()
-            self.wait_s += time.perf_counter() - t0
             if item is self._END:
                 return
             if isinstance(item, BaseException):
