@@ -4,7 +4,9 @@
       fingerprint.json        settings the cache depends on; written first, guards a resume
       run_info.json           resolved config, package versions, code revision
       teacher_config.json     the teacher's config (a student can be built without the teacher)
-      projection.safetensors  the hidden-state projection (H, d)
+      projection.safetensors  the hidden-state projection (H, d) (all modes but none)
+      head.safetensors        the frozen decoder, weight (V, H') and bias (V,) (exact mode)
+      tokenizer/              the teacher's tokenizer files (a student run needs no teacher)
       shards/shard-NNNNN.parquet
       manifest.json           written last; lists every shard with rows, bytes and SHA-256
 """
@@ -27,6 +29,8 @@ from kdpipe.schemas.manifest import (
 RUN_INFO_NAME = "run_info.json"
 TEACHER_CONFIG_NAME = "teacher_config.json"
 PROJECTION_NAME = "projection.safetensors"
+HEAD_NAME = "head.safetensors"
+TOKENIZER_DIR = "tokenizer"
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
@@ -98,7 +102,7 @@ def load_manifest(cache_dir: Path) -> Manifest:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptCacheError(f"{path} was edited or is damaged: {problems[0]}{more}")
-    for entry in [m.projection, m.teacher_config, *m.shards]:
+    for entry in listed_files(m):
         safe_join(cache_dir, entry.path)
     return m
 
@@ -117,7 +121,8 @@ def _inconsistencies(m: Manifest) -> list[str]:
     for field, want in (("schema_version", fp("schema_version")), ("vocab_size", fp("teacher", "vocab_size")),
                         ("seq_len", fp("sequences", "seq_len")), ("top_k", fp("targets", "k")),
                         ("temperatures", fp("targets", "temperatures")), ("hidden_dim", fp("hidden", "dim")),
-                        ("sequences", fp("sequences", "count"))):
+                        ("sequences", fp("sequences", "count")), ("targets", fp("targets", "mode")),
+                        ("target_positions", fp("targets", "positions")), ("samples", fp("targets", "samples"))):
         if want is not None and getattr(m, field) != want:
             out.append(f"{field} is {getattr(m, field)!r} but the fingerprint says {want!r}")
     for field in ("sequences", "rows", "tokens", "bytes"):
@@ -131,6 +136,12 @@ def _inconsistencies(m: Manifest) -> list[str]:
         elif e.rows != e.num_seqs * views:
             out.append(f"shard entry {i} ({e.path}) has {e.rows} rows for {e.num_seqs} sequences x {views} views")
     return out
+
+
+def listed_files(m: Manifest) -> list[ShardEntry | FileEntry]:
+    """Every file the manifest vouches for."""
+    extra = [e for e in (m.projection, m.head) if e is not None]
+    return [m.teacher_config, *extra, *m.tokenizer, *m.shards]
 
 
 @dataclass(frozen=True)
@@ -159,7 +170,7 @@ def verify_cache(cache_dir: Path) -> tuple[Manifest, list[Problem]]:
     """Every listed file against the manifest, plus shard files the manifest does not list."""
     cache_dir = Path(cache_dir)
     m = load_manifest(cache_dir)
-    entries = [m.projection, m.teacher_config, *m.shards]
+    entries = listed_files(m)
     problems = [p for e in entries if (p := check_file(cache_dir, e))]
     listed = {e.path for e in m.shards}
     for f in sorted((cache_dir / "shards").glob("*.parquet")):

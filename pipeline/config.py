@@ -29,6 +29,8 @@ def _format_errors(err: ValidationError) -> list[str]:
         key = ".".join(str(p) for p in e["loc"]) or "(config)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif not e["loc"]:  # a check across keys: its message names them
+            lines.extend(str(e["msg"]).removeprefix("Value error, ").split("; "))
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return lines

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,7 +112,10 @@ def remove_stale_tmp(directory: Path) -> int:
     n = 0
     if directory.is_dir():
         for p in directory.glob(f".*{TMP_SUFFIX}"):
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():  # a folder being published (tokenizer/, model/)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             n += 1
     return n
 

@@ -27,7 +27,8 @@ def shard_path(index: int) -> str:
 
 @dataclass
 class ShardData:
-    """A shard's rows as flat arrays; per-token arrays are concatenated over rows."""
+    """A shard's rows as flat arrays; per-token, per-mask and per-target arrays are concatenated
+    over rows. Target fields are None where the cache's mode stores no such column."""
 
     seq_id: np.ndarray  # (R,)
     view: np.ndarray  # (R,)
@@ -36,10 +37,20 @@ class ShardData:
     mlm_count: np.ndarray  # (R,) masked positions per row
     mlm_positions: np.ndarray  # (sum M,)
     mlm_labels: np.ndarray  # (sum M,)
-    topk_ids: np.ndarray  # (sum T, k)
-    topk_logits: np.ndarray  # (sum T, k)
-    log_z: np.ndarray  # (sum T, n_T)
-    hidden: np.ndarray  # (sum T, d)
+    hidden: np.ndarray | None = None  # (sum T, d)
+    target_count: np.ndarray | None = None  # (R,) target positions per row: length, or mlm_count
+    topk_ids: np.ndarray | None = None  # (sum P, k)
+    topk_logits: np.ndarray | None = None  # (sum P, k)
+    log_z: np.ndarray | None = None  # (sum P, n_T)
+    sample_len: np.ndarray | None = None  # (sum P,) distinct draws per target position
+    sample_ids: np.ndarray | None = None  # (sum S,)
+    sample_counts: np.ndarray | None = None  # (sum S,)
+    teacher_state: np.ndarray | None = None  # (sum P, H')
+
+    def __post_init__(self) -> None:
+        has_targets = any(getattr(self, n) is not None for n in (*PER_TARGET, *PER_SAMPLE))
+        if self.target_count is None and has_targets:
+            self.target_count = self.length  # targets at every position unless told otherwise
 
     @property
     def rows(self) -> int:
@@ -51,10 +62,26 @@ class ShardData:
 
     def offsets(self) -> np.ndarray:
         """(R + 1,) start of each row in the per-token arrays."""
-        return np.concatenate([[0], np.cumsum(self.length)]).astype(np.int64)
+        return _starts(self.length)
 
     def mlm_offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.mlm_count)]).astype(np.int64)
+        return _starts(self.mlm_count)
+
+    def target_offsets(self) -> np.ndarray | None:
+        return None if self.target_count is None else _starts(self.target_count)
+
+    def sample_offsets(self) -> np.ndarray | None:
+        return None if self.sample_len is None else _starts(self.sample_len)
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+PER_TOKEN = ("input_ids", "hidden")
+PER_MASK = ("mlm_positions", "mlm_labels")
+PER_TARGET = ("topk_ids", "topk_logits", "log_z", "teacher_state")
+PER_SAMPLE = ("sample_ids", "sample_counts")  # list<list<...>>: per target, then per draw
 
 
 def _offsets(counts: np.ndarray) -> pa.Array:
@@ -73,15 +100,18 @@ def _list(values: np.ndarray, counts: np.ndarray, field_type: pa.ListType) -> pa
 
 
 def to_table(data: ShardData, schema: pa.Schema) -> pa.Table:
-    per_token = {"input_ids", "topk_ids", "topk_logits", "log_z", "hidden"}
-    per_mask = {"mlm_positions", "mlm_labels"}
     cols = []
     for f in schema:
         v = getattr(data, f.name)
-        if f.name in per_token:
+        if f.name in PER_TOKEN:
             cols.append(_list(v, data.length, f.type))
-        elif f.name in per_mask:
+        elif f.name in PER_MASK:
             cols.append(_list(v, data.mlm_count, f.type))
+        elif f.name in PER_TARGET:
+            cols.append(_list(v, data.target_count, f.type))
+        elif f.name in PER_SAMPLE:
+            inner = _list(v, data.sample_len, f.type.value_type)
+            cols.append(pa.ListArray.from_arrays(_offsets(data.target_count), inner, type=f.type))
         else:
             cols.append(pa.array(v.astype(f.type.to_pandas_dtype()), f.type))
     return pa.Table.from_arrays(cols, schema=schema)
@@ -128,32 +158,43 @@ def column_bytes(path: Path) -> dict[str, int]:
 
 
 def _flat(col: pa.ChunkedArray | pa.Array, depth: int) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = _column(col)
     for _ in range(depth):
         arr = arr.flatten()
     return arr.to_numpy(zero_copy_only=False)
 
 
 def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = _column(col)
     return np.diff(arr.offsets.to_numpy()).astype(np.int64)
 
 
+def _column(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
 def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
-    """Flat numpy arrays of a table (or row group) in the shard schema."""
-    kwargs = {}
+    """Flat numpy arrays of a table (or row group) in the shard schema; absent columns are None."""
+    names = set(table.column_names)
+    kwargs: dict[str, np.ndarray] = {"mlm_count": _list_lengths(table.column("mlm_positions"))}
     for f in fields(ShardData):
-        if f.name == "mlm_count":
-            kwargs[f.name] = _list_lengths(table.column("mlm_positions"))
+        if f.name not in names:
             continue
         col = table.column(f.name)
         t = col.type
-        if pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type):
+        if f.name in PER_SAMPLE:
+            inner = _column(col).flatten()  # list<id> per target position
+            kwargs[f.name] = _flat(inner, 1)
+            kwargs["sample_len"] = _list_lengths(inner)
+            kwargs["target_count"] = _list_lengths(col)
+        elif pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type):
             kwargs[f.name] = _flat(col, 2).reshape(-1, t.value_type.list_size)
         elif pa.types.is_list(t):
             kwargs[f.name] = _flat(col, 1)
         else:
             kwargs[f.name] = _flat(col, 0)
+        if f.name in PER_TARGET:
+            kwargs["target_count"] = _list_lengths(col)
     return ShardData(**kwargs)
 
 

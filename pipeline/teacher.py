@@ -26,12 +26,17 @@ from kdpipe.pipeline.errors import KdpipeError
 
 @dataclass(frozen=True)
 class TeacherOutputs:
-    """Per-position results for the non-padding positions of a batch, in row-major order."""
+    """Results for a batch: `hidden` at every non-padding position, targets at the target positions
+    (all of them, or the masked ones), both in row-major order. Fields of other modes are None."""
 
-    topk_ids: np.ndarray  # (N, k) int64, by decreasing logit
-    topk_logits: np.ndarray  # (N, k) float32, raw (temperature 1)
-    log_z: np.ndarray  # (N, n_T) float32, log sum_v exp(z_v / T) over the full vocabulary
     hidden: np.ndarray  # (N, d) float32, last hidden state through the projection
+    topk_ids: np.ndarray | None = None  # (P, k) int64, by decreasing logit
+    topk_logits: np.ndarray | None = None  # (P, k) float32, raw (temperature 1)
+    log_z: np.ndarray | None = None  # (P, n_T) float32, log sum_v exp(z_v / T), full vocabulary
+    sample_ids: np.ndarray | None = None  # (S,) distinct draws, ascending per position
+    sample_counts: np.ndarray | None = None  # (S,)
+    sample_len: np.ndarray | None = None  # (P,) distinct draws per position
+    teacher_state: np.ndarray | None = None  # (P, H') float32, the decoder's input
 
 
 def resolve_model_path(spec: str) -> str:
@@ -54,6 +59,28 @@ def load_tokenizer(path: str) -> Any:
             raise KdpipeError(f"tokenizer of {path} has no {name.removesuffix('_id')}; "
                               "kdpipe needs a BERT-style masked-LM tokenizer")
     return tok
+
+
+def load_model_config(path: str) -> Any:
+    """The teacher's config alone (mode none reads no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KdpipeError(f"cannot load a model config from {path}: {_first_line(e)}") from None
+
+
+def save_head(path: Path, decoder: nn.Linear) -> None:
+    """The frozen decoder of the exact mode: logits = state @ weight.T + bias."""
+    from safetensors.torch import save
+
+    from kdpipe.pipeline.fsutil import atomic_write_bytes
+
+    tensors = {"weight": decoder.weight.detach().float().contiguous()}  # (V, H')
+    if decoder.bias is not None:
+        tensors["bias"] = decoder.bias.detach().float().contiguous()  # (V,)
+    atomic_write_bytes(path, save(tensors))
 
 
 def load_teacher(path: str, allow_missing_head: bool = False) -> nn.Module:
@@ -189,12 +216,14 @@ def reduce_logits(z: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> t
 
 
 class TeacherRunner:
-    """Runs the teacher on padded batches and returns per-position cache rows."""
+    """Runs the teacher on padded batches and returns per-position cache rows for one target mode."""
 
     def __init__(self, model: nn.Module, top_k: int, temperatures: tuple[float, ...],
-                 projection: torch.Tensor, device: torch.device, chunk: int | None = None) -> None:
+                 projection: torch.Tensor, device: torch.device, chunk: int | None = None,
+                 mode: str = "topk") -> None:
         self.model = model.to(device)
         self.device = device
+        self.mode = mode
         self.k = top_k
         self.temperatures = tuple(sorted(temperatures))
         self.projection = projection.to(device=device, dtype=torch.float32)  # (H, d)
@@ -210,13 +239,17 @@ class TeacherRunner:
     def hidden_and_decoder_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) last hidden states and (N, H') decoder inputs at the non-padding positions."""
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
+        h, x = self._forward(input_ids, attention_mask)
+        valid = attention_mask.to(self.device).bool()
+        return h[valid], x[valid]
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, H) last hidden states and (B, T, H') decoder inputs, float32."""
         with autocast(self.device), decoder_bypassed(self.model):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             output_hidden_states=True)
-        valid = attention_mask.bool()
-        return out.hidden_states[-1][valid].float(), out.logits[valid].float()
+            out = self.model(input_ids=input_ids.to(self.device),
+                             attention_mask=attention_mask.to(self.device), output_hidden_states=True)
+        return out.hidden_states[-1].float(), out.logits.float()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full (N, V) float32 logits from decoder inputs; for checks, not the hot path."""
@@ -224,20 +257,42 @@ class TeacherRunner:
         return z if self.bias is None else z + self.bias
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherOutputs:
-        hidden, x = self.hidden_and_decoder_input(input_ids, attention_mask)
-        ids, vals, log_z = [], [], []
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            target_mask: torch.Tensor | None = None, uniforms: torch.Tensor | None = None
+            ) -> TeacherOutputs:
+        """target_mask (B, T) bool: where targets are stored (default: every non-padding position);
+        uniforms (P, N): the draws' uniforms in the sampled mode, one row per target position."""
+        h, x = self._forward(input_ids, attention_mask)  # (B, T, H), (B, T, H')
+        valid = attention_mask.to(self.device).bool()
+        targets = valid if target_mask is None else target_mask.to(self.device)
+        hidden = (h[valid] @ self.projection).cpu().numpy()  # (N, d)
+        x = x[targets]  # (P, H')
+        if self.mode == "exact":
+            return TeacherOutputs(hidden, teacher_state=x.cpu().numpy())
+        parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, x.shape[0], self.chunk):
             xc = x[i:i + self.chunk]  # (C, H')
             z = xc @ self.weight_t if self.bias is None else torch.addmm(self.bias, xc, self.weight_t)
+            if self.mode == "sampled":
+                self._sample(z, uniforms[i:i + self.chunk], parts)
+                continue
             for j in range(0, z.shape[0], self.reduce_rows):
                 a, b, c = reduce_logits(z[j:j + self.reduce_rows], self.k, self.temperatures)
-                ids.append(a)  # (R, k)
-                vals.append(b)  # (R, k)
-                log_z.append(c)  # (R, n_T)
-        proj = hidden @ self.projection  # (N, d)
-        cat = lambda ts: torch.cat(ts).cpu().numpy()  # noqa: E731
-        return TeacherOutputs(cat(ids), cat(vals), cat(log_z), proj.cpu().numpy())
+                for name, t in (("topk_ids", a), ("topk_logits", b), ("log_z", c)):
+                    parts.setdefault(name, []).append(t)  # (R, k), (R, k), (R, n_T)
+        out = {name: torch.cat(ts).cpu().numpy() for name, ts in parts.items()}
+        return TeacherOutputs(hidden, **out)
+
+    def _sample(self, z: torch.Tensor, uniforms: torch.Tensor, parts: dict[str, list[torch.Tensor]]) -> None:
+        """N draws per row of a (C, V) logit chunk at the dump temperature, kept as distinct
+        (id, count) pairs."""
+        from kdpipe.pipeline.targets import sample_counts
+
+        ids, counts = sample_counts(z, self.temperatures[0], uniforms.to(z.device))  # (C, N), (C, N)
+        keep = counts > 0
+        parts.setdefault("sample_ids", []).append(ids[keep])
+        parts.setdefault("sample_counts", []).append(counts[keep])
+        parts.setdefault("sample_len", []).append(keep.sum(-1))
 
     @torch.inference_mode()
     def check_head_split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:

@@ -44,11 +44,17 @@ class Manifest(_Frozen):
     fingerprint_sha256: str
     vocab_size: int
     seq_len: int
-    top_k: int
-    temperatures: list[float]
-    hidden_dim: int
-    projection: FileEntry
+    targets: Literal["topk", "sampled", "exact", "none"] = "topk"
+    target_positions: Literal["all", "masked"] = "all"
+    top_k: int  # topk mode; 0 otherwise
+    temperatures: list[float]  # topk: the grid; sampled: the one draw temperature; else []
+    samples: int | None = None  # sampled: draws per position
+    hidden_dim: int  # 0 in mode none
+    state_dim: int | None = None  # exact: width of teacher_state
+    projection: FileEntry | None = None  # absent in mode none
+    head: FileEntry | None = None  # exact: the frozen decoder (head.safetensors)
     teacher_config: FileEntry
+    tokenizer: list[FileEntry] = []  # the teacher's tokenizer files, under tokenizer/
     shards: list[ShardEntry]
     sequences: int
     rows: int

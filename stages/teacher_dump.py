@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,9 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
 import click
+import numpy as np
+import pyarrow as pa
+import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
@@ -37,15 +39,17 @@ from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock, remove_stale_tmp,
-    sha256_file,
+    sha256_file, tmp_path_for,
 )
 from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence, token_weights
 from kdpipe.pipeline.provenance import provenance
 from kdpipe.pipeline.shards import ShardData, column_bytes, read_fingerprint, shard_path, to_table, write_shard
+from kdpipe.pipeline.targets import position_uniforms
 from kdpipe.pipeline.teacher import (
-    TeacherRunner, load_teacher, load_tokenizer, resolve_model_path, tokenizer_sha256, weights_sha256,
+    TeacherOutputs, TeacherRunner, decoder_of, load_model_config, load_teacher, load_tokenizer,
+    resolve_model_path, save_head, tokenizer_sha256, weights_sha256,
 )
-from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME, Manifest, ShardEntry
+from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME, FileEntry, Manifest, ShardEntry
 from kdpipe.schemas.shard import SCHEMA_VERSION, shard_schema
 
 
@@ -64,8 +68,11 @@ class DumpConfig(StageConfig):
     mask_smoothing: float = Field(0.0, ge=0, le=2)
     mask_views: int = Field(1, ge=1, le=1024)
     seed: int = Field(0, ge=0)
+    targets: Literal["topk", "sampled", "exact", "none"] = "topk"
+    target_positions: Literal["all", "masked"] = "all"
     top_k: int = Field(32, ge=1)
     temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
+    samples: int = Field(32, ge=1, le=65535)
     hidden_proj: Literal["identity", "random", "pca"] = "pca"
     hidden_dim: int | None = Field(None, ge=1)  # default: full width (identity), else 128
     pca_sequences: int = Field(64, ge=1)
@@ -84,10 +91,31 @@ class DumpConfig(StageConfig):
             raise ValueError("temperatures must be distinct")
         return sorted(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, data: Any) -> Any:
+        """sampled draws at one temperature (the reference's 2); exact keeps the full hidden width."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("targets") == "sampled" and data.get("temperatures") is None:
+                data["temperatures"] = [2.0]
+            if data.get("targets") == "exact" and data.get("hidden_proj") is None:
+                data["hidden_proj"] = "identity"
+        return data
+
     @model_validator(mode="after")
-    def _probs(self) -> "DumpConfig":
+    def _consistent(self) -> "DumpConfig":
+        problems = []
         if self.mask_token_prob + self.random_token_prob > 1:
-            raise ValueError("mask_token_prob + random_token_prob must not exceed 1")
+            problems.append("mask_token_prob + random_token_prob must not exceed 1")
+        if self.targets == "sampled" and len(self.temperatures) != 1:
+            problems.append("sampled targets are drawn at one temperature, fixed at dump time: give "
+                            "one value in temperatures (e.g. --temperatures 2)")
+        if self.targets == "exact" and self.hidden_proj != "identity":
+            problems.append("exact targets keep the teacher's hidden state unprojected: use "
+                            "hidden_proj identity")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def masking(self) -> MaskingSpec:
@@ -100,7 +128,8 @@ class Setup:
     cfg: DumpConfig
     out: Path
     tokenizer: Any
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None in mode none: no teacher forward, no weights read
+    model_config: Any
     corpus: corpus_mod.Corpus
     vocab: Vocabulary
     pool: np.ndarray  # ids a masked position may be replaced with
@@ -137,17 +166,18 @@ def _count(cfg: DumpConfig, corpus: corpus_mod.Corpus, tokenizer: Any, vocab_siz
 def set_up(cfg: DumpConfig) -> Setup:
     teacher_path = resolve_model_path(cfg.teacher)
     tokenizer = load_tokenizer(teacher_path)
-    model = load_teacher(teacher_path)
-    mcfg = model.config
+    model = load_teacher(teacher_path) if cfg.targets != "none" else None
+    mcfg = model.config if model is not None else load_model_config(teacher_path)
     vocab_size = int(mcfg.vocab_size)
     if len(tokenizer) > vocab_size:
         raise KdpipeError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {vocab_size}")
-    if cfg.top_k > vocab_size:
+    if cfg.targets == "topk" and cfg.top_k > vocab_size:
         raise KdpipeError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size})")
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise KdpipeError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {max_pos} positions")
-    hidden_dim = proj.check_dim(cfg.hidden_proj, int(mcfg.hidden_size), cfg.hidden_dim)
+    hidden_dim = proj.check_dim(cfg.hidden_proj, int(mcfg.hidden_size), cfg.hidden_dim) \
+        if cfg.targets != "none" else 0
     corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split)
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     vocab = Vocabulary(vocab_size, tokenizer.mask_token_id, special)
@@ -157,7 +187,8 @@ def set_up(cfg: DumpConfig) -> Setup:
     weights = token_weights(counts, cfg.mask_smoothing, special) if counts is not None else None
     fingerprint = {
         "schema_version": SCHEMA_VERSION,
-        "teacher": {"weights_sha256": weights_sha256(model), "model_type": mcfg.model_type,
+        "teacher": {"weights_sha256": weights_sha256(model) if model is not None else None,
+                    "model_type": mcfg.model_type,
                     "hidden_size": int(mcfg.hidden_size), "vocab_size": vocab_size},
         "tokenizer": {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)},
         "corpus": {**corpus.fingerprint, "max_sequences": cfg.max_sequences},
@@ -165,14 +196,24 @@ def set_up(cfg: DumpConfig) -> Setup:
         "masking": {"mask_prob": cfg.mask_prob, "mask_token_prob": cfg.mask_token_prob,
                     "random_token_prob": cfg.random_token_prob, "smoothing": cfg.mask_smoothing,
                     "seed": cfg.seed, "views": cfg.mask_views},
-        "targets": {"mode": "topk", "k": cfg.top_k, "temperatures": cfg.temperatures,
-                    "positions": "all"},
-        "hidden": {"projection": cfg.hidden_proj, "dim": hidden_dim, "seed": cfg.seed,
-                   "pca_sequences": cfg.pca_sequences if cfg.hidden_proj == "pca" else None},
+        "targets": _targets_fingerprint(cfg),
+        "hidden": None if cfg.targets == "none" else {
+            "projection": cfg.hidden_proj, "dim": hidden_dim, "seed": cfg.seed,
+            "pca_sequences": cfg.pca_sequences if cfg.hidden_proj == "pca" else None},
         "storage": {"shard_size": cfg.shard_size, "zstd_level": cfg.zstd_level},
     }
-    return Setup(cfg, Path(cfg.out), tokenizer, model, corpus, vocab, vocab.random_pool(), n_seq, n_tok, weights,
-                 fingerprint, hidden_dim)
+    return Setup(cfg, Path(cfg.out), tokenizer, model, mcfg, corpus, vocab, vocab.random_pool(), n_seq,
+                 n_tok, weights, fingerprint, hidden_dim)
+
+
+def _targets_fingerprint(cfg: DumpConfig) -> dict[str, Any]:
+    """What the stored targets depend on, and nothing a mode does not use."""
+    fp: dict[str, Any] = {"mode": cfg.targets, "positions": cfg.target_positions}
+    if cfg.targets == "topk":
+        fp.update(k=cfg.top_k, temperatures=cfg.temperatures)
+    elif cfg.targets == "sampled":
+        fp.update(temperatures=cfg.temperatures, samples=cfg.samples)
+    return fp
 
 
 def _build_projection(s: Setup, runner_for: Any) -> torch.Tensor:
@@ -216,30 +257,64 @@ def _pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, att
 
 
-def dump_shard(s: Setup, runner: TeacherRunner, first_seq: int, seqs: list[np.ndarray]) -> ShardData:
+def dump_shard(s: Setup, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray]) -> ShardData:
+    """Mask, run the teacher (unless the mode is none) and gather one shard's rows in row order."""
     rows, meta = [], []
     for j, seq in enumerate(seqs):
         for v, m in enumerate(_mask_rows(s, first_seq + j, seq)):
             rows.append(m)
             meta.append((first_seq + j, v))
-    outs: list[Any] = [None] * len(rows)
-    for batch in _batches(rows, s.cfg.batch_size):
+    masked = s.cfg.target_positions == "masked"
+    n_target = np.array([len(r.positions) if masked else len(r.input_ids) for r in rows], dtype=np.int64)
+    per_row: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    for batch in _batches(rows, s.cfg.batch_size) if runner is not None else []:
         ids, att = _pad([rows[i].input_ids for i in batch], s.tokenizer.pad_token_id)
-        o = runner.run(ids, att)
-        bounds = np.cumsum([0] + [len(rows[i].input_ids) for i in batch])
-        for j, i in enumerate(batch):
-            a, b = bounds[j], bounds[j + 1]
-            outs[i] = (o.topk_ids[a:b], o.topk_logits[a:b], o.log_z[a:b], o.hidden[a:b])
+        target_mask = None
+        if masked:
+            target_mask = torch.zeros(ids.shape, dtype=torch.bool)  # (B, T)
+            for j, i in enumerate(batch):
+                target_mask[j, torch.from_numpy(rows[i].positions)] = True
+        uniforms = _uniforms(s, rows, meta, batch, masked) if s.cfg.targets == "sampled" else None
+        _split_rows(runner.run(ids, att, target_mask, uniforms), batch, rows, n_target, per_row)
     cat = lambda xs: np.concatenate(xs)  # noqa: E731
+    targets = {name: cat([d[name] for d in per_row]) for name in per_row[0]} if per_row[0] else {}
     return ShardData(
         seq_id=np.array([m[0] for m in meta]), view=np.array([m[1] for m in meta]),
         length=np.array([len(r.input_ids) for r in rows]),
         input_ids=cat([r.input_ids for r in rows]),
         mlm_count=np.array([len(r.positions) for r in rows]),
         mlm_positions=cat([r.positions for r in rows]), mlm_labels=cat([r.labels for r in rows]),
-        topk_ids=cat([o[0] for o in outs]), topk_logits=cat([o[1] for o in outs]),
-        log_z=cat([o[2] for o in outs]), hidden=cat([o[3] for o in outs]),
+        target_count=n_target if s.cfg.targets != "none" else None, **targets,
     )
+
+
+def _uniforms(s: Setup, rows: list[MaskedSequence], meta: list[tuple[int, int]], batch: list[int],
+              masked: bool) -> torch.Tensor:
+    """(P, N) uniforms of the batch's target positions: position t of (seq, view) always gets
+    row t of `position_uniforms(seed, seq, view)`, whatever batch or position set it is in."""
+    out = []
+    for i in batch:
+        u = position_uniforms(s.cfg.seed, meta[i][0], meta[i][1], len(rows[i].input_ids), s.cfg.samples)
+        out.append(u[rows[i].positions] if masked else u)
+    return torch.from_numpy(np.concatenate(out))
+
+
+def _split_rows(o: TeacherOutputs, batch: list[int], rows: list[MaskedSequence], n_target: np.ndarray,
+                per_row: list[dict[str, np.ndarray]]) -> None:
+    """Cut a batch's outputs (row-major over the batch) back into per-row arrays."""
+    tok = np.cumsum([0] + [len(rows[i].input_ids) for i in batch])
+    tgt = np.cumsum([0] + [int(n_target[i]) for i in batch])
+    smp = None if o.sample_len is None else np.concatenate([[0], np.cumsum(o.sample_len)])
+    for j, i in enumerate(batch):
+        d = per_row[i]
+        d["hidden"] = o.hidden[tok[j]:tok[j + 1]]
+        for name in ("topk_ids", "topk_logits", "log_z", "teacher_state", "sample_len"):
+            v = getattr(o, name)
+            if v is not None:
+                d[name] = v[tgt[j]:tgt[j + 1]]
+        if smp is not None:
+            lo, hi = smp[tgt[j]], smp[tgt[j + 1]]
+            d["sample_ids"], d["sample_counts"] = o.sample_ids[lo:hi], o.sample_counts[lo:hi]
 
 
 def _shard_done(path: Path, fp_sha: str) -> bool:
@@ -253,23 +328,12 @@ def _shard_done(path: Path, fp_sha: str) -> bool:
 def run(s: Setup) -> Manifest:
     out = s.out
     fp_sha = cachedir.fingerprint_sha256(s.fingerprint)
-    schema = shard_schema(s.vocab.size, s.cfg.top_k, len(s.cfg.temperatures), s.hidden_dim)
+    schema = _schema(s)
     ensure_dir(out / "shards", "cache directory")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     device = pick_device(s.cfg.device)
 
-    def runner_for(p: torch.Tensor) -> TeacherRunner:
-        return TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device)
-
-    proj_path = out / cachedir.PROJECTION_NAME
-    if proj_path.exists():
-        projection = proj.load_projection(proj_path)
-    else:
-        projection = _build_projection(s, runner_for)
-        proj.save_projection(proj_path, projection)
-    runner = runner_for(projection)
-    first = next(iter(_sequences(s)))
-    runner.check_head_split(*_pad([first], s.tokenizer.pad_token_id))
+    runner = _prepare_runner(s, device)
 
     n_shards = -(-s.n_sequences // s.cfg.shard_size)
     seqs_iter = _sequences(s)
@@ -294,13 +358,54 @@ def run(s: Setup) -> Manifest:
     return finish(s, fp_sha, n_shards, started)
 
 
+def _schema(s: Setup) -> pa.Schema:
+    return shard_schema(s.vocab.size, s.cfg.top_k, len(s.cfg.temperatures), s.hidden_dim, s.cfg.targets,
+                        int(decoder_of(s.model).weight.shape[1]) if s.cfg.targets == "exact" else 0)
+
+
+def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
+    """The projection (fitted or loaded), the head file of the exact mode, and a runner whose
+    split head is checked against the model's own logits; None in mode none."""
+    if s.model is None:
+        return None
+
+    def runner_for(p: torch.Tensor) -> TeacherRunner:
+        return TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device,
+                             mode=s.cfg.targets)
+
+    proj_path = s.out / cachedir.PROJECTION_NAME
+    if proj_path.exists():
+        projection = proj.load_projection(proj_path)
+    else:
+        projection = _build_projection(s, runner_for)
+        proj.save_projection(proj_path, projection)
+    if s.cfg.targets == "exact" and not (s.out / cachedir.HEAD_NAME).exists():
+        save_head(s.out / cachedir.HEAD_NAME, decoder_of(s.model))
+    runner = runner_for(projection)
+    first = next(iter(_sequences(s)))
+    runner.check_head_split(*_pad([first], s.tokenizer.pad_token_id))
+    return runner
+
+
+def _save_tokenizer(s: Setup) -> list[FileEntry]:
+    """The teacher's tokenizer inside the cache, so a student run needs nothing else."""
+    target = s.out / cachedir.TOKENIZER_DIR
+    if not target.is_dir():
+        tmp = tmp_path_for(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        s.tokenizer.save_pretrained(str(tmp))
+        tmp.rename(target)
+    return [cachedir.file_entry(s.out, p.relative_to(s.out).as_posix())
+            for p in sorted(target.iterdir()) if p.is_file()]
+
+
 # ---------------------------------------------------------------------------------------- finish
 
 def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
     """Hash every shard and write the manifest: the commit point of the cache."""
     import pyarrow.parquet as pq
 
-    out, size = s.out, s.cfg.shard_size
+    out, size, mode = s.out, s.cfg.shard_size, s.cfg.targets
     entries, by_column = [], Counter()
     for index in range(n_shards):
         rel = shard_path(index)
@@ -316,10 +421,15 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
     total = sum(e.bytes for e in entries)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, fingerprint=s.fingerprint, fingerprint_sha256=fp_sha,
-        vocab_size=s.vocab.size, seq_len=s.cfg.seq_len, top_k=s.cfg.top_k,
-        temperatures=s.cfg.temperatures, hidden_dim=s.hidden_dim,
-        projection=cachedir.file_entry(out, cachedir.PROJECTION_NAME),
+        vocab_size=s.vocab.size, seq_len=s.cfg.seq_len, targets=mode,
+        target_positions=s.cfg.target_positions, top_k=s.cfg.top_k if mode == "topk" else 0,
+        temperatures=s.cfg.temperatures if mode in ("topk", "sampled") else [],
+        samples=s.cfg.samples if mode == "sampled" else None, hidden_dim=s.hidden_dim,
+        state_dim=int(decoder_of(s.model).weight.shape[1]) if mode == "exact" else None,
+        projection=cachedir.file_entry(out, cachedir.PROJECTION_NAME) if mode != "none" else None,
+        head=cachedir.file_entry(out, cachedir.HEAD_NAME) if mode == "exact" else None,
         teacher_config=cachedir.file_entry(out, cachedir.TEACHER_CONFIG_NAME),
+        tokenizer=_save_tokenizer(s),
         shards=entries, sequences=s.n_sequences,
         rows=sum(e.rows for e in entries), tokens=tokens, bytes=total,
         bytes_per_token=round(total / max(tokens, 1), 3),
@@ -337,15 +447,16 @@ def dry_run(s: Setup) -> dict[str, Any]:
 
     device = pick_device(s.cfg.device)
     width = s.fingerprint["teacher"]["hidden_size"]
-    runner = TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures),
-                           proj.random_orthogonal(width, s.hidden_dim, s.cfg.seed), device)
+    runner = None if s.model is None else TeacherRunner(
+        s.model, s.cfg.top_k, tuple(s.cfg.temperatures),
+        proj.random_orthogonal(width, max(s.hidden_dim, 1), s.cfg.seed), device, mode=s.cfg.targets)
     seqs = list(itertools.islice(_sequences(s), max(1, 2 * s.cfg.batch_size // s.cfg.mask_views)))
     dump_shard(s, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
     t0 = time.perf_counter()
     data = dump_shard(s, runner, 0, seqs)
     elapsed = time.perf_counter() - t0
     sink = pa.BufferOutputStream()
-    schema = shard_schema(s.vocab.size, s.cfg.top_k, len(s.cfg.temperatures), s.hidden_dim)
+    schema = _schema(s)
     pq.write_table(to_table(data, schema), sink, compression="zstd",
                    compression_level=s.cfg.zstd_level, use_dictionary=False, write_statistics=False)
     bpt = sink.getvalue().size / data.tokens
@@ -393,7 +504,7 @@ def main(cfg: DumpConfig) -> dict[str, Any]:
             atomic_write_json(s.out / FINGERPRINT_NAME, s.fingerprint)
         atomic_write_json(s.out / cachedir.RUN_INFO_NAME, provenance(cfg))
         atomic_write_bytes(s.out / cachedir.TEACHER_CONFIG_NAME,
-                           json.dumps(s.model.config.to_dict(), indent=2, sort_keys=True).encode())
+                           json.dumps(s.model_config.to_dict(), indent=2, sort_keys=True).encode())
         m = run(s)
     return {"cache": str(s.out), "status": "resumed" if resuming else "written", "shards": len(m.shards),
             "sequences": m.sequences, "rows": m.rows, "tokens": m.tokens,
@@ -418,6 +529,13 @@ def main(cfg: DumpConfig) -> dict[str, Any]:
               "the reference uses 0.7. [0: uniform]")
 @click.option("--mask-views", type=int, help="Independent mask draws per sequence. [1]")
 @click.option("--seed", type=int, help="Seed of masks and projection. [0]")
+@click.option("--targets", type=click.Choice(["topk", "sampled", "exact", "none"]), help="What L_ce "
+              "is made from: top-k logits + log-partition (topk), N draws from the softened teacher "
+              "(sampled), the teacher's decoder input for exact full logits (exact), or nothing "
+              "(none: masked inputs and labels only). [topk]")
+@click.option("--target-positions", type=click.Choice(["all", "masked"]), help="Store targets at "
+              "every token or only at masked ones (restrict_ce_to_mask). [all]")
+@click.option("--samples", type=int, help="Draws per position in the sampled mode. [32]")
 @click.option("--top-k", type=int, help="Teacher logits kept per position. [32]")
 @click.option("--temperatures", callback=floats_option, help="Temperature grid of the stored "
               "log-partition values, e.g. 1,2,4. [1,2,4]")
