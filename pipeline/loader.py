@@ -18,6 +18,7 @@ A background thread decodes and pads the next batches while the model trains on 
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from kdpipe.pipeline.cache import open_shard
 from kdpipe.pipeline.errors import CorruptCacheError, KdpipeError
 from kdpipe.pipeline.shards import ShardData, iter_row_groups
 from kdpipe.schemas.manifest import Manifest, ShardEntry
+from kdpipe.schemas.shard import TARGET_COLUMNS
 
 _ORDER_SALT, _WINDOW_SALT = 0x5EED0, 0x5EED1
 
@@ -49,14 +51,11 @@ class DataPosition:
 
 @dataclass
 class Batch:
-    """A padded batch and, per non-padding position (N of them, row-major), the cache's targets."""
+    """A padded batch, with the cache's targets at its P target positions (the N non-padding
+    positions row-major, or the M masked ones in mlm_index order); fields of other modes are None."""
 
     input_ids: torch.Tensor  # (B, T) int64, padded with pad_id
     attention_mask: torch.Tensor  # (B, T) int64
-    topk_ids: torch.Tensor  # (N, k) int64
-    topk_logits: torch.Tensor  # (N, k) float32, raw
-    log_z: torch.Tensor  # (N,) float32, log-partition at the chosen temperature
-    hidden: torch.Tensor  # (N, d) float32, teacher hidden @ projection
     mlm_index: torch.Tensor  # (M,) int64 into the N positions
     mlm_labels: torch.Tensor  # (M,) int64
     seq_id: np.ndarray  # (B,)
@@ -64,15 +63,24 @@ class Batch:
     tokens: int  # N
     position: DataPosition  # the data position after this batch
     epoch_progress: float  # epoch + share of it consumed after this batch
+    hidden: torch.Tensor | None = None  # (N, d) float32, teacher hidden @ projection
+    topk_ids: torch.Tensor | None = None  # (P, k) int64
+    topk_logits: torch.Tensor | None = None  # (P, k) float32, raw
+    log_z: torch.Tensor | None = None  # (P,) float32, log-partition at the chosen temperature
+    sample_ids: torch.Tensor | None = None  # (P, S) int64, padded with count 0
+    sample_counts: torch.Tensor | None = None  # (P, S) int64
+    teacher_state: torch.Tensor | None = None  # (P, H') float32, the teacher decoder's input
 
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.topk_ids),
-                     move(self.topk_logits), move(self.log_z), move(self.hidden), move(self.mlm_index),
-                     move(self.mlm_labels), self.seq_id, self.view, self.tokens, self.position,
-                     self.epoch_progress)
+        moved = {f: getattr(self, f).to(device, non_blocking=True) for f in _TENSORS
+                 if getattr(self, f) is not None}
+        return dataclasses.replace(self, **moved)
+
+
+_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidden", "topk_ids",
+            "topk_logits", "log_z", "sample_ids", "sample_counts", "teacher_state")
 
 
 @dataclass(frozen=True)
@@ -117,9 +125,13 @@ def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardD
     what = None
     if data.rows != entry.rows:
         what = f"{data.rows} rows, manifest says {entry.rows}"
-    elif data.topk_ids.shape[1] != manifest.top_k or data.hidden.shape[1] != manifest.hidden_dim:
-        what = "its top-k or hidden width differ from the manifest's"
-    elif data.log_z.shape[1] != len(manifest.temperatures):
+    elif missing := [c for c in TARGET_COLUMNS[manifest.targets] if getattr(data, c) is None]:
+        what = f"no {', '.join(missing)} column for the manifest's {manifest.targets} targets"
+    elif data.hidden is not None and data.hidden.shape[1] != manifest.hidden_dim:
+        what = "its hidden width differs from the manifest's"
+    elif data.topk_ids is not None and data.topk_ids.shape[1] != manifest.top_k:
+        what = "its top-k differs from the manifest's"
+    elif data.log_z is not None and data.log_z.shape[1] != len(manifest.temperatures):
         what = "its temperature grid differs from the manifest's"
     if what:
         raise CorruptCacheError(f"corrupt cache: {path}: {what}")
@@ -130,7 +142,8 @@ def concat(parts: list[ShardData]) -> ShardData:
     if len(parts) == 1:
         return parts[0]
     names = ShardData.__dataclass_fields__
-    return ShardData(**{n: np.concatenate([getattr(p, n) for p in parts]) for n in names})
+    return ShardData(**{n: None if getattr(parts[0], n) is None else np.concatenate([getattr(p, n) for p in parts])
+                        for n in names})
 
 
 class _Window:
@@ -140,6 +153,8 @@ class _Window:
         self.data = data
         self.off = data.offsets()  # (R + 1,)
         self.moff = data.mlm_offsets()  # (R + 1,)
+        self.toff = data.target_offsets()  # (R + 1,) or None
+        self.soff = data.sample_offsets()  # (P + 1,) or None
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -153,10 +168,14 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPosition, progress: float
             ) -> Batch:
-    """Pad a list of (window, row) into a Batch; per-token arrays keep row-major order."""
-    pieces: dict[str, list[np.ndarray]] = {k: [] for k in
-                                           ("ids", "topk", "logit", "logz", "hid", "mpos", "mlab")}
+    """Pad a list of (window, row) into a Batch; per-position arrays keep row-major order."""
+    pieces: dict[str, list[np.ndarray]] = {}
     lengths, mcounts, seq, view = [], [], [], []
+
+    def add(name: str, values: np.ndarray | None) -> None:
+        if values is not None:
+            pieces.setdefault(name, []).append(values)
+
     # group consecutive rows of the same window so slicing is vectorised per window
     i = 0
     while i < len(rows):
@@ -169,13 +188,22 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPos
         ln, mc = d.length[r].astype(np.int64), d.mlm_count[r].astype(np.int64)
         tok = _ranges(win.off[r], ln)
         msk = _ranges(win.moff[r], mc)
-        pieces["ids"].append(d.input_ids[tok])
-        pieces["topk"].append(d.topk_ids[tok])
-        pieces["logit"].append(d.topk_logits[tok])
-        pieces["logz"].append(d.log_z[tok, spec.temperature_index])
-        pieces["hid"].append(d.hidden[tok])
-        pieces["mpos"].append(d.mlm_positions[msk])
-        pieces["mlab"].append(d.mlm_labels[msk])
+        add("ids", d.input_ids[tok])
+        add("mpos", d.mlm_positions[msk])
+        add("mlab", d.mlm_labels[msk])
+        add("hidden", None if d.hidden is None else d.hidden[tok])
+        if win.toff is not None:
+            tgt = _ranges(win.toff[r], d.target_count[r].astype(np.int64))
+            add("topk_ids", None if d.topk_ids is None else d.topk_ids[tgt])
+            add("topk_logits", None if d.topk_logits is None else d.topk_logits[tgt])
+            add("log_z", None if d.log_z is None else d.log_z[tgt, spec.temperature_index])
+            add("teacher_state", None if d.teacher_state is None else d.teacher_state[tgt])
+            if win.soff is not None:
+                slen = d.sample_len[tgt].astype(np.int64)
+                smp = _ranges(win.soff[tgt], slen)
+                add("sample_len", slen)
+                add("sample_ids", d.sample_ids[smp])
+                add("sample_counts", d.sample_counts[smp])
         lengths.append(ln)
         mcounts.append(mc)
         seq.append(d.seq_id[r])
@@ -190,16 +218,30 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPos
     row_start = np.concatenate([[0], np.cumsum(length)[:-1]])  # (B,) first position of each row
     mlm_index = np.repeat(row_start, mcount) + cat(pieces["mpos"]).astype(np.int64)  # (M,)
     t = torch.from_numpy
+    dtypes = {"hidden": np.float32, "topk_ids": np.int64, "topk_logits": np.float32, "log_z": np.float32,
+              "teacher_state": np.float32}
+    targets = {name: t(cat(pieces[name]).astype(dt)) for name, dt in dtypes.items() if name in pieces}
+    if "sample_len" in pieces:
+        targets["sample_ids"], targets["sample_counts"] = _pad_samples(
+            cat(pieces["sample_len"]), cat(pieces["sample_ids"]), cat(pieces["sample_counts"]))
     return Batch(
         input_ids=t(ids), attention_mask=t(att.astype(np.int64)),
-        topk_ids=t(cat(pieces["topk"]).astype(np.int64)),
-        topk_logits=t(cat(pieces["logit"]).astype(np.float32)),
-        log_z=t(cat(pieces["logz"]).astype(np.float32)),
-        hidden=t(cat(pieces["hid"]).astype(np.float32)),
         mlm_index=t(mlm_index), mlm_labels=t(cat(pieces["mlab"]).astype(np.int64)),
         seq_id=cat(seq), view=cat(view), tokens=int(length.sum()), position=position,
-        epoch_progress=progress,
+        epoch_progress=progress, **targets,
     )
+
+
+def _pad_samples(slen: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, S) ids and counts, each position's distinct draws left-aligned, padding with count 0."""
+    width = int(slen.max()) if len(slen) else 0
+    out_ids = np.zeros((len(slen), width), dtype=np.int64)
+    out_counts = np.zeros((len(slen), width), dtype=np.int64)
+    row = np.repeat(np.arange(len(slen)), slen)
+    col = _ranges(np.zeros(len(slen), dtype=np.int64), slen)
+    out_ids[row, col] = ids
+    out_counts[row, col] = counts
+    return torch.from_numpy(out_ids), torch.from_numpy(out_counts)
 
 
 def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: DataPosition,

@@ -52,6 +52,8 @@ class LossSpec:
     alpha_cos: float = 1.0
     temperature: float = 2.0
     ce_masked_only: bool = False
+    targets: str = "topk"  # the cache's target mode: topk | sampled | exact | none
+    cache_positions: str = "all"  # where the cache holds targets: all | masked
 
 
 @dataclass
@@ -93,6 +95,55 @@ def topk_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: t
     return kl + torch.xlogy(r, r) - r * log_tail
 
 
+def sampled_ce(student_logits: torch.Tensor, sample_ids: torch.Tensor, sample_counts: torch.Tensor,
+               temperature: float) -> torch.Tensor:
+    """(P,) unbiased estimate of the cross-entropy H(p_T, q_T) from N draws of p_T (sampled mode):
+    -sum_u (c_u / N) log q_u; its gradient q - c/N is unbiased for the exact q - p. Padded draws
+    have count 0. student_logits (P, V); sample_ids, sample_counts (P, S)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, sample_ids)  # (P, S)
+    w = sample_counts.float() / sample_counts.sum(-1, keepdim=True).clamp_min(1).float()
+    return -(w * log_q).sum(-1)
+
+
+def exact_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+             ) -> torch.Tensor:
+    """(P,) the full-vocabulary KL(p_T || q_T). Both (P, V)."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+EXACT_CHUNK_ROWS = 1024  # teacher logits are rebuilt this many rows at a time
+
+
+def exact_kl_from_state(student_logits: torch.Tensor, teacher_state: torch.Tensor,
+                        head: tuple[torch.Tensor, torch.Tensor | None], temperature: float) -> torch.Tensor:
+    """(P,) exact KL with the teacher's logits recomputed from the cached decoder input, in chunks
+    so only (chunk, V) teacher logits exist at a time. head: decoder weight (V, H'), bias (V,)."""
+    weight, bias = head
+    out = []
+    for i in range(0, teacher_state.shape[0], EXACT_CHUNK_ROWS):
+        st = teacher_state[i:i + EXACT_CHUNK_ROWS].float()  # (C, H')
+        zt = st @ weight.t() if bias is None else torch.addmm(bias, st, weight.t())  # (C, V)
+        out.append(exact_kl(student_logits[i:i + EXACT_CHUNK_ROWS], zt, temperature))
+    return torch.cat(out) if out else student_logits.new_zeros(0)
+
+
+def ce_term(logits: torch.Tensor, batch, rows: torch.Tensor | None, spec: LossSpec,
+            head: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+    """(P,) per-position L_ce (before T^2) for the cache's target mode; `rows` selects target rows
+    when the cache holds targets at every position but the loss covers masked ones only."""
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+    t = spec.temperature
+    if spec.targets == "topk":
+        return topk_kl(logits, pick(batch.topk_ids), pick(batch.topk_logits), pick(batch.log_z), t)
+    if spec.targets == "sampled":
+        return sampled_ce(logits, pick(batch.sample_ids), pick(batch.sample_counts), t)
+    if spec.targets == "exact":
+        return exact_kl_from_state(logits, pick(batch.teacher_state), head, t)
+    raise ValueError(f"a cache of mode {spec.targets!r} holds no L_ce targets")
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over masked positions; logits (M, V), labels (M,)."""
     return F.cross_entropy(logits.float(), labels, reduction="mean")
@@ -103,8 +154,8 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)).mean()
 
 
-def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, batch, spec: LossSpec
-                      ) -> LossTerms:
+def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, batch, spec: LossSpec,
+                      teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> LossTerms:
     """All three terms from one student forward.
 
     body: (B, T) ids -> (B, T, H) last hidden state; head: (P, H) -> (P, V) MLM logits;
@@ -125,11 +176,9 @@ def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, b
             ce_rows = batch.mlm_index
             mlm_rows = torch.arange(batch.mlm_index.numel(), device=hv.device)
         if need_ce:
-            ids, zt, lz = batch.topk_ids, batch.topk_logits, batch.log_z
-            if ce_rows is not None:
-                ids, zt, lz = ids[ce_rows], zt[ce_rows], lz[ce_rows]
-            if ids.shape[0]:
-                ce = topk_kl(logits, ids, zt, lz, spec.temperature).mean() * spec.temperature ** 2
+            rows = ce_rows if spec.cache_positions == "all" else None  # else already per masked position
+            if logits.shape[0]:
+                ce = ce_term(logits, batch, rows, spec, teacher_head).mean() * spec.temperature ** 2
             else:
                 ce = total.clone()
             total = total + spec.alpha_ce * ce

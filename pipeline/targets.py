@@ -56,43 +56,6 @@ def sample_counts(logits: torch.Tensor, temperature: float, uniforms: torch.Tens
     return ids, counts
 
 
-# -------------------------------------------------------------------------------------- losses
-
-def exact_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float
-             ) -> torch.Tensor:
-    """Per-position KL(p_T || q_T) over the full vocabulary. (N, V), (N, V) -> (N,)"""
-    t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    s = F.log_softmax(student_logits / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1)
-
-
-def topk_tail_kl(topk_ids: torch.Tensor, topk_logits: torch.Tensor, log_z: torch.Tensor,
-                 student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-position KL of the (top-k + tail bucket) coarse-graining. -> (N,)
-
-    topk_ids, topk_logits (N, k); log_z (N,) at `temperature`; student_logits (N, V).
-    """
-    log_p = topk_logits.float() / temperature - log_z[:, None]  # (N, k)
-    p = log_p.exp()
-    tail_p = (1.0 - p.sum(-1)).clamp_min(0.0)  # (N,)
-    log_q_all = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
-    log_q = log_q_all.gather(-1, topk_ids.long())  # (N, k)
-    # student mass outside the teacher's top-k, in log space: log(1 - sum q), stably
-    log_tail_q = torch.log1p(-log_q.exp().sum(-1).clamp(max=1.0 - 1e-7))
-    kl_top = (p * (log_p - log_q)).sum(-1)
-    kl_tail = torch.where(tail_p > 0, tail_p * (torch.log(tail_p.clamp_min(1e-30)) - log_tail_q),
-                          torch.zeros_like(tail_p))
-    return kl_top + kl_tail
-
-
-def sampled_ce(sample_ids: torch.Tensor, sample_counts: torch.Tensor, student_logits: torch.Tensor,
-               temperature: float) -> torch.Tensor:
-    """Per-position unbiased estimate of H(p_T, q_T) from N draws. (N, n), (N, n), (N, V) -> (N,)"""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, sample_ids.long())
-    w = sample_counts.float() / sample_counts.sum(-1, keepdim=True).float()
-    return -(w * log_q).sum(-1)
-
-
 # ------------------------------------------------------------------------------------ fidelity
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import click
 import torch
 from pydantic import Field, ValidationError, model_validator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kdpipe import __version__
@@ -142,6 +142,7 @@ class Setup:
     manifest: Manifest
     teacher_config: dict[str, Any]
     projection: torch.Tensor  # (H_teacher, d)
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None  # exact mode: decoder (V, H'), (V,)
     student_config: Any  # a transformers config
     layer_map: list[int] | None
     teacher_path: str | None  # for init (checked against the fingerprint) and the tokenizer
@@ -159,6 +160,37 @@ def _cache_file_json(cache: Path, manifest: Manifest) -> dict[str, Any]:
     if problem:
         raise CorruptCacheError(f"corrupt cache: {cache / problem.path}: {problem.what}")
     return read_json(cache / manifest.teacher_config.path)
+
+
+def _checked(cache: Path, entry: Any) -> Path:
+    problem = cachedir.check_file(cache, entry)
+    if problem:
+        raise CorruptCacheError(f"corrupt cache: {cache / problem.path}: {problem.what}")
+    return safe_join(cache, entry.path)
+
+
+def _mode_problems(cfg: StudentConfig, m: Manifest) -> list[str]:
+    """Settings this cache's target mode cannot serve, each with what to do instead."""
+    grid = ", ".join(f"{t:g}" for t in m.temperatures)
+    out = []
+    if m.targets == "none":
+        if cfg.alpha_ce > 0:
+            out.append("this cache holds no teacher targets (mode none, labels only): set alpha_ce to 0, "
+                       "or dump a cache with --targets topk|sampled|exact")
+        if cfg.alpha_cos > 0:
+            out.append("this cache holds no teacher hidden states (mode none): set alpha_cos to 0")
+        return out
+    if cfg.alpha_ce > 0:
+        if m.targets == "topk" and not any(math.isclose(t, cfg.temperature) for t in m.temperatures):
+            out.append(f"--temperature {cfg.temperature:g} is not in the cache's temperature grid ({grid}): "
+                       "pick one of those, or dump a cache with it (an exact cache serves any temperature)")
+        if m.targets == "sampled" and not math.isclose(m.temperatures[0], cfg.temperature):
+            out.append(f"--temperature {cfg.temperature:g}: this cache's targets were drawn at T = {grid}, "
+                       "fixed at dump time; train at that temperature, or dump another cache")
+        if m.target_positions == "masked" and not cfg.ce_masked_only:
+            out.append("this cache holds targets at masked positions only: pass --ce-masked-only "
+                       "(or dump with --target-positions all)")
+    return out
 
 
 def _teacher_path(cfg: StudentConfig, cache: Path) -> str | None:
@@ -179,22 +211,21 @@ def set_up(cfg: StudentConfig) -> Setup:
     cache, out = Path(cfg.cache), Path(cfg.out)
     manifest = cachedir.load_manifest(cache)
     teacher_config = _cache_file_json(cache, manifest)
-    problem = cachedir.check_file(cache, manifest.projection)
-    if problem:
-        raise CorruptCacheError(f"corrupt cache: {cache / problem.path}: {problem.what}")
-    projection = load_projection(cache / manifest.projection.path)
+    width = int(teacher_config["hidden_size"])
+    projection = load_projection(_checked(cache, manifest.projection)) if manifest.projection \
+        else torch.eye(width)  # mode none: no hidden targets, the map is never used
+    teacher_head = None
+    if manifest.head is not None:  # exact mode: the frozen decoder that rebuilds the teacher's logits
+        tensors = load_file(str(_checked(cache, manifest.head)))
+        teacher_head = (tensors["weight"], tensors.get("bias"))
     for entry in manifest.shards:  # cheap now (sizes); each shard's hash is checked when it is opened
         path = safe_join(cache, entry.path)
         if not path.is_file() or path.stat().st_size != entry.bytes:
             raise CorruptCacheError(f"corrupt cache: {path} is missing or not the size the manifest says; "
                                     "run `kdpipe cache verify`")
 
-    problems = []
-    t_index = next((i for i, t in enumerate(manifest.temperatures) if math.isclose(t, cfg.temperature)), None)
-    if t_index is None:
-        problems.append(f"--temperature {cfg.temperature:g} is not in the cache's temperature grid "
-                        f"({', '.join(f'{t:g}' for t in manifest.temperatures)}): pick one of those, "
-                        "or dump a cache with it")
+    problems = _mode_problems(cfg, manifest)
+    t_index = next((i for i, t in enumerate(manifest.temperatures) if math.isclose(t, cfg.temperature)), 0)
     override = None
     if cfg.student_config:
         p = Path(cfg.student_config)
@@ -233,8 +264,11 @@ def set_up(cfg: StudentConfig) -> Setup:
         total = cfg.max_steps
     else:
         total = -(-sum(batches_per_epoch(cache, manifest, loader, cfg.epochs)) // cfg.grad_accum)
-    return Setup(cfg, cache, out, manifest, teacher_config, projection, scfg, layer_map, teacher_path,
-                 identity, sha256_bytes(dumps_json(identity)), loader, total, pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    if teacher_head is not None:
+        teacher_head = (teacher_head[0].to(device), None if teacher_head[1] is None else teacher_head[1].to(device))
+    return Setup(cfg, cache, out, manifest, teacher_config, projection, teacher_head, scfg, layer_map,
+                 teacher_path, identity, sha256_bytes(dumps_json(identity)), loader, total, device)
 
 
 def check_run_dir(s: Setup) -> RunRecord | None:
@@ -277,20 +311,24 @@ def _load_teacher_checked(s: Setup) -> dict[str, torch.Tensor]:
         raise KdpipeError("--init teacher needs the teacher's weights: pass --teacher PATH (the cache "
                           "records no teacher path that exists here), or use --init random")
     path = resolve_model_path(s.teacher_path)
-    model = load_teacher(path)
     want = s.manifest.fingerprint["teacher"]["weights_sha256"]
+    model = load_teacher(path, allow_missing_head=want is None)  # mode none: the head may not exist yet
     got = weights_sha256(model)
-    if got != want:
+    if want is not None and got != want:
         raise CacheMismatchError(f"teacher {path} is not the teacher this cache was made from (weights "
                                  f"SHA-256 {got[:12]}..., the cache's fingerprint says {want[:12]}...); refusing")
     return model.state_dict()
 
 
 def _tokenizer(s: Setup) -> Any | None:
-    """The teacher's tokenizer when a teacher path is known and exists, checked against the cache."""
+    """The tokenizer saved in the cache (hash-checked), else the teacher's when its path is known."""
+    from kdpipe.pipeline.teacher import load_tokenizer, resolve_model_path, tokenizer_sha256
+
+    if s.manifest.tokenizer:
+        folder = {_checked(s.cache, e).parent for e in s.manifest.tokenizer}.pop()
+        return load_tokenizer(str(folder))
     if s.teacher_path is None:
         return None
-    from kdpipe.pipeline.teacher import load_tokenizer, resolve_model_path, tokenizer_sha256
 
     try:
         path = resolve_model_path(s.teacher_path)
@@ -399,7 +437,7 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, s: Setup, 
             break
         batch = batch.to(s.device)
         with autocast(s.device):
-            terms = distillation_loss(body, head, tr.hidden_map, batch, spec)
+            terms = distillation_loss(body, head, tr.hidden_map, batch, spec, s.teacher_head)
         (terms.loss / cfg.grad_accum).backward()
         res.batches, res.last, res.tokens = res.batches + 1, batch, res.tokens + batch.tokens
         for key, t in (("loss", terms.loss), ("ce", terms.ce), ("mlm", terms.mlm), ("cos", terms.cos)):
@@ -418,7 +456,8 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
         stream: Iterator[Batch]) -> dict[str, Any]:
     """Updates from the start (or checkpoint) to total_steps: log, checkpoint, repeat."""
     cfg, out = s.cfg, s.out
-    spec = LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.ce_masked_only)
+    spec = LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.ce_masked_only,
+                    s.manifest.targets, s.manifest.target_positions)
     step, position = 0, Position(epoch=0, index=0)
     window = {k: 0.0 for k in _WINDOW_KEYS}
     if start is not None:
