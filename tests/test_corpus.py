@@ -125,7 +125,7 @@ def test_fingerprint_follows_the_content(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content, needle", [
-    (None, "corpus file\(s\) not found"),
+    (None, r"corpus file\(s\) not found"),
     (b"", "corpus is empty"),
     ("caf\u00e9 na\u00efve\n".encode("latin-1"), "not valid UTF-8"),
     (bytes(range(256)) * 4, "not valid UTF-8"),
