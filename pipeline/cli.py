@@ -22,10 +22,12 @@ from kdpipe.pipeline.errors import KdpipeError
 
 # name -> "module:attribute" of a click command; one line per stage.
 COMMANDS = {
+    "teacher-adapt": "kdpipe.stages.teacher_adapt:command",
     "teacher-dump": "kdpipe.stages.teacher_dump:command",
     "cache": "kdpipe.stages.cache_tools:command",
-    "eval": "kdpipe.stages.evaluate:command",
     "student-train": "kdpipe.stages.student_train:command",
+    "eval": "kdpipe.stages.evaluate:command",
+    "demo": "kdpipe.stages.demo:command",
 }
 
 
