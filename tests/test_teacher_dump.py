@@ -448,3 +448,120 @@ def test_disk_full_mid_dump_leaves_the_cache_intact(copy_cache, kdpipe_cli, one_
     assert not (cache / "manifest.json").exists()
     kdpipe_cli("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file, "--out", cache, *dump_args)
     assert verify_cache(cache)[1] == []
+
+
+# ------------------------------------------------------------------------------ target modes
+
+def dump_small(cli, teacher: Path, data: Path, out: Path, *extra: str) -> dict:
+    proc = dump(cli, teacher, data, out, "--seq-len", "16", "--shard-size", "5", "--top-k", "4", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return manifest(out)
+
+
+def rows_of(cache: Path) -> list[dict]:
+    return [r for e in manifest(cache)["shards"] for r in pq.read_table(cache / e["path"]).to_pylist()]
+
+
+def teacher_logits(model, input_ids: list[int]):
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([input_ids])).logits[0].double()  # (T, V)
+
+
+def test_topk_at_masked_positions_only(tmp_path: Path, kdpipe_inproc, teacher_dir, teacher_model,
+                                       small_corpus_file) -> None:
+    import torch
+
+    out = tmp_path / "cache"
+    m = dump_small(kdpipe_inproc, teacher_dir, small_corpus_file, out, "--target-positions", "masked",
+                   "--temperatures", "1,1.5,3")
+    assert m["fingerprint"]["targets"]["positions"] == "masked"
+    for row in rows_of(out)[:6]:
+        pos = row["mlm_positions"]
+        assert len(row["topk_ids"]) == len(row["log_z"]) == len(pos) > 0
+        assert len(row["hidden"]) == row["length"]  # hidden states stay per token
+        z = teacher_logits(teacher_model, row["input_ids"])[pos]  # (M, V)
+        vals = torch.tensor(row["topk_logits"], dtype=torch.float64)
+        assert torch.allclose(z.gather(1, torch.tensor(row["topk_ids"])), vals, rtol=1e-3, atol=1e-3)
+        ref = torch.stack([torch.logsumexp(z / t, dim=-1) for t in (1.0, 1.5, 3.0)], dim=-1)
+        assert torch.allclose(torch.tensor(row["log_z"], dtype=torch.float64), ref, atol=1e-4)
+
+
+def test_exact_mode_stores_what_recomputes_the_logits(tmp_path: Path, kdpipe_inproc, teacher_dir,
+                                                      teacher_model, small_corpus_file) -> None:
+    """Decoder input per position + the frozen decoder (plain safetensors) give the teacher's logits."""
+    import torch
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "cache"
+    m = dump_small(kdpipe_inproc, teacher_dir, small_corpus_file, out, "--targets", "exact")
+    head = load_file(str(out / "head.safetensors"))
+    weight, bias = torch.from_numpy(head["weight"]).double(), torch.from_numpy(head["bias"]).double()
+    assert weight.shape == (teacher_model.config.vocab_size, teacher_model.config.hidden_size)
+    assert m["hidden_dim"] == teacher_model.config.hidden_size
+    for row in rows_of(out)[:6]:
+        state = torch.tensor(row["teacher_state"], dtype=torch.float64)  # (T, H') fp16 on disk
+        z = teacher_logits(teacher_model, row["input_ids"])
+        assert (state @ weight.T + bias - z).abs().max().item() < 5e-3 * max(1.0, z.abs().max().item())
+    assert verify_cache(out)[1] == []
+
+
+def test_sampled_mode(tmp_path: Path, kdpipe_inproc, teacher_dir, teacher_model, small_corpus_file) -> None:
+    """N draws per position from softmax(z / T): counts add up to N, ids distinct and ascending,
+    the frequencies follow the teacher, and the draws are a pure function of the settings."""
+    import torch
+
+    out = tmp_path / "cache"
+    m = dump_small(kdpipe_inproc, teacher_dir, small_corpus_file, out, "--targets", "sampled",
+                   "--samples", "64", "--temperatures", "2")
+    assert m["fingerprint"]["targets"]["samples"] == 64
+    diffs, variances = [], []
+    for row in rows_of(out):
+        assert len(row["sample_ids"]) == len(row["sample_counts"]) == row["length"]
+        z = teacher_logits(teacher_model, row["input_ids"])  # (T, V)
+        p = torch.softmax(z / 2, dim=-1)
+        for t, (ids, counts) in enumerate(zip(row["sample_ids"], row["sample_counts"])):
+            assert sum(counts) == 64 and ids == sorted(set(ids)) and min(counts) > 0
+            # unbiased: sum_u (c_u / N) f(u) estimates E_p[f]; f = the teacher's logit
+            estimate = sum(c / 64 * z[t, u].item() for u, c in zip(ids, counts))
+            mean = (p[t] * z[t]).sum().item()
+            diffs.append(estimate - mean)
+            variances.append(((p[t] * z[t] ** 2).sum().item() - mean ** 2) / 64)
+    n = len(diffs)
+    standard_error = (sum(variances) / n / n) ** 0.5
+    assert n > 100 and abs(sum(diffs) / n) < 4 * standard_error
+    again = tmp_path / "again"
+    dump_small(kdpipe_inproc, teacher_dir, small_corpus_file, again, "--targets", "sampled",
+               "--samples", "64", "--temperatures", "2")
+    for e in m["shards"]:
+        assert sha256(out / e["path"]) == sha256(again / e["path"])
+
+
+def test_mode_none_needs_no_weights(tmp_path: Path, kdpipe_inproc, teacher_dir, small_corpus_file) -> None:
+    """Masked inputs and labels only: a teacher folder without its weights file is enough."""
+    folder = Path(shutil.copytree(teacher_dir, tmp_path / "config-only"))
+    (folder / "model.safetensors").unlink()
+    out = tmp_path / "cache"
+    dump_small(kdpipe_inproc, folder, small_corpus_file, out, "--targets", "none")
+    names = pq.read_schema(out / manifest(out)["shards"][0]["path"]).names
+    assert names == ["seq_id", "view", "length", "input_ids", "mlm_positions", "mlm_labels"]
+    assert verify_cache(out)[1] == []
+
+
+@pytest.mark.parametrize("extra", [("--target-positions", "masked"),
+                                   ("--targets", "sampled", "--samples", "16", "--temperatures", "2")])
+def test_resume_is_byte_identical_in_other_modes(tmp_path: Path, kdpipe_inproc, digest, teacher_dir,
+                                                 small_corpus_file, extra) -> None:
+    out = tmp_path / "cache"
+    m = dump_small(kdpipe_inproc, teacher_dir, small_corpus_file, out, *extra)
+    before = digest(out)
+    for e in m["shards"][1::2]:
+        (out / e["path"]).unlink()
+    (out / "manifest.json").unlink()
+    assert without_timestamps(dump_small(kdpipe_inproc, teacher_dir, small_corpus_file, out, *extra)) \
+        == without_timestamps(m)
+    after = digest(out)
+    for d in (before, after):
+        d.pop("manifest.json"), d.pop("run_info.json")
+    assert after == before
