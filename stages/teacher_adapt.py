@@ -105,7 +105,7 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
     if not model_dir.exists():
         _publish(out / "run" / "final", model_dir)
     summary: dict[str, Any] = {"teacher": cfg.teacher, "model": str(model_dir),
-                               "steps": trained.get("step"), "cache_tokens": dumped.get("tokens")}
+                               "steps": trained.get("total_steps"), "cache_tokens": dumped.get("tokens")}
     if cfg.heldout:
         report_path = out / "adapt.json"
         done = read_json(report_path) if report_path.is_file() else {}
