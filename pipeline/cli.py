@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,22 @@ class LazyGroup(click.Group):
 
 # ------------------------------------------------------------------ helpers shared by the stages
 
-def floats_option(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    """Click callback: '1,2,4' -> [1.0, 2.0, 4.0]."""
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+def _list_option(kind: type, what: str) -> Callable[[click.Context, click.Parameter, str | None], list | None]:
+    """A click callback parsing '1,2,4' into a list of `kind`, with the option named on error."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
+        if value is None:
+            return None
+        try:
+            return [kind(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
+
+    return parse
+
+
+floats_option = _list_option(float, "numbers")
+ints_option = _list_option(int, "integers")
 
 
 config_option = click.option(

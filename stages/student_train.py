@@ -36,7 +36,7 @@ from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import checkpoint as ckpt
 from kdpipe.pipeline import student as stu
-from kdpipe.pipeline.cli import build_config, config_option, echo_json
+from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option, ints_option
 from kdpipe.pipeline.config import StageConfig
 from kdpipe.pipeline.device import autocast, pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
@@ -602,24 +602,6 @@ def main(cfg: StudentConfig) -> dict[str, Any]:
     return _summary(s, "resumed" if resume_from else "trained", final=str(final), **result)
 
 
-def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-
-
-def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-
-
 @click.command("student-train", epilog="Example: kdpipe student-train --cache caches/wiki --out runs/s3 "
                "--teacher ./bert-mlm --max-steps 2000 --save-every 200. Rerun the same command to resume.")
 @config_option
@@ -628,7 +610,7 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> li
 @click.option("--teacher", help="Teacher folder, read only to initialise the student and copy its "
               "tokenizer; its weights must match the cache. [the path recorded in the cache]")
 @click.option("--init", type=click.Choice(["teacher", "random"]), help="Student initialisation. [teacher]")
-@click.option("--layer-map", callback=_ints, help="Teacher layer copied into each student layer, e.g. "
+@click.option("--layer-map", callback=ints_option, help="Teacher layer copied into each student layer, e.g. "
               "0,2,4. [every other layer]")
 @click.option("--student-config", help="JSON config of the student architecture (transformers format). "
               "[the teacher's]")
@@ -651,7 +633,7 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> li
 @click.option("--lr", type=float, help="Peak learning rate. [5e-4]")
 @click.option("--warmup", type=float, help="Share of the updates spent warming up. [0.05]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay. [0]")
-@click.option("--adam-betas", callback=_floats, help="AdamW betas. [0.9,0.98]")
+@click.option("--adam-betas", callback=floats_option, help="AdamW betas. [0.9,0.98]")
 @click.option("--adam-eps", type=float, help="AdamW epsilon. [1e-6]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm; 0 turns it off. [5.0]")
 @click.option("--shuffle-window", type=int, help="Shards whose rows are shuffled together. [4]")
