@@ -227,10 +227,13 @@ class TeacherRunner:
         self.k = top_k
         self.temperatures = tuple(sorted(temperatures))
         self.projection = projection.to(device=device, dtype=torch.float32)  # (H, d)
-        self.chunk = chunk or (4096 if device.type == "cuda" else 256)  # rows per decoder matmul
-        # rows reduced at a time: on CPU few enough (16 x 30k float32 = 2 MB) that the logits stay
-        # in cache through top-k, exp and sums, instead of a trip to memory for each pass
-        self.reduce_rows = self.chunk if device.type == "cuda" else min(16, self.chunk)
+        # rows per decoder matmul and reduction. On CPU, 1024 x 30k float32 = 125 MB: large ops, few
+        # of them. Cache-sized row blocks (16 rows) saved at most ~10% on an idle 2-core machine,
+        # and were 4-7x slower than the bare forward pass once another process competed for the
+        # cores (each small op's thread barrier waits for a descheduled thread). Sampled mode
+        # keeps 256 rows (its float64 CDFs are twice the size).
+        cpu_rows = 1024 if mode == "topk" else 256
+        self.chunk = chunk or (4096 if device.type == "cuda" else cpu_rows)
         dec = decoder_of(model)
         self.weight_t = dec.weight.detach().float().t()  # (H', V)
         self.bias = None if dec.bias is None else dec.bias.detach().float()
@@ -276,10 +279,9 @@ class TeacherRunner:
             if self.mode == "sampled":
                 self._sample(z, uniforms[i:i + self.chunk], parts)
                 continue
-            for j in range(0, z.shape[0], self.reduce_rows):
-                a, b, c = reduce_logits(z[j:j + self.reduce_rows], self.k, self.temperatures)
-                for name, t in (("topk_ids", a), ("topk_logits", b), ("log_z", c)):
-                    parts.setdefault(name, []).append(t)  # (R, k), (R, k), (R, n_T)
+            a, b, c = reduce_logits(z, self.k, self.temperatures)
+            for name, t in (("topk_ids", a), ("topk_logits", b), ("log_z", c)):
+                parts.setdefault(name, []).append(t)  # (C, k), (C, k), (C, n_T)
         out = {name: torch.cat(ts).cpu().numpy() for name, ts in parts.items()}
         return TeacherOutputs(hidden, **out)
 
