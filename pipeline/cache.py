@@ -180,10 +180,25 @@ def verify_cache(cache_dir: Path) -> tuple[Manifest, list[Problem]]:
     return m, problems
 
 
+# Shards this process has hashed, by (path, hash, size, mtime, inode): a multi-epoch run hashes each
+# shard once, not once per epoch; any rewrite of the file changes the key and is hashed again.
+_verified: set[tuple[str, str, int, int, int]] = set()
+
+
 def open_shard(cache_dir: Path, entry: ShardEntry) -> Path:
     """A listed shard's path, checked against the manifest before any of it is used."""
+    path = safe_join(cache_dir, entry.path)
+    try:
+        st = path.stat()
+        key = (str(path), entry.sha256, st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        key = None
+    if key is not None and key in _verified:
+        return path
     problem = check_file(cache_dir, entry)
     if problem:
         raise CorruptCacheError(f"corrupt cache: {Path(cache_dir) / problem.path}: {problem.what}; "
                                 "run `kdpipe cache verify` and re-dump the shard")
-    return safe_join(cache_dir, entry.path)
+    if key is not None:
+        _verified.add(key)
+    return path

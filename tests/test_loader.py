@@ -130,3 +130,19 @@ def test_prefetcher_yields_the_same_batches_and_raises_the_threads_errors(refere
     next(iter(early))
     early.close()  # stops an endless stream without hanging
     assert not early._thread.is_alive()
+
+
+def test_a_shard_changed_after_its_first_check_is_caught_on_the_next_open(copy_cache):
+    """open_shard hashes a shard once per process, but any rewrite of the file is hashed again."""
+    from kdpipe.pipeline.cache import open_shard
+
+    cache = copy_cache()
+    m = load_manifest(cache)
+    entry = m.shards[0]
+    path = open_shard(cache, entry)  # verified and remembered
+    assert open_shard(cache, entry) == path  # remembered: no second hash needed
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match=entry.path):
+        open_shard(cache, entry)
