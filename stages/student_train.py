@@ -312,7 +312,11 @@ def _load_teacher_checked(s: Setup) -> dict[str, torch.Tensor]:
                           "records no teacher path that exists here), or use --init random")
     path = resolve_model_path(s.teacher_path)
     want = s.manifest.fingerprint["teacher"]["weights_sha256"]
-    model = load_teacher(path, allow_missing_head=want is None)  # mode none: the head may not exist yet
+    # mode none: the head may not exist yet, and a missing head is initialised at random; seeded, so
+    # a rerun (or a run killed before its first checkpoint) copies the same head into the student
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.cfg.seed)
+        model = load_teacher(path, allow_missing_head=want is None)
     got = weights_sha256(model)
     if want is not None and got != want:
         raise CacheMismatchError(f"teacher {path} is not the teacher this cache was made from (weights "
