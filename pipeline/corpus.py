@@ -6,10 +6,12 @@ packing give the same sequence for the same id, which is what lets a shard be re
 
 from __future__ import annotations
 
+
 import codecs
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from kdpipe.pipeline.errors import KdpipeError
 Packing = Literal["pack", "line"]
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _TOKENIZE_BATCH = 512
+_LONG_TEXT = 1 << 16  # characters: longer documents are tokenized in pieces
 
 
 @dataclass(frozen=True)
@@ -159,10 +162,34 @@ def iter_texts(corpus: Corpus) -> Iterator[str]:
         raise KdpipeError(f"cannot read corpus: {e}") from None
 
 
+def _pieces(text: str) -> list[str]:
+    """A long document cut before whitespace into pieces of at most _LONG_TEXT characters, so the
+    tokenizer never holds one enormous encoding (a 20 MB line took 3 GB); whitespace is a token
+    boundary, so the pieces' ids joined are the document's. A run of _LONG_TEXT characters without
+    whitespace is cut where it is (such a "word" is [UNK] either way)."""
+    out, start = [], 0
+    while len(text) - start > _LONG_TEXT:
+        window = text[start + _LONG_TEXT // 2:start + _LONG_TEXT]
+        at = max(window.rfind(c) for c in " \t\n\r\f\v")
+        cut = start + _LONG_TEXT // 2 + at if at >= 0 else start + _LONG_TEXT
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 def iter_token_docs(texts: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
     """Token ids of each document, without special tokens, tokenized in batches."""
     batch: list[str] = []
     for text in texts:
+        if len(text) > _LONG_TEXT:
+            if batch:  # keep the corpus order
+                yield from _encode(tokenizer, batch)
+                batch = []
+            ids = [i for piece in _pieces(text) for doc in _encode(tokenizer, [piece]) for i in doc]
+            if ids:
+                yield ids
+            continue
         batch.append(text)
         if len(batch) == _TOKENIZE_BATCH:
             yield from _encode(tokenizer, batch)
