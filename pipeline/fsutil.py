@@ -127,12 +127,14 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
     The lock is an fcntl/flock lock, so the kernel drops it when its process dies: a crashed run
     never leaves the directory locked.
     """
-    lock = FileLock(str(Path(directory) / ".lock"), timeout=0)
+    lock_path = Path(directory) / ".lock"
+    lock = FileLock(str(lock_path), timeout=0)
     try:
         lock.acquire()
     except Timeout as e:
         raise KdpipeError(
-            f"another kdpipe process is writing {what} {directory}; wait for it to finish"
+            f"another kdpipe process is writing {what} {directory} (it holds the lock {lock_path}); "
+            "wait for it to finish"
         ) from e
     try:
         yield
