@@ -1,0 +1,368 @@
+"""Fault-injection soak: SIGKILL every stage at random moments, rerun, compare with a clean run.
+
+For each of teacher-dump, student-train, teacher-adapt and eval (tiny models and corpora built
+with tests/helpers.py) this runs an uninterrupted reference once, then `--trials` times: start the
+command as a subprocess, SIGKILL it after a seeded random delay drawn over the reference's
+runtime, record which files existed at the kill, rerun to completion and compare the end state
+with the reference:
+
+- caches: every shard byte-identical, manifest identical apart from created_at/finished_at,
+  the other cache files byte-identical;
+- weights: every safetensors tensor equal;
+- eval: report.json equal apart from timings and times, one part per unit;
+- no temporary file (`.*.tmp`) left anywhere;
+- nothing counted twice: metrics.jsonl steps strictly increasing and equal to the reference's.
+
+A trial is a *loss* when the rerun fails or an output is missing, a *silent corruption* when the
+rerun succeeds but the end state differs from the reference.
+
+    python bench/faults.py --trials 20 [--commands teacher-dump,eval] [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+                  PYTHONWARNINGS="ignore")
+
+KDPIPE = shutil.which("kdpipe", path=str(Path(sys.executable).parent)) or "kdpipe"
+DUMP = ("--seq-len", "32", "--shard-size", "4", "--top-k", "8", "--hidden-dim", "16",
+        "--temperatures", "1,2", "--batch-size", "4")
+TRAIN = ("--temperature", "2", "--batch-size", "8", "--seed", "0", "--epochs", "2",
+         "--save-every", "3", "--log-every", "1")
+TIMING_KEY = re.compile(r"(_at|_ms|_s|_per_s|_seconds|seconds|time|times|timing|timings|"
+                        r"elapsed|duration|throughput|tokens_per_s|steps_per_s|data_wait_pct)$")
+TIMESTAMPS = ("created_at", "finished_at")
+
+
+def sh(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([KDPIPE, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
+        if root.exists() else []
+
+
+def temporaries(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in root.rglob(".*.tmp")] if root.exists() else []
+
+
+# ------------------------------------------------------------------------------------ comparisons
+
+def cmp_cache(ours: Path, ref: Path) -> list[str]:
+    bad = []
+    if not (ours / "manifest.json").exists():
+        return [f"{ours}/manifest.json missing"]
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMESTAMPS}  # noqa: E731
+    if strip(json.loads((ours / "manifest.json").read_text())) != \
+            strip(json.loads((ref / "manifest.json").read_text())):
+        bad.append("manifest differs")
+    a = {f for f in files(ours) if f not in ("manifest.json", ".lock")}
+    b = {f for f in files(ref) if f not in ("manifest.json", ".lock")}
+    if a != b:
+        bad.append(f"files differ: extra {sorted(a - b)[:3]} missing {sorted(b - a)[:3]}")
+    bad += [f"{f} differs" for f in sorted(a & b) if not same_file(ours / f, ref / f, ours, ref)]
+    return bad
+
+
+def same_file(a: Path, b: Path, ours: Path, ref: Path) -> bool:
+    """Byte-identical, except that a JSON file may name its own output folder."""
+    if a.suffix == ".json":
+        return a.read_text().replace(str(ours), str(ref)) == b.read_text()
+    return sha(a) == sha(b)
+
+
+def load_json(p: Path, ours: Path, ref: Path):
+    return json.loads(p.read_text().replace(str(ours), str(ref)))
+
+
+def cmp_tensors(a: Path, b: Path) -> list[str]:
+    from safetensors.torch import load_file
+
+    if not a.exists():
+        return [f"{a} missing"]
+    ta, tb = load_file(str(a)), load_file(str(b))
+    if ta.keys() != tb.keys():
+        return [f"{a.name}: other tensor names"]
+    return [f"{a.name}:{k} differs" for k in ta if not (ta[k].dtype == tb[k].dtype
+                                                        and ta[k].shape == tb[k].shape
+                                                        and bool((ta[k] == tb[k]).all()))]
+
+
+def metric_steps(run: Path) -> list:
+    p = run / "metrics.jsonl"
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            out.append({"step": "TORN"})
+    return out
+
+
+def untimed(obj):
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if not TIMING_KEY.search(k) and k != "speed"}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+def cmp_metrics(ours: Path, ref: Path) -> list[str]:
+    a, b = metric_steps(ours), metric_steps(ref)
+    steps = [m.get("step") for m in a]
+    bad = []
+    if any(not isinstance(s, int) for s in steps) or steps != sorted(set(steps)):
+        bad.append(f"metrics steps not strictly increasing: {steps[:20]}")
+    if untimed(a) != untimed(b):
+        bad.append("metrics differ from the reference")
+    return bad
+
+
+# ------------------------------------------------------------------------------------ the commands
+
+class Command:
+    name: str
+    done_marker: str
+
+    def __init__(self, work: Path):
+        self.work = work
+
+    def args(self, out: Path) -> tuple:
+        raise NotImplementedError
+
+    def compare(self, out: Path, ref: Path) -> list[str]:
+        raise NotImplementedError
+
+
+class Dump(Command):
+    name, done_marker = "teacher-dump", "manifest.json"
+
+    def args(self, out):
+        return ("teacher-dump", "--teacher", self.work / "teacher", "--data", self.work / "corpus.txt",
+                "--out", out, *DUMP)
+
+    def compare(self, out, ref):
+        return cmp_cache(out, ref)
+
+
+class Train(Command):
+    name, done_marker = "student-train", "final/model.safetensors"
+
+    def args(self, out):
+        return ("student-train", "--cache", self.work / "cache", "--out", out, *TRAIN)
+
+    def compare(self, out, ref):
+        bad = []
+        for f in ("model.safetensors", "kdpipe_hidden_map.safetensors"):
+            if (ref / "final" / f).exists():
+                bad += cmp_tensors(out / "final" / f, ref / "final" / f)
+        return bad + cmp_metrics(out, ref)
+
+
+class Adapt(Command):
+    name, done_marker = "teacher-adapt", "model/model.safetensors"
+
+    def args(self, out):
+        c = self.work / "small.txt"
+        return ("teacher-adapt", "--teacher", self.work / "encoder", "--data", c, "--out", out,
+                "--heldout", c, "--heldout-sequences", "8", "--seq-len", "32", "--max-steps", "16",
+                "--batch-size", "8", "--warmup-steps", "2", "--lr", "3e-3", "--save-every", "3")
+
+    def compare(self, out, ref):
+        bad = cmp_tensors(out / "model" / "model.safetensors", ref / "model" / "model.safetensors")
+        if (ref / "cache").exists():
+            bad += ["cache: " + x for x in cmp_cache(out / "cache", ref / "cache")]
+        for sub in ("train", "run", ""):
+            if (ref / sub / "metrics.jsonl").exists():
+                bad += cmp_metrics(out / sub, ref / sub)
+        return bad
+
+
+class Eval(Command):
+    name, done_marker = "eval", "report.json"
+
+    def args(self, out):
+        w = self.work
+        return ("eval", "--teacher", w / "teacher", "--student", w / "run", "--task", w / "task.jsonl",
+                "--heldout", w / "small.txt", "--out", out, "--seeds", "3", "--epochs", "1",
+                "--batch-size", "8", "--lr", "1e-3", "--seq-len", "32", "--heldout-sequences", "16",
+                "--speed-repeats", "2", "--speed-warmup", "1", "--speed-batch-size", "4",
+                "--speed-seq-len", "16", "--max-train-examples", "40")
+
+    def compare(self, out, ref):
+        if not (out / "report.json").exists():
+            return ["report.json missing"]
+        bad = []
+        if untimed(load_json(out / "report.json", out, ref)) != \
+                untimed(json.loads((ref / "report.json").read_text())):
+            bad.append("report.json differs")
+        pa, pb = [f for f in files(out) if f.startswith("parts/")], \
+            [f for f in files(ref) if f.startswith("parts/")]
+        if pa != pb:
+            bad.append(f"parts differ: {sorted(set(pa) ^ set(pb))[:4]}")
+        for f in sorted(set(pa) & set(pb)):
+            if f.endswith(".json") and "speed" not in f and \
+                    untimed(load_json(out / f, out, ref)) != untimed(json.loads((ref / f).read_text())):
+                bad.append(f"{f} differs")
+        return bad
+
+
+COMMANDS = {c.name: c for c in (Dump, Train, Adapt, Eval)}
+
+
+def build_inputs(work: Path) -> None:
+    from helpers import tiny_corpus, tiny_teacher
+    from transformers import BertModel, BertTokenizerFast
+
+    tiny_teacher(work / "teacher")
+    tiny_corpus(work / "corpus.txt", lines=120)
+    tiny_corpus(work / "small.txt", lines=40, seed=3)
+    enc = work / "encoder"
+    BertModel.from_pretrained(work / "teacher").save_pretrained(enc)
+    BertTokenizerFast.from_pretrained(work / "teacher").save_pretrained(enc)
+    rnd = random.Random(0)
+    from helpers import WORDS
+    with open(work / "task.jsonl", "w") as f:
+        for i in range(60):
+            label = ("pos", "neg")[i % 2]
+            cue = "great light" if label == "pos" else "war old"
+            f.write(json.dumps({"text": " ".join(rnd.choice(WORDS) for _ in range(5)) + " " + cue,
+                                "label": label}) + "\n")
+
+
+def reference(cmd: Command, out: Path) -> tuple[float, float]:
+    """Run uninterrupted; (seconds until its first output file appeared, total seconds)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([KDPIPE, *map(str, cmd.args(out))], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    first = None
+    while proc.poll() is None:
+        if first is None and out.exists() and any(p.is_file() for p in out.rglob("*")):
+            first = time.monotonic() - t0
+        time.sleep(0.01)
+    total = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"reference {cmd.name} failed:\n{proc.stderr.read()}")
+    return (first if first is not None else 0.0), total
+
+
+def trial(cmd: Command, ref: Path, out: Path, delay: float) -> dict:
+    proc = subprocess.Popen([KDPIPE, *map(str, cmd.args(out))], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.monotonic() + delay
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    hit = proc.poll() is None
+    if hit:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    existed = files(out)
+    hit = hit and cmd.done_marker not in existed
+    where = {"files": len(existed), "tmp": sum(".tmp" in f for f in existed),
+             "shards": sum(f.startswith("shards/") for f in existed),
+             "checkpoints": len({f.split("/")[1] for f in existed if f.startswith("checkpoints/ckpt")}),
+             "parts": sum(f.startswith("parts/") for f in existed),
+             "manifest": "manifest.json" in existed}
+    r = sh(*cmd.args(out))
+    res = {"delay": round(delay, 2), "hit": hit, "at_kill": where, "rerun_rc": r.returncode}
+    if r.returncode != 0:
+        res["outcome"], res["why"] = "loss", (r.stderr.strip().splitlines() or ["?"])[-1]
+        return res
+    bad = cmd.compare(out, ref)
+    left = temporaries(out)
+    if left:
+        bad.append(f"temporaries left: {left[:3]}")
+    res["outcome"] = "correct" if not bad else "corruption"
+    if bad:
+        res["why"] = bad[:5]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--commands", default=",".join(COMMANDS))
+    ap.add_argument("--work", type=Path, default=None, help="keep everything here (default: a temp dir)")
+    ap.add_argument("--log", type=Path, default=None, help="write every trial as JSON lines here")
+    ap.add_argument("--write-results", action="store_true", help="append the table to bench/RESULTS.md")
+    a = ap.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="kdpipe-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.timezone.utc)
+    if not (work / "teacher").exists():
+        build_inputs(work)
+    rng = random.Random(a.seed)
+    rows = []
+    log = open(a.log, "a") if a.log else None
+    for name in a.commands.split(","):
+        cmd = COMMANDS[name](work)
+        if name == "student-train" and not (work / "cache" / "manifest.json").exists():
+            reference(Dump(work), work / "cache")
+        if name == "eval" and not (work / "run" / "final").exists():
+            if not (work / "cache" / "manifest.json").exists():
+                reference(Dump(work), work / "cache")
+            reference(Train(work), work / "run")
+        ref = work / f"ref-{name}"
+        shutil.rmtree(ref, ignore_errors=True)
+        first, runtime = reference(cmd, ref)
+        counts = {"trials": 0, "hit": 0, "correct": 0, "loss": 0, "corruption": 0}
+        for i in range(a.trials):
+            out = work / f"trial-{name}-{i}"
+            shutil.rmtree(out, ignore_errors=True)
+            # mostly while output is being written (shards, checkpoints, parts), some before
+            res = trial(cmd, ref, out, rng.uniform(max(0.3, first - 0.5), runtime))
+            res.update(command=name, trial=i)
+            counts["trials"] += 1
+            counts["hit"] += res["hit"]
+            counts[res["outcome"]] += 1
+            print(json.dumps(res), flush=True)
+            if log:
+                log.write(json.dumps(res) + "\n")
+                log.flush()
+            if res["outcome"] == "correct":
+                shutil.rmtree(out, ignore_errors=True)
+        rows.append((name, runtime, first, counts))
+    table = ["| command | reference run (s) | first output at (s) | trials | kills that hit mid-run | correct resumes | losses | silent corruptions |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {n} | {t:.1f} | {f:.1f} | {c['trials']} | {c['hit']} | {c['correct']} | {c['loss']} | {c['corruption']} |"
+              for n, t, f, c in rows]
+    print("\n".join(table))
+    if a.write_results:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(f"\n## Fault injection (issue 6)\n\n`python bench/faults.py --trials {a.trials} "
+                    f"--seed {a.seed}` — started {started:%a %b %d %H:%M:%S UTC %Y}.\n"
+                    "Each trial: SIGKILL after a seeded delay uniform from 0.5 s before "
+                    "the reference's first output file to its end, rerun to completion, compare with the reference "
+                    "(shards and manifest bytes, safetensors tensors, report.json without timings, "
+                    "metrics steps, parts, no `.*.tmp`). A kill that 'hit mid-run' found the process "
+                    "alive and its final output absent.\n\n" + "\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
