@@ -204,9 +204,40 @@ def measure(size: Size, n_batches: int, batch: int, seq_len: int, k: int, dim: i
               + " ".join(f"{n}={seconds[n]:.1f}s" for n in names), file=sys.stderr, flush=True)
     tokens = sum(len(s) for b in batches for s in b)
     tps = {n: tokens / seconds[n] for n in names}
+    split = breakdown(model, methods["dump"].runner, batches[0])
     return {"size": size, "tokens": tokens, "tok_s": tps, "seconds": dict(seconds), "parts": dict(parts),
             "dump_bare": tps["dump"] / tps["bare"], "dump_naive": tps["dump"] / tps["naive"],
-            "dump_bare_median": float(np.median(per_batch))}
+            "dump_bare_median": float(np.median(per_batch)), "breakdown": split}
+
+
+@torch.inference_mode()
+def breakdown(model: torch.nn.Module, runner, seqs: list[np.ndarray], repeats: int = 3) -> dict[str, float]:
+    """Seconds for one batch (best of `repeats`): the bare pass, and the runner's parts: the
+    encoder (model up to the decoder input), the decoder matmul in the runner's chunks, the
+    top-k, and the rest of the reduction (exp and sums for log Z at every T)."""
+    from kdpipe.pipeline.teacher import reduce_logits, topk
+
+    ids, att = to_tensors(seqs)
+    _, x = runner.hidden_and_decoder_input(ids, att)
+    chunks = [x[i:i + runner.chunk] for i in range(0, x.shape[0], runner.chunk)]
+    logits = lambda: [torch.addmm(runner.bias, c, runner.weight_t) for c in chunks]  # noqa: E731
+    z = logits()
+    parts = {
+        "bare forward": lambda: model(input_ids=ids, attention_mask=att).logits,
+        "encoder": lambda: runner.hidden_and_decoder_input(ids, att),
+        "decoder matmul": logits,
+        "top-k": lambda: [topk(c, runner.k) for c in z],
+        "top-k + log Z": lambda: [reduce_logits(c.clone(), runner.k, runner.temperatures) for c in z],
+        "copy (subtracted)": lambda: [c.clone() for c in z],
+    }
+    best = {name: float("inf") for name in parts}
+    for _ in range(repeats):
+        for name, f in parts.items():
+            t0 = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    best["log Z"] = best.pop("top-k + log Z") - best.pop("copy (subtracted)") - best["top-k"]
+    return best
 
 
 def bytes_per_token(n_batches: int, batch: int, seq_len: int, ks: list[int], dims: list[int], work: Path
@@ -258,6 +289,11 @@ def speed_table(results: list[dict]) -> str:
         p = r["parts"]
         lines.append(f"| {r['size'].name} | {r['seconds']['bare']:.1f} | {p['teacher+mask']:.1f} | "
                      f"{p['to_table']:.2f} | {p['write']:.2f} |")
+    names = list(results[0]["breakdown"])
+    lines += ["", "Inside the teacher step, one batch (seconds, best of 3):", "",
+              "| teacher | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for r in results:
+        lines.append(f"| {r['size'].name} | " + " | ".join(f"{r['breakdown'][n]:.3f}" for n in names) + " |")
     return "\n".join(lines)
 
 
