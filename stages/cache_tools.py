@@ -24,7 +24,9 @@ def info(cache_dir: Path) -> dict[str, Any]:
         "shards": len(m.shards), "sequences": m.sequences, "rows": m.rows, "tokens": m.tokens,
         "bytes": m.bytes, "bytes_per_token": m.bytes_per_token,
         "bytes_per_token_by_column": m.bytes_per_token_by_column,
-        "top_k": m.top_k, "temperatures": m.temperatures, "hidden_dim": m.hidden_dim,
+        "targets": m.targets, "target_positions": m.target_positions, "top_k": m.top_k,
+        "temperatures": m.temperatures, "samples": m.samples, "state_dim": m.state_dim,
+        "hidden_dim": m.hidden_dim,
         "created_at": m.created_at, "finished_at": m.finished_at,
     }
 
