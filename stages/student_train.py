@@ -41,8 +41,8 @@ from kdpipe.pipeline.config import StageConfig
 from kdpipe.pipeline.device import autocast, pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (
-    atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, read_json, safe_join,
-    sha256_bytes,
+    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, read_json,
+    remove_stale_tmp, safe_join, sha256_bytes,
 )
 from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
 from kdpipe.pipeline.losses import LossSpec, distillation_loss
@@ -281,7 +281,10 @@ def check_run_dir(s: Setup) -> RunRecord | None:
         return None
     record_path = out / RUN_NAME
     if not record_path.is_file():
-        if {p.name for p in out.iterdir()} - {".lock"}:
+        # ours: the lock, and the temporary of a run.json whose writer was killed before the rename
+        ours = {p.name for p in out.iterdir()
+                if p.name == ".lock" or (p.name.startswith(f".{RUN_NAME}.") and p.name.endswith(TMP_SUFFIX))}
+        if {p.name for p in out.iterdir()} - ours:
             raise KdpipeError(f"run directory {out} is not empty and holds no kdpipe student run; "
                               "refusing to write into it (use another --out)")
         return None
@@ -591,6 +594,7 @@ def main(cfg: StudentConfig) -> dict[str, Any]:
         for p in s.out.glob(".final.tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
         ckpt.remove_stale_tmp(s.out)
+        remove_stale_tmp(s.out)  # a run.json temporary whose writer was killed before the rename
         if record is None:
             record = RunRecord(
                 run_id=uuid.uuid4().hex, cache=str(s.cache.resolve()),

@@ -114,6 +114,21 @@ def test_a_lock_left_by_a_killed_run_does_not_block_the_rerun(tmp_path, referenc
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
+
+def test_a_run_killed_while_writing_its_record_resumes(tmp_path, reference_cache, kdpipe_inproc):
+    """Killed between creating run.json's temporary and renaming it: the directory holds only our
+    lock and that temporary, and the rerun starts the run instead of refusing a 'foreign' folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").touch()
+    (out / ".run.json.4242.tmp").write_text('{"half": ')
+    rerun = kdpipe_inproc("student-train", "--cache", reference_cache, "--out", out, *TRAIN,
+                          "--max-steps", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "final" / "model.safetensors").is_file()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
 # ---------------------------------------------------------- (b) damage found before training uses it
 
 SHARD = "shards/shard-00003.parquet"
