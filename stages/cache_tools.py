@@ -1,4 +1,10 @@
-"""`kdpipe cache verify|info`: check a cache against its manifest; say what it holds."""
+"""`kdpipe cache verify|info|fidelity`: check a cache against its manifest; say what it holds; measure
+how faithful each target mode's L_ce would be on its positions.
+
+    kdpipe cache verify caches/wiki
+    kdpipe cache fidelity caches/wiki --teacher ./bert-mlm --k 8,32,128 --samples 8,32,128 \
+        --temperatures 1,2,4 --positions 2000 --out fidelity.json
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from typing import Any
 import click
 
 from kdpipe.pipeline.cache import Problem, load_manifest, verify_cache
-from kdpipe.pipeline.cli import LazyGroup, echo_json
+from kdpipe.pipeline.cli import LazyGroup, echo_json, floats_option, ints_option
+from kdpipe.pipeline.fsutil import atomic_write_json
 
 
 def verify(cache_dir: Path) -> list[Problem]:
@@ -53,3 +60,34 @@ def verify_command(cache_dir: Path) -> None:
 def info_command(cache_dir: Path) -> None:
     """Print what a cache holds and what it was made from."""
     echo_json(info(cache_dir))
+
+
+@command.command("fidelity", epilog="Example: kdpipe cache fidelity caches/wiki --teacher ./bert-mlm "
+                 "--k 8,32,128 --samples 8,32,128 --temperatures 1,2,4 --out fidelity.json")
+@click.argument("cache_dir", type=click.Path(path_type=Path))
+@click.option("--teacher", required=True, help="The cache's teacher (its weights are checked).")
+@click.option("--student", help="A student model folder or student-train run directory. "
+              "[the DistilBERT-init student: half the teacher's layers, copied from it]")
+@click.option("--positions", type=int, default=2000, show_default=True,
+              help="Target positions to sample (whole rows: a few more).")
+@click.option("--k", "ks", callback=ints_option, default="8,32,128", show_default=True,
+              help="Top-k sizes to compare.")
+@click.option("--samples", callback=ints_option, default="8,32,128", show_default=True,
+              help="Draws per position of the sampled mode to compare.")
+@click.option("--temperatures", callback=floats_option, default="1,2,4", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which rows are sampled.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
+def fidelity_command(cache_dir: Path, teacher: str, student: str | None, positions: int, ks: list[int],
+                     samples: list[int], temperatures: list[float], seed: int, device: str,
+                     out: Path | None) -> None:
+    """Compare L_ce of each target mode (topk k, sampled N, exact) with the exact full-vocabulary
+    KL on positions of CACHE_DIR: loss error, gradient angle and norm, bytes per token."""
+    from kdpipe.pipeline.fidelity import FidelitySpec, markdown, run_fidelity
+
+    spec = FidelitySpec(positions=positions, ks=tuple(ks), samples=tuple(samples),
+                        temperatures=tuple(temperatures), seed=seed, device=device)
+    report = run_fidelity(cache_dir, teacher, student, spec)
+    if out is not None:
+        atomic_write_json(out, report)
+    click.echo(markdown(report))

@@ -1,0 +1,462 @@
+"""How faithful each target mode's L_ce is, measured on real positions of a cache.
+
+    kdpipe cache fidelity caches/wiki --teacher ./bert-mlm --positions 2000 \
+        --k 8,32,128 --samples 8,32,128 --temperatures 1,2,4 --out fidelity.json
+
+On a seeded sample of the cache's rows (their masked inputs, as the teacher saw them) and at the
+cache's target positions (every token, or the masked ones), the teacher gives full float32 logits
+and a student gives its own (by default the DistilBERT-init student: half the teacher's layers,
+copied from it, and its embeddings and head). Each mode's target is then made exactly as
+teacher-dump makes it and stores it:
+
+- topk k: `teacher.reduce_logits` (ids, raw logits stored fp16, log Z fp32 over the full
+  vocabulary), L_ce = `losses.topk_kl` (k tokens + the tail bucket);
+- sampled N: N inverse-CDF draws at T from `targets.position_uniforms` seeded as the dump seeds
+  them (the cache's seed, sequence, view, position), L_ce = `losses.sampled_ce` - H(p_T), so that
+  it estimates the KL and not the cross-entropy;
+- exact: the decoder input stored fp16, L_ce = `losses.exact_kl_from_state`.
+
+Each is compared with the exact full-vocabulary KL(p_T || q_T) computed in float64 from the
+float32 teacher logits: the relative error of the mean L_ce (signed; with its standard error over
+positions), and, per position, the cosine, angle and norm ratio of its gradient w.r.t. the
+student logits against the exact gradient (`targets.gradient_fidelity`). Bytes per token of each
+target column are measured by writing the sampled rows' column with the shard writer and the
+cache's zstd level (`shards.write_shard`: byte-stream split, no dictionary), divided by the
+rows' tokens. Where the cache itself holds one of the settings, its stored targets are compared
+with the recomputed ones (`cache_check`): the draws and top-k the report simulates are the dump's.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from kdpipe.pipeline import student as stu
+from kdpipe.pipeline.cache import load_manifest, open_shard
+from kdpipe.pipeline.device import pick_device
+from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
+from kdpipe.pipeline.losses import exact_kl_from_state, sampled_ce, topk_kl
+from kdpipe.pipeline.shards import ShardData, column_bytes, from_table, to_table, write_shard
+from kdpipe.pipeline.targets import gradient_fidelity, position_uniforms, sample_counts
+from kdpipe.pipeline.teacher import TeacherRunner, load_teacher, reduce_logits, resolve_model_path, weights_sha256
+from kdpipe.schemas.manifest import Manifest
+from kdpipe.schemas.shard import TARGET_COLUMNS, shard_schema
+
+
+@dataclass(frozen=True)
+class FidelitySpec:
+    positions: int = 2000  # target positions to evaluate (whole rows are taken: a few more)
+    ks: tuple[int, ...] = (8, 32, 128)
+    samples: tuple[int, ...] = (8, 32, 128)
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
+    seed: int = 0  # which rows are sampled
+    chunk: int = 256  # positions whose (C, V) logits exist at once
+    batch_size: int = 16  # rows per teacher / student forward
+    device: str = "auto"
+
+    def problems(self, vocab_size: int) -> list[str]:
+        out = []
+        if self.positions < 1:
+            out.append("--positions must be at least 1")
+        if not self.ks and not self.samples:
+            out.append("nothing to compare: give --k and/or --samples")
+        if any(k < 1 or k > vocab_size for k in self.ks):
+            out.append(f"--k values must lie in 1..{vocab_size} (the vocabulary)")
+        if any(n < 1 or n > 65535 for n in self.samples):
+            out.append("--samples values must lie in 1..65535")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            out.append("--temperatures must be positive")
+        if len(set(self.temperatures)) != len(self.temperatures):
+            out.append("--temperatures must be distinct")
+        return out
+
+
+@dataclass
+class Rows:
+    """The sampled rows: a ShardData of those rows (in sample order), and their target positions."""
+
+    data: ShardData
+    targets: list[np.ndarray]  # per row, positions within the row that hold targets
+    stored: dict[str, np.ndarray] = field(default_factory=dict)  # the cache's own target columns
+
+    @property
+    def n_targets(self) -> int:
+        return int(sum(len(t) for t in self.targets))
+
+
+# --------------------------------------------------------------------------------- the sample
+
+def _targets_of(data: ShardData, r: int, positions: str) -> np.ndarray:
+    if positions == "masked":
+        mo = data.mlm_offsets()
+        return data.mlm_positions[mo[r]:mo[r + 1]].astype(np.int64)
+    return np.arange(int(data.length[r]), dtype=np.int64)
+
+
+def select_rows(cache_dir: Path, m: Manifest, n_positions: int, seed: int) -> Rows:
+    """Rows drawn without replacement (seeded) until they hold at least `n_positions` target
+    positions; each shard is hash-checked and only its needed rows kept (memory ~ the sample)."""
+    total = sum(e.rows for e in m.shards)
+    if total == 0:
+        raise KdpipeError(f"cache {cache_dir} lists no rows")
+    order = np.random.default_rng([seed, 0xF1DE]).permutation(total)
+    starts = np.concatenate([[0], np.cumsum([e.rows for e in m.shards])])
+    per_row = (m.tokens / max(m.rows, 1)) * (m.fingerprint.get("masking", {}).get("mask_prob", 0.15)
+                                              if m.target_positions == "masked" else 1.0)
+    stored_cols = [c for c in TARGET_COLUMNS[m.targets]]
+    columns = ["seq_id", "view", "length", "input_ids", "mlm_positions", "mlm_labels", *stored_cols]
+    picked: list[tuple[ShardData, int, np.ndarray]] = []
+    got, taken = 0, 0
+    while got < n_positions and taken < total:
+        want = max(1, math.ceil(1.2 * (n_positions - got) / max(per_row, 1e-9)))
+        block = order[taken:taken + want]
+        taken += len(block)
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for g in block:
+            by_shard[int(np.searchsorted(starts, g, side="right") - 1)].append(int(g))
+        found: dict[int, tuple[ShardData, int]] = {}
+        for s, rows in sorted(by_shard.items()):
+            table = pq.read_table(open_shard(cache_dir, m.shards[s]), columns=columns)
+            local = [g - int(starts[s]) for g in rows]
+            sub = from_table(table.take(pa.array(local, pa.int64())))
+            for i, g in enumerate(rows):
+                found[g] = (sub, i)
+        for g in block:  # in sample order, stopping once there are enough positions
+            if got >= n_positions:
+                break
+            sub, i = found[int(g)]
+            t = _targets_of(sub, i, m.target_positions)
+            picked.append((sub, i, t))
+            got += len(t)
+    return _gather(picked, stored_cols)
+
+
+def _gather(picked: list[tuple[ShardData, int, np.ndarray]], stored_cols: list[str]) -> Rows:
+    """One ShardData of the picked rows, in order, and the cache's stored target rows beside it."""
+    parts: dict[str, list[np.ndarray]] = defaultdict(list)
+    stored: dict[str, list[np.ndarray]] = defaultdict(list)
+    for d, i, _ in picked:
+        off, mo = d.offsets(), d.mlm_offsets()
+        for name in ("seq_id", "view", "length", "mlm_count"):
+            parts[name].append(getattr(d, name)[i:i + 1])
+        parts["input_ids"].append(d.input_ids[off[i]:off[i + 1]])
+        parts["mlm_positions"].append(d.mlm_positions[mo[i]:mo[i + 1]])
+        parts["mlm_labels"].append(d.mlm_labels[mo[i]:mo[i + 1]])
+        to = d.target_offsets()
+        for c in stored_cols:
+            if c in ("sample_ids", "sample_counts"):
+                so = d.sample_offsets()
+                lo, hi = so[to[i]], so[to[i + 1]]
+                stored[c].append(getattr(d, c)[lo:hi])
+                if c == "sample_ids":
+                    stored["sample_len"].append(d.sample_len[to[i]:to[i + 1]])
+            elif getattr(d, c) is not None:
+                stored[c].append(getattr(d, c)[to[i]:to[i + 1]])
+    data = ShardData(**{k: np.concatenate(v) for k, v in parts.items()})
+    return Rows(data, [t for _, _, t in picked], {k: np.concatenate(v) for k, v in stored.items()})
+
+
+# ---------------------------------------------------------------------------------- the models
+
+def default_student(teacher: torch.nn.Module, seed: int = 0) -> tuple[torch.nn.Module, str]:
+    """The DistilBERT-init student: the teacher's architecture with half its layers, layers
+    0, 2, 4, ... copied from it, and its embeddings and MLM head."""
+    cfg = stu.student_config(teacher.config.to_dict())
+    with torch.random.fork_rng(devices=[]):  # build_student seeds the global RNG
+        model = stu.build_student(cfg, seed)
+    layers = stu.default_layer_map(int(teacher.config.num_hidden_layers), int(cfg.num_hidden_layers))
+    stu.init_from_teacher(model, teacher.state_dict(), layers)
+    return model.eval(), f"DistilBERT init: teacher layers {','.join(map(str, layers))} (seed {seed})"
+
+
+def load_student(spec: str) -> tuple[torch.nn.Module, str]:
+    from kdpipe.pipeline.models import load_model, resolve_student
+
+    m = resolve_student(spec)
+    load_model(m)
+    if m.missing_head:
+        raise KdpipeError(f"student {spec} has no trained masked-LM head ({m.missing_head[0]} missing)")
+    return m.module.eval(), str(m.path)
+
+
+def check_teacher(model: torch.nn.Module, m: Manifest, path: str) -> None:
+    want = m.fingerprint.get("teacher", {}).get("weights_sha256")
+    if want is not None:
+        got = weights_sha256(model)
+        if got != want:
+            raise CacheMismatchError(f"teacher {path} is not the teacher this cache was made from "
+                                     f"(weights SHA-256 {got[:12]}..., the cache says {want[:12]}...)")
+    if int(model.config.vocab_size) != m.vocab_size:
+        raise CacheMismatchError(f"teacher {path} has {model.config.vocab_size} tokens, the cache {m.vocab_size}")
+
+
+def _pad(rows: Rows, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d, off = rows.data, rows.data.offsets()
+    width = int(max(d.length[i] for i in idx))
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # (B, T)
+    att = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
+    for j, i in enumerate(idx):
+        n = int(d.length[i])
+        ids[j, :n] = torch.from_numpy(d.input_ids[off[i]:off[i + 1]].astype(np.int64))
+        att[j, :n] = 1
+    return ids, att
+
+
+@torch.no_grad()
+def forward_rows(rows: Rows, runner: TeacherRunner, student: torch.nn.Module, spec: FidelitySpec,
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, H') teacher decoder inputs and (P, H_s) student last hidden states at the target
+    positions, row-major over the sampled rows."""
+    body, device = stu.body(student), runner.device
+    xs, hs = [], []
+    for lo in range(0, rows.data.rows, spec.batch_size):
+        idx = list(range(lo, min(lo + spec.batch_size, rows.data.rows)))
+        ids, att = _pad(rows, idx, pad_id)
+        _, x = runner.hidden_and_decoder_input(ids, att)  # (N, H') non-padding positions, row-major
+        h = body(input_ids=ids.to(device), attention_mask=att.to(device))[0][att.to(device).bool()]  # (N, H_s)
+        starts = np.concatenate([[0], np.cumsum([int(rows.data.length[i]) for i in idx])])
+        pick = torch.from_numpy(np.concatenate([starts[j] + rows.targets[i] for j, i in enumerate(idx)]))
+        xs.append(x.clone()[pick.to(device)].float())
+        hs.append(h[pick.to(device)].float())
+    return torch.cat(xs), torch.cat(hs)
+
+
+# ----------------------------------------------------------------------------------- measuring
+
+class _Acc:
+    """Sums over positions for one (mode, setting, T)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mode = self.exact = self.diff2 = 0.0
+        self.cos = self.angle = self.ratio = 0.0
+        self.extra = 0.0  # topk: teacher mass in the top-k; sampled: distinct draws
+
+    def add(self, mode: torch.Tensor, exact: torch.Tensor, grad: tuple[float, float, float],
+            extra: float = 0.0) -> None:
+        c = int(mode.shape[0])
+        d = (mode.double() - exact.double())
+        self.n += c
+        self.mode += mode.double().sum().item()
+        self.exact += exact.double().sum().item()
+        self.diff2 += (d * d).sum().item()
+        self.cos, self.angle, self.ratio = (a + c * g for a, g in zip((self.cos, self.angle, self.ratio), grad))
+        self.extra += c * extra
+
+
+def _kl64(log_p: torch.Tensor, zs: torch.Tensor, t: float) -> torch.Tensor:
+    """(C,) KL(p || softmax(zs / T)) in float64; log_p (C, V) float64."""
+    return (log_p.exp() * (log_p - F.log_softmax(zs.double() / t, dim=-1))).sum(-1)
+
+
+def measure(rows: Rows, x: torch.Tensor, hs: torch.Tensor, runner: TeacherRunner, head: torch.nn.Module,
+            spec: FidelitySpec, seed: int) -> tuple[dict[tuple[str, int, float], _Acc], dict[str, Any]]:
+    """Accumulators per (mode, setting, T), and every mode's stored target columns for the rows."""
+    temps = tuple(sorted(spec.temperatures))
+    kmax = max(spec.ks) if spec.ks else 0
+    weight, bias = runner.weight_t.t(), runner.bias  # (V, H'), (V,)
+    d, lengths = rows.data, rows.data.length.astype(np.int64)
+    uniforms = {n: np.concatenate([position_uniforms(seed, int(d.seq_id[i]), int(d.view[i]), int(lengths[i]), n)
+                                   [rows.targets[i]] for i in range(d.rows)]) for n in spec.samples}  # (P, N)
+    accs: dict[tuple[str, int, float], _Acc] = defaultdict(_Acc)
+    cols: dict[str, list] = defaultdict(list)
+    for lo in range(0, x.shape[0], spec.chunk):
+        xc = x[lo:lo + spec.chunk]  # (C, H')
+        with torch.no_grad():
+            z = runner.logits(xc)  # (C, V) float32, the teacher's full logits
+            s = head(hs[lo:lo + spec.chunk]).float()  # (C, V) the student's
+            state16 = xc.half()  # (C, H') as the exact mode stores it
+            if kmax:
+                ids, vals, log_z = reduce_logits(z.clone(), kmax, temps)  # (C, k), (C, k), (C, n_T)
+                vals16 = vals.half().float()
+                cols["topk_ids"].append(ids)
+                cols["topk_logits"].append(vals16)
+                cols["log_z"].append(log_z)
+            cols["teacher_state"].append(state16)
+        for ti, t in enumerate(temps):
+            with torch.no_grad():
+                log_p = F.log_softmax(z.double() / t, dim=-1)  # (C, V) float64
+                exact = _kl64(log_p, s, t)  # (C,)
+                entropy = -(log_p.exp() * log_p).sum(-1)  # (C,) H(p_T)
+
+            def exact_fn(zs: torch.Tensor, log_p: torch.Tensor = log_p, t: float = t) -> torch.Tensor:
+                return _kl64(log_p, zs, t)
+
+            def run(key: tuple[str, int, float], fn: Any, extra: float = 0.0) -> None:
+                with torch.no_grad():
+                    value = fn(s)
+                accs[key].add(value, exact, gradient_fidelity(fn, exact_fn, s), extra)
+
+            head_w = (weight, bias)
+            run(("exact", 0, t), lambda zs: exact_kl_from_state(zs, state16, head_w, t))
+            for k in spec.ks:
+                idk, vk, lz = ids[:, :k], vals16[:, :k], log_z[:, ti]
+                mass = (vk / t - lz[:, None]).exp().sum(-1).clamp(max=1).mean().item()
+                run(("topk", k, t), lambda zs, idk=idk, vk=vk, lz=lz: topk_kl(zs, idk, vk, lz, t), mass)
+            for n in spec.samples:
+                u = torch.from_numpy(uniforms[n][lo:lo + spec.chunk])
+                sid, cnt = sample_counts(z, t, u)  # (C, N) ids with repeats, counts at first occurrences
+                keep = cnt > 0
+                cols[f"sampled/{n}/{t:g}"].append((sid[keep], cnt[keep], keep.sum(-1)))
+                run(("sampled", n, t), lambda zs, sid=sid, cnt=cnt, h=entropy: sampled_ce(zs, sid, cnt, t) - h,
+                    keep.sum(-1).double().mean().item())
+    return accs, cols
+
+
+# ------------------------------------------------------------------------------------- bytes
+
+def _column_bytes(rows: Rows, mode: str, targets: dict[str, np.ndarray], m: Manifest, n_temps: int,
+                  workdir: Path) -> int:
+    """Compressed bytes of a mode's target columns for the sampled rows, written by the shard
+    writer with the cache's zstd level."""
+    d = rows.data
+    k = targets["topk_ids"].shape[1] if "topk_ids" in targets else 0
+    state_dim = targets["teacher_state"].shape[1] if "teacher_state" in targets else 0
+    schema = shard_schema(m.vocab_size, k, n_temps, 1, mode, state_dim)
+    names = TARGET_COLUMNS[mode]
+    sub = pa.schema([schema.field(c) for c in names])
+    data = ShardData(seq_id=d.seq_id, view=d.view, length=d.length, input_ids=d.input_ids,
+                     mlm_count=d.mlm_count, mlm_positions=d.mlm_positions, mlm_labels=d.mlm_labels,
+                     target_count=np.array([len(t) for t in rows.targets]), **targets)
+    path = workdir / f"{mode}.parquet"
+    level = int(m.fingerprint.get("storage", {}).get("zstd_level", 3))
+    write_shard(path, to_table(data, sub), "0" * 64, level)
+    return sum(v for c, v in column_bytes(path).items() if c in names)
+
+
+# ------------------------------------------------------------------------------------ the report
+
+def run_fidelity(cache_dir: Path, teacher: str, student: str | None, spec: FidelitySpec) -> dict[str, Any]:
+    """The whole measurement; returns the report (rows of the table, plus what it was made from)."""
+    cache_dir = Path(cache_dir)
+    m = load_manifest(cache_dir)
+    problems = spec.problems(m.vocab_size)
+    if problems:
+        raise KdpipeError("; ".join(problems))
+    path = resolve_model_path(teacher)
+    model = load_teacher(path)
+    check_teacher(model, m, teacher)
+    if student is None:
+        smodel, sdesc = default_student(model, spec.seed)
+    else:
+        smodel, sdesc = load_student(student)
+        if int(smodel.config.vocab_size) != m.vocab_size:
+            raise CacheMismatchError(f"student {student} has {smodel.config.vocab_size} tokens, "
+                                     f"the cache {m.vocab_size}")
+    device = pick_device(spec.device)
+    runner = TeacherRunner(model, 1, (1.0,), torch.eye(int(model.config.hidden_size)), device)
+    smodel.to(device)
+    rows = select_rows(cache_dir, m, spec.positions, spec.seed)
+    pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
+    x, hs = forward_rows(rows, runner, smodel, spec, pad_id)
+    seed = int(m.fingerprint.get("masking", {}).get("seed", 0))
+    temps = tuple(sorted(spec.temperatures))
+    accs, cols = measure(rows, x, hs, runner, stu.mlm_head(smodel), spec, seed)
+
+    tokens = int(rows.data.length.sum())
+    n_targets = rows.n_targets
+    bytes_of: dict[tuple[str, int, float], int] = {}
+    with tempfile.TemporaryDirectory(prefix="kdpipe-fidelity-") as tmp:
+        work = Path(tmp)
+        state = torch.cat(cols["teacher_state"]).cpu().numpy()
+        b = _column_bytes(rows, "exact", {"teacher_state": state}, m, 0, work)
+        for t in temps:
+            bytes_of[("exact", 0, t)] = b
+        if spec.ks:
+            ids, vals, lz = (torch.cat(cols[c]).cpu().numpy() for c in ("topk_ids", "topk_logits", "log_z"))
+            for k in spec.ks:
+                b = _column_bytes(rows, "topk", {"topk_ids": ids[:, :k], "topk_logits": vals[:, :k],
+                                                 "log_z": lz}, m, len(temps), work)
+                for t in temps:
+                    bytes_of[("topk", k, t)] = b
+        for n in spec.samples:
+            for t in temps:
+                parts = cols[f"sampled/{n}/{t:g}"]
+                sid, cnt, slen = (torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(3))
+                bytes_of[("sampled", n, t)] = _column_bytes(
+                    rows, "sampled", {"sample_ids": sid, "sample_counts": cnt, "sample_len": slen}, m, 0, work)
+
+    results = []
+    for (mode, setting, t), a in sorted(accs.items(), key=lambda kv: (kv[0][2], _MODE_ORDER[kv[0][0]], kv[0][1])):
+        mean_mode, mean_exact = a.mode / a.n, a.exact / a.n
+        var = max(a.diff2 / a.n - ((a.mode - a.exact) / a.n) ** 2, 0.0)
+        results.append({
+            "mode": mode, "setting": setting, "temperature": t,
+            "loss_ce": mean_mode * t * t, "loss_ce_exact": mean_exact * t * t,
+            "loss_rel_error": (mean_mode - mean_exact) / mean_exact if mean_exact > 0 else float("nan"),
+            "loss_rel_error_se": math.sqrt(var / a.n) / mean_exact if mean_exact > 0 else float("nan"),
+            "grad_cosine": a.cos / a.n, "grad_angle_deg": a.angle / a.n, "grad_norm_ratio": a.ratio / a.n,
+            "bytes_per_token": bytes_of[(mode, setting, t)] / tokens,
+            "bytes_per_target": bytes_of[(mode, setting, t)] / n_targets,
+            **({"teacher_topk_mass": a.extra / a.n} if mode == "topk" else {}),
+            **({"distinct_draws": a.extra / a.n} if mode == "sampled" else {}),
+        })
+    return {
+        "cache": str(cache_dir), "cache_fingerprint_sha256": m.fingerprint_sha256,
+        "cache_targets": m.targets, "target_positions": m.target_positions,
+        "teacher": str(teacher), "student": sdesc, "device": str(device),
+        "rows": rows.data.rows, "positions": n_targets, "tokens": tokens,
+        "spec": {"positions": spec.positions, "k": list(spec.ks), "samples": list(spec.samples),
+                 "temperatures": list(temps), "seed": spec.seed, "draw_seed": seed},
+        "bytes_measured": (f"each target column written by the shard writer (zstd level "
+                           f"{m.fingerprint.get('storage', {}).get('zstd_level', 3)}, byte-stream split) "
+                           f"for the {rows.data.rows} sampled rows, divided by their {tokens} tokens"),
+        "cache_bytes_per_token_by_column": m.bytes_per_token_by_column,
+        "cache_check": cache_check(rows, m, cols, x, temps),
+        "results": results,
+    }
+
+
+_MODE_ORDER = {"topk": 0, "sampled": 1, "exact": 2}
+
+
+def cache_check(rows: Rows, m: Manifest, cols: dict[str, list], x: torch.Tensor,
+                temps: tuple[float, ...]) -> dict[str, Any] | None:
+    """The cache's stored targets at the sampled positions against the ones recomputed here."""
+    st = rows.stored
+    if m.targets == "topk" and "topk_ids" in st and cols.get("topk_ids"):
+        ids = torch.cat(cols["topk_ids"]).cpu().numpy()
+        if ids.shape[1] < m.top_k:
+            return None
+        ids, vals = ids[:, :m.top_k], torch.cat(cols["topk_logits"]).cpu().numpy()[:, :m.top_k]
+        return {"mode": "topk", "k": m.top_k, "ids_equal": float((ids == st["topk_ids"]).mean()),
+                "logits_max_abs_diff": float(np.abs(vals - st["topk_logits"].astype(np.float32)).max())}
+    if m.targets == "exact" and "teacher_state" in st:
+        diff = np.abs(x.cpu().numpy().astype(np.float16).astype(np.float32) - st["teacher_state"].astype(np.float32))
+        return {"mode": "exact", "state_max_abs_diff": float(diff.max())}
+    key = f"sampled/{m.samples}/{m.temperatures[0]:g}" if m.targets == "sampled" else None
+    if key and key in cols:
+        sid, cnt, slen = (torch.cat([p[j] for p in cols[key]]).cpu().numpy() for j in range(3))
+        same = bool(np.array_equal(slen, st["sample_len"]) and np.array_equal(sid, st["sample_ids"])
+                    and np.array_equal(cnt, st["sample_counts"]))
+        return {"mode": "sampled", "samples": m.samples, "temperature": m.temperatures[0], "draws_equal": same}
+    return None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's table, one line per (mode, setting, T)."""
+    head = ("| T | mode | setting | L_ce (mode) | L_ce (exact) | rel. error | grad cos | grad angle | "
+            "norm ratio | B/token | detail |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    lines = [head]
+    for r in report["results"]:
+        setting = {"topk": f"k={r['setting']}", "sampled": f"N={r['setting']}", "exact": "fp16 state"}[r["mode"]]
+        detail = (f"top-k mass {100 * r['teacher_topk_mass']:.1f}%" if r["mode"] == "topk"
+                  else f"{r['distinct_draws']:.1f} distinct" if r["mode"] == "sampled" else "")
+        err = f"{100 * r['loss_rel_error']:+.2f}%"
+        if r["mode"] == "sampled":
+            err += f" ± {100 * r['loss_rel_error_se']:.2f}"
+        lines.append(f"| {r['temperature']:g} | {r['mode']} | {setting} | {r['loss_ce']:.4g} | "
+                     f"{r['loss_ce_exact']:.4g} | {err} | {r['grad_cosine']:.4f} | {r['grad_angle_deg']:.1f}° | "
+                     f"{r['grad_norm_ratio']:.3f} | {r['bytes_per_token']:.1f} | {detail} |")
+    return "\n".join(lines)
+
