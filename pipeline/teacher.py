@@ -40,11 +40,14 @@ class TeacherOutputs:
 
 
 def resolve_model_path(spec: str) -> str:
+    """builtin:NAME fetched, a folder as is, a model id left to the local Hugging Face cache."""
     if spec.startswith("builtin:"):
         from kdpipe.pipeline import builtin
 
         return builtin.resolve(spec, "teacher")
-    return spec
+    if spec.startswith(("/", "./", "../", "~")) and not Path(spec).expanduser().exists():
+        raise KdpipeError(f"model folder {spec} does not exist")
+    return str(Path(spec).expanduser()) if spec.startswith("~") else spec
 
 
 def load_tokenizer(path: str) -> Any:

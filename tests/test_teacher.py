@@ -193,3 +193,12 @@ def test_folder_without_config_is_refused(tmp_path: Path, teacher_dir: Path) -> 
     (folder / "config.json").unlink()
     with pytest.raises(KdpipeError, match="no config.json"):
         load_teacher(str(folder))
+
+
+def test_a_missing_model_folder_is_named_as_such(tmp_path):
+    from kdpipe.pipeline.errors import KdpipeError
+    from kdpipe.pipeline.teacher import resolve_model_path
+
+    with pytest.raises(KdpipeError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "no-such-teacher"))
+    assert resolve_model_path("bert-base-uncased") == "bert-base-uncased"  # an id: left to the HF cache
