@@ -278,7 +278,7 @@ class TeacherRunner:
         parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, x.shape[0], self.chunk):
             xc = x[i:i + self.chunk]  # (C, H')
-            z = xc @ self.weight_t if self.bias is None else torch.addmm(self.bias, xc, self.weight_t)
+            z = self._logits_into_buffer(xc)  # (C, V), overwritten by the next chunk
             if self.mode == "sampled":
                 self._sample(z, uniforms[i:i + self.chunk], parts)
                 continue
@@ -287,6 +287,18 @@ class TeacherRunner:
                 parts.setdefault(name, []).append(t)  # (C, k), (C, k), (C, n_T)
         out = {name: torch.cat(ts).cpu().numpy() for name, ts in parts.items()}
         return TeacherOutputs(hidden, **out)
+
+    def _logits_into_buffer(self, xc: torch.Tensor) -> torch.Tensor:
+        """The chunk's (C, V) logits, written into one buffer reused from chunk to chunk: a fresh
+        125 MB tensor per chunk costs page faults and zeroing on every chunk (what the bare forward
+        pass pays for its (B, T, V) logits)."""
+        if getattr(self, "_buffer", None) is None or self._buffer.shape[0] < xc.shape[0]:
+            self._buffer = torch.empty(max(self.chunk, xc.shape[0]), self.weight_t.shape[1],
+                                       device=self.device, dtype=torch.float32)
+        out = self._buffer[: xc.shape[0]]
+        if self.bias is None:
+            return torch.mm(xc, self.weight_t, out=out)
+        return torch.addmm(self.bias, xc, self.weight_t, out=out)
 
     def _sample(self, z: torch.Tensor, uniforms: torch.Tensor, parts: dict[str, list[torch.Tensor]]) -> None:
         """N draws per row of a (C, V) logit chunk at the dump temperature, kept as distinct
