@@ -310,6 +310,27 @@ def size_table(total: dict, by_col: dict, ks: list[int], dims: list[int]) -> str
     return "\n".join(lines)
 
 
+NOTES = """Notes (how the dump got here; measured on this machine while optimising, 24 Nov 2026):
+
+- The dump splits the masked-LM head at its decoder: the encoder and the decoder matmul are the bare
+  pass's own work. The extra is the top-k and log Z at every T (the two right-hand columns above),
+  plus masking, the Arrow table and the zstd write (~0.03 s a batch). The bare pass in turn pays
+  for writing its (B, T, V) logits: 500 MB per 32 x 128 batch.
+- Top-k: `torch.topk` over 30,522 logits cost ~25% of the bare pass. The blocked top-k (maxima of
+  64-logit blocks, then `torch.topk` on the k best blocks) is exact and 1.4-2.7x faster.
+- Each 1024-row chunk's logits go into one reused buffer: a fresh 125 MB tensor per chunk cost page
+  faults on every chunk. 8 MiniLM batches, interleaved, idle machine: 17.6 s -> 15.5 s.
+- `TeacherRunner.run` alone against the bare pass (MiniLM, best of 5, idle): 0.832 before these
+  changes, 0.925 after the blocked top-k and 1024-row chunks (before the buffer).
+- Tried and dropped: reducing in cache-sized blocks of 16 rows. A little faster on an idle
+  machine, but 4-7x slower than the bare pass when another process shared the two cores (every
+  small op's thread barrier waits for a descheduled thread); large chunks degrade gracefully.
+- The machine is shared: the load average at the start and end of the run is given above, and
+  the median of per-batch ratios is less sensitive to load that comes and goes than the total.
+- Random weights, so sizes are indicative; design.md's trained-MiniLM figures (top-32 ids + fp16
+  logits 99 B, hidden projected to 128: 244 B) are within 15% of these (101 B, 215 B)."""
+
+
 def machine() -> str:
     load = os.getloadavg()
     return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__} "
@@ -373,7 +394,7 @@ def main() -> None:
         speed_table(results), "",
         f"Bytes per token on disk (MiniLM-sized teacher, random weights; all columns: inputs, MLM labels, "
         f"top-k ids (uint16) and logits (fp16), log Z (fp32, 3 T), hidden (fp16)):", "",
-        size_table(total, by_col, ks, dims), "",
+        size_table(total, by_col, ks, dims), "", NOTES, "",
     ])
     print(text)
     if args.write_results:
