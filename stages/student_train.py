@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -567,9 +567,11 @@ def _summary(s: Setup, status: str, **extra: Any) -> dict[str, Any]:
             "cache_fingerprint_sha256": s.manifest.fingerprint_sha256, "version": __version__, **extra}
 
 
-def main(cfg: StudentConfig) -> dict[str, Any]:
+def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> dict[str, Any]:
     """The whole stage; returns a summary for the CLI to print. Every check runs before the run
-    directory is written to: a refused run leaves it as it was."""
+    directory is written to: a refused run leaves it as it was. `online` replaces each batch's
+    teacher targets before the step: bench/quality.py's baseline of online distillation (the
+    teacher run at every step), trained on exactly the batches of a cache."""
     s = set_up(cfg)
     record = check_run_dir(s)
     if record is not None and (s.out / FINAL_DIR).is_dir():
@@ -587,6 +589,8 @@ def main(cfg: StudentConfig) -> dict[str, Any]:
         elif cfg.init == "teacher" and teacher_state is None:  # another process changed the run meanwhile
             teacher_state = _load_teacher_checked(s)
         stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0))
+        if online is not None:
+            stream = map(online, stream)
         tr = build_trainer(s, teacher_state if meta is None else None)
         del teacher_state
         start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
