@@ -52,7 +52,8 @@ import torch  # noqa: E402
 
 from kdpipe.pipeline import builtin  # noqa: E402
 from kdpipe.pipeline.device import pick_device  # noqa: E402
-from kdpipe.pipeline.loader import Batch  # noqa: E402
+from kdpipe.pipeline.online import online_targets  # noqa: E402
+from kdpipe.pipeline.teacher import load_teacher  # noqa: E402
 from kdpipe.stages import evaluate, student_train, teacher_adapt, teacher_dump  # noqa: E402
 from kdpipe.stages.demo import split_heldout  # noqa: E402
 
@@ -103,25 +104,6 @@ MODES = {  # cache name -> DumpConfig overrides; same seed, so the same masks in
     "exact": dict(targets="exact"),
     "sampled": dict(targets="sampled", samples=32, temperatures=[2.0], hidden_proj="pca", hidden_dim=128),
 }
-
-
-def online_targets(teacher: str, device: torch.device, positions: str) -> Callable[[Batch], Batch]:
-    """The reference method's targets for a batch: the teacher run now, in float32, on the batch's
-    masked inputs; full hidden states and full decoder inputs (the logits follow from the frozen
-    head, exactly as for the exact cache, but with nothing rounded to fp16)."""
-    from kdpipe.pipeline.teacher import TeacherRunner, load_teacher
-
-    model = load_teacher(teacher)
-    width = int(model.config.hidden_size)
-    runner = TeacherRunner(model, 1, (1.0,), torch.eye(width), device, mode="exact")
-
-    def targets(batch: Batch) -> Batch:
-        h, x = runner.hidden_and_decoder_input(batch.input_ids, batch.attention_mask)  # (N, H), (N, H')
-        state = x if positions == "all" else x[batch.mlm_index.to(x.device)]  # (P, H')
-        # clones outside inference mode: autograd may save them for the student's backward
-        return dataclasses.replace(batch, hidden=h.clone(), teacher_state=state.clone())
-
-    return targets
 
 
 # ------------------------------------------------------------------------------------- phases
@@ -184,7 +166,7 @@ class Bench:
                 max_steps=self.p.train_steps, epochs=self.p.epochs, batch_size=self.p.batch,
                 ce_masked_only=True, temperature=2.0, save_every=20, log_every=1,
                 prefetch=0 if online else 4, device=self.device, **spec)
-            hook = online_targets(teacher, pick_device(self.device), "masked") if online else None
+            hook = online_targets(load_teacher(teacher), pick_device(self.device), "masked") if online else None
             self.timed(f"student-train {name}", lambda: student_train.main(cfg, online=hook))
             runs[name] = out
         return runs

@@ -422,6 +422,32 @@ def test_student_train_from_a_labels_only_cache_lowers_its_l_mlm(tmp_path, cache
     assert sum(mlm[-6:]) < 0.9 * sum(mlm[:6])
 
 
+def test_exact_mode_tracks_online_distillation_step_by_step(tmp_path, caches, peaked, peaked_model):
+    """The same student trained from the exact cache and online (the teacher run at every step on
+    the same batches, float32 targets): the loss curves agree to fp16 rounding of the stored
+    teacher states, step by step, all three terms. The online run really ran the teacher: its
+    losses are not bit-equal to the cache's."""
+    from kdpipe.pipeline.online import online_targets
+    from kdpipe.stages import student_train
+
+    curves = {}
+    for name, hook in (("exact", None), ("online", online_targets(peaked_model, torch.device("cpu"), "all"))):
+        cfg = student_train.StudentConfig(
+            cache=str(caches["exact"]), out=str(tmp_path / name), teacher=str(peaked), student_layers=1,
+            temperature=2.0, max_steps=12, batch_size=8, lr=3e-3, log_every=1, save_every=1000,
+            prefetch=0, device="cpu")
+        student_train.main(cfg, online=hook)
+        curves[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert len(curves["exact"]) == len(curves["online"]) == 12
+    worst = 0.0
+    for a, b in zip(curves["exact"], curves["online"]):
+        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+            worst = max(worst, abs(a[key] - b[key]) / abs(b[key]))
+    assert 0 < worst < 5e-3, worst
+    loss = [r["loss"] for r in curves["online"]]
+    assert sum(loss[-3:]) < 0.95 * sum(loss[:3])  # and it trains
+
+
 # ---------------------------------------------------------------------------- cache fidelity
 
 def test_cache_fidelity_compares_every_mode_with_the_exact_kl(tmp_path, caches, peaked, peaked_model,
