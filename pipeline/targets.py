@@ -52,7 +52,13 @@ def sample_counts(logits: torch.Tensor, temperature: float, uniforms: torch.Tens
     ids = torch.clamp(ids, max=logits.shape[-1] - 1).sort(dim=-1).values
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    counts = (ids[:, :, None] == ids[:, None, :]).sum(-1) * first  # (C, N); N is small
+    # a run of equal ids starts at each `first`; its count is the distance to the next start
+    n = ids.shape[1]
+    pos = torch.arange(n, device=ids.device).expand_as(ids)  # (C, N)
+    starts = torch.where(first, pos, n)
+    next_start = torch.full_like(starts, n)
+    next_start[:, :-1] = starts[:, 1:].flip(-1).cummin(-1).values.flip(-1)  # first start after j
+    counts = torch.where(first, next_start - pos, 0)  # (C, N), O(C N) memory
     return ids, counts
 
 

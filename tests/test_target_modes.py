@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from kdpipe.pipeline.cache import verify_cache
@@ -180,6 +182,20 @@ def test_draws_are_a_pure_function_of_seed_sequence_view_and_position():
     ids_1, counts_1 = sample_counts(z[4:5], 2.0, ut[4:5])
     assert torch.equal(ids_1[0], ids[4]) and torch.equal(counts_1[0], counts[4])
     assert (counts.sum(-1) == 16).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 40), st.integers(1, 64), st.integers(0, 2**31 - 1))
+def test_draw_counts_are_the_run_lengths_of_the_sorted_draws(rows, vocab, draws, seed):
+    """Each distinct draw's count sits at its first occurrence and equals how often it was drawn
+    (checked against a plain per-row count); repeats count 0; every row's counts sum to N."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, vocab, generator=g) * 3
+    ids, counts = sample_counts(z, 2.0, torch.rand(rows, draws, generator=g, dtype=torch.float64))
+    for r in range(rows):
+        values, freq = torch.unique(ids[r], return_counts=True)
+        assert torch.equal(ids[r][counts[r] > 0], values) and torch.equal(counts[r][counts[r] > 0], freq)
+        assert int(counts[r].sum()) == draws
 
 
 def test_sampled_caches_draw_the_same_at_masked_positions_whatever_the_batch(
