@@ -133,7 +133,14 @@ class Bench:
         wiki = Path(builtin.resolve("builtin:wikipedia", "data"))
         return split_heldout(wiki, self.w)
 
-    def teacher(self, train: Path, heldout: Path) -> str:
+    def teacher(self, train: Path, heldout: Path, given: Path | None) -> str:
+        if given is not None:  # an adapted teacher made earlier (by `kdpipe demo`, say): reuse it
+            record = given.parent / "adapt.json"
+            if record.is_file():
+                r = json.loads(record.read_text())
+                self.summary["teacher_accuracy_before_after"] = [r.get("accuracy_before"), r.get("accuracy_after")]
+            self.summary["teacher"] = str(given)
+            return str(given)
         out = self.timed("teacher-adapt", lambda: teacher_adapt.main(teacher_adapt.AdaptConfig(
             teacher="builtin:minilm-l6", data=[str(train)], out=str(self.w / "teacher"),
             heldout=[str(heldout)], heldout_sequences=self.p.heldout_sequences,
@@ -322,6 +329,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("kdpipe-quality"))
     ap.add_argument("--preset", choices=sorted(PRESETS), default="session")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--teacher", type=Path, help="an adapted teacher folder to reuse (e.g. a demo's "
+                    "WORKDIR/teacher/model) instead of running teacher-adapt")
+    ap.add_argument("--eval-modes", action="store_true", help="fine-tune the exact and sampled students too "
+                    "(by default they are compared by their loss curves only)")
     ap.add_argument("--write-results", action="store_true")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -330,12 +341,13 @@ def main() -> None:
                      machine=f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
                              f"{torch.get_num_threads()} torch threads")
     train, heldout = b.data()
-    teacher = b.teacher(train, heldout)
+    teacher = b.teacher(train, heldout, a.teacher)
     caches = b.caches(teacher, train)
     runs = b.students(teacher, caches)
     b.summary["curves"] = curves(runs)
     b.save()
-    report = b.evaluate(teacher, runs, heldout)
+    report = b.evaluate(teacher, {n: r for n, r in runs.items()
+                                  if a.eval_modes or n not in ("exact", "sampled")}, heldout)
     b.summary["table"] = table(report)
     b.summary["finished_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     b.save()
