@@ -38,8 +38,8 @@ from kdpipe.pipeline.config import StageConfig
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
-    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock, remove_stale_tmp,
-    sha256_file, tmp_path_for,
+    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, disk_errors, ensure_dir, exclusive_lock,
+    remove_stale_tmp, sha256_file, tmp_path_for,
 )
 from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence, token_weights
 from kdpipe.pipeline.provenance import provenance
@@ -165,6 +165,7 @@ def _count(cfg: DumpConfig, corpus: corpus_mod.Corpus, tokenizer: Any, vocab_siz
 
 def set_up(cfg: DumpConfig) -> Setup:
     teacher_path = resolve_model_path(cfg.teacher)
+    corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split)  # a bad --data fails fast
     tokenizer = load_tokenizer(teacher_path)
     model = load_teacher(teacher_path) if cfg.targets != "none" else None
     mcfg = model.config if model is not None else load_model_config(teacher_path)
@@ -178,7 +179,6 @@ def set_up(cfg: DumpConfig) -> Setup:
         raise KdpipeError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {max_pos} positions")
     hidden_dim = proj.check_dim(cfg.hidden_proj, int(mcfg.hidden_size), cfg.hidden_dim) \
         if cfg.targets != "none" else 0
-    corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split)
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     vocab = Vocabulary(vocab_size, tokenizer.mask_token_id, special)
     n_seq, n_tok, counts = _count(cfg, corpus, tokenizer, vocab_size)
@@ -393,8 +393,13 @@ def _save_tokenizer(s: Setup) -> list[FileEntry]:
     if not target.is_dir():
         tmp = tmp_path_for(target)
         shutil.rmtree(tmp, ignore_errors=True)
-        s.tokenizer.save_pretrained(str(tmp))
-        tmp.rename(target)
+        try:
+            with disk_errors(target):
+                s.tokenizer.save_pretrained(str(tmp))
+                tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return [cachedir.file_entry(s.out, p.relative_to(s.out).as_posix())
             for p in sorted(target.iterdir()) if p.is_file()]
 
