@@ -81,9 +81,10 @@ PRESETS = {
     # the whole task splits, 3 seeds (many hours on 2 CPU cores)
     "full": Preset(adapt_steps=461, train_steps=None, epochs=3, batch=32, task_train=None, task_dev=None,
                    seeds=3, task_epochs=3, heldout_sequences=256),
-    # what fits beside other work in one session on 2 shared CPU cores (~1.5-2 hours)
-    "session": Preset(adapt_steps=150, train_steps=80, epochs=None, batch=32, task_train=1000,
-                      task_dev=500, seeds=2, task_epochs=2, heldout_sequences=64),
+    # what fits beside other work in one session on 2 shared CPU cores: the demo's amount of text
+    # (1,024 sequences, 131k tokens), one epoch of it, 2 seeds of 500 task examples
+    "session": Preset(adapt_steps=100, train_steps=64, epochs=None, batch=16, task_train=500,
+                      task_dev=500, seeds=2, task_epochs=2, heldout_sequences=64, dump_sequences=1024),
     # a smoke run of every phase
     "tiny": Preset(adapt_steps=2, train_steps=3, epochs=None, batch=4, task_train=32, task_dev=32,
                    seeds=1, task_epochs=1, heldout_sequences=4, dump_sequences=48),
