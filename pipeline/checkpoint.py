@@ -85,33 +85,47 @@ def save_checkpoint(run_dir: Path, run_id: str, cache_sha: str, identity_sha: st
     name = checkpoint_name(state.step)
     final = root / name
     tmp = root / f"{_TMP_PREFIX}{name}.{os.getpid()}"
-    with disk_errors(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(student, str(tmp / STUDENT_FILE))
-        save_file({k: v.detach().cpu().contiguous() for k, v in hidden_map.state_dict().items()},
-                  str(tmp / HIDDEN_MAP_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        py, npy, tensors = rng_state()
-        save_file(tensors, str(tmp / RNG_FILE))
-        files = {f: sha256_file(tmp / f) for f in (STUDENT_FILE, HIDDEN_MAP_FILE, OPTIMIZER_FILE, RNG_FILE)}
-        meta = CheckpointMeta(
-            run_id=run_id, step=state.step, position=state.position, cache_fingerprint_sha256=cache_sha,
-            identity_sha256=identity_sha, python_rng=py, numpy_rng=npy, log_window=state.log_window,
-            files=files, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        (tmp / CHECKPOINT_META).write_bytes(dumps_json(meta.model_dump(mode="json")))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # a checkpoint of this run re-reached after a kill: same content
-            if not _owned(final, run_id):
-                raise KdpipeError(f"{final} exists and was not written by this run; refusing to replace it")
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_bytes(root / LATEST_NAME, (name + "\n").encode())
+    try:
+        with disk_errors(final):
+            _write_checkpoint(tmp, final, name, root, run_id, cache_sha, identity_sha, state, student,
+                              hidden_map, optimizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back at once
+        raise
     prune(run_dir, run_id, keep, protect=name)
     return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, name: str, root: Path, run_id: str, cache_sha: str,
+                      identity_sha: str, state: TrainState, student: nn.Module, hidden_map: nn.Module,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """Every file under `tmp`, checkpoint.json last; then the rename and the `latest` pointer."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(student, str(tmp / STUDENT_FILE))
+    save_file({k: v.detach().cpu().contiguous() for k, v in hidden_map.state_dict().items()},
+              str(tmp / HIDDEN_MAP_FILE))
+    # into a file object: a failed write then keeps its OSError (errno) as the RuntimeError's context
+    with open(tmp / OPTIMIZER_FILE, "wb") as f:
+        torch.save(optimizer.state_dict(), f)
+    py, npy, tensors = rng_state()
+    save_file(tensors, str(tmp / RNG_FILE))
+    files = {f: sha256_file(tmp / f) for f in (STUDENT_FILE, HIDDEN_MAP_FILE, OPTIMIZER_FILE, RNG_FILE)}
+    meta = CheckpointMeta(
+        run_id=run_id, step=state.step, position=state.position, cache_fingerprint_sha256=cache_sha,
+        identity_sha256=identity_sha, python_rng=py, numpy_rng=npy, log_window=state.log_window,
+        files=files, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    (tmp / CHECKPOINT_META).write_bytes(dumps_json(meta.model_dump(mode="json")))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # a checkpoint of this run re-reached after a kill: same content
+        if not _owned(final, run_id):
+            raise KdpipeError(f"{final} exists and was not written by this run; refusing to replace it")
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_bytes(root / LATEST_NAME, (name + "\n").encode())
 
 
 def _owned(path: Path, run_id: str) -> bool:

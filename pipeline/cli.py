@@ -9,6 +9,7 @@ into a one-line `Error: ...` with a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -53,6 +54,14 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except KdpipeError as e:
             raise click.ClickException(str(e)) from None
+        except Exception as e:  # a full disk at a write no stage wrapped: still one line
+            from kdpipe.pipeline.fsutil import write_errno, write_error_message
+
+            code = write_errno(e)
+            if code not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            where = next((x.filename for x in (e, e.__context__) if getattr(x, "filename", None)), None)
+            raise click.ClickException(write_error_message(where or "the output", code)) from None
 
 
 # ------------------------------------------------------------------ helpers shared by the stages

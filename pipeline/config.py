@@ -17,6 +17,11 @@ from kdpipe.pipeline.errors import ConfigError
 C = TypeVar("C", bound="StageConfig")
 
 
+# torch.manual_seed and numpy take seeds up to 2**32 - 1 (numpy's limit); a larger one was a
+# traceback from deep inside torch
+MAX_SEED = 2**32 - 1
+
+
 class StageConfig(BaseModel):
     """Base of every stage's configuration: frozen, and no key it does not know."""
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.cache import load_manifest, open_shard
+from kdpipe.pipeline.config import MAX_SEED
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
 from kdpipe.pipeline.losses import exact_kl_from_state, sampled_ce, topk_kl
@@ -68,6 +69,8 @@ class FidelitySpec:
         out = []
         if self.positions < 1:
             out.append("--positions must be at least 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            out.append(f"--seed must lie in 0..{MAX_SEED}")
         if not self.ks and not self.samples:
             out.append("nothing to compare: give --k and/or --samples")
         if any(k < 1 or k > vocab_size for k in self.ks):

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,21 +53,52 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
+# how libraries that do not raise OSError report one: safetensors and tokenizers (Rust) end their
+# message with "(os error 28)"; shutil.copytree collects "[Errno 28] ..." strings
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def write_errno(e: BaseException) -> int | None:
+    """The errno of a failed write (full disk, quota, file-size limit, permissions), found in the
+    exception or its chain: torch.save into a file object raises a RuntimeError whose
+    __context__ is the OSError, the Rust-backed savers put the errno only in their message."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen and not isinstance(cur, KdpipeError):
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _WRITE_ERRNOS:
+            return cur.errno
+        for m in _ERRNO_IN_TEXT.finditer(str(cur)):
+            code = int(m.group(1) or m.group(2))
+            if code in _WRITE_ERRNOS:
+                return code
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def write_error_message(path: Path | str, code: int) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device while writing {path}: {os.strerror(code)}"
+    if code == errno.EFBIG:
+        return (f"cannot write {path}: file too large (a file-size limit, e.g. `ulimit -f`, or the "
+                "file system's maximum)")
+    return f"cannot write {path}: {os.strerror(code)}"
+
+
 @contextmanager
 def disk_errors(path: Path) -> Iterator[None]:
     """Turn a full disk, a quota or file-size limit, or a permission error into a one-line error
-    naming the file."""
+    naming the file, whichever library did the writing."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise KdpipeError(f"no space left on device while writing {path}: {e.strerror}") from e
-        if e.errno == errno.EFBIG:
-            raise KdpipeError(f"cannot write {path}: file too large (a file-size limit, "
-                              "e.g. `ulimit -f`, or the file system's maximum)") from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise KdpipeError(f"cannot write {path}: {e.strerror}") from e
+    except KdpipeError:
         raise
+    except Exception as e:
+        code = write_errno(e)
+        if code is None:
+            raise
+        raise KdpipeError(write_error_message(path, code)) from e
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -32,7 +32,7 @@ from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import downstream, mlm_eval, report_dir, sections, speed
 from kdpipe.pipeline import report as render
 from kdpipe.pipeline.cli import build_config, config_option, echo_json
-from kdpipe.pipeline.config import StageConfig
+from kdpipe.pipeline.config import MAX_SEED, StageConfig
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.fsutil import (
     atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, sha256_bytes,
@@ -59,13 +59,13 @@ class EvalConfig(StageConfig):
     mask_prob: float = Field(0.15, gt=0, lt=1)
     mask_token_prob: float = Field(0.8, ge=0, le=1)
     random_token_prob: float = Field(0.1, ge=0, le=1)
-    mask_seed: int = Field(0, ge=0)
+    mask_seed: int = Field(0, ge=0, le=MAX_SEED)
     # downstream
     text_column: str = "text"
     label_column: str = "label"
     task_split: str = "train"
     seeds: int = Field(3, ge=1, le=100)
-    split_seed: int = Field(0, ge=0)
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
     dev_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_examples: int | None = Field(None, ge=1)
     max_dev_examples: int | None = Field(None, ge=1)

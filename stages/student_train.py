@@ -37,12 +37,12 @@ from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import checkpoint as ckpt
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option, ints_option
-from kdpipe.pipeline.config import StageConfig
+from kdpipe.pipeline.config import MAX_SEED, StageConfig
 from kdpipe.pipeline.device import autocast, pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (
-    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, read_json,
-    remove_stale_tmp, safe_join, sha256_bytes,
+    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, disk_errors, dumps_json, ensure_dir, exclusive_lock,
+    read_json, remove_stale_tmp, safe_join, sha256_bytes,
 )
 from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
 from kdpipe.pipeline.losses import LossSpec, distillation_loss
@@ -87,7 +87,7 @@ class StudentConfig(StageConfig):
     ce_masked_only: bool = False
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int | None = Field(None, ge=1)
     batch_tokens: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -479,8 +479,10 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                dynamic_ncols=True)
     t_log, waited, timed_steps, timed_tokens = time.perf_counter(), 0.0, 0, 0  # timings: this process only
     epoch_progress = float(position.epoch)
-    metrics = open(out / METRICS_NAME, "a", encoding="utf-8")
-    samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples else None
+    with disk_errors(out / METRICS_NAME):
+        metrics = open(out / METRICS_NAME, "a", encoding="utf-8")
+    with disk_errors(out / SAMPLES_NAME):
+        samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples else None
     try:
         while step < total:
             lr = lr_at(step, cfg.lr, total, warm)
@@ -497,14 +499,16 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
             epoch_progress = res.last.epoch_progress
             bar.update(1)
             if samples:
-                samples.write(json.dumps({"step": step, "rows": res.rows}) + "\n")
-                samples.flush()
+                with disk_errors(out / SAMPLES_NAME):
+                    samples.write(json.dumps({"step": step, "rows": res.rows}) + "\n")
+                    samples.flush()
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 line = _metrics_line(step, window, lr, now - t_log, waited, timed_steps, timed_tokens,
                                      epoch_progress, spec)
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
+                with disk_errors(out / METRICS_NAME):
+                    metrics.write(json.dumps(line) + "\n")
+                    metrics.flush()
                 bar.set_postfix(loss=f"{line['loss']:.3f}")
                 if tb is not None:
                     for k, v in line.items():
@@ -518,14 +522,23 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                                      tr.hidden_map, tr.optimizer, cfg.keep_checkpoints)
     finally:
         bar.close()
-        metrics.close()
+        _close(metrics)
         if samples:
-            samples.close()
+            _close(samples)
         if prefetch:
             prefetch.close()
         if tb is not None:
             tb.close()
     return {"steps": step, "epoch": round(epoch_progress, 4)}
+
+
+def _close(f: Any) -> None:
+    """Close a log that is flushed after every line: an error here only repeats a failed flush,
+    which has raised already (and a torn last line is dropped on resume)."""
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, waited: float, timed_steps: int,
@@ -548,17 +561,22 @@ def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, resu
     final = s.out / FINAL_DIR
     tmp = s.out / f".final.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tr.student.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
-              str(tmp / "kdpipe_hidden_map.safetensors"))
-    atomic_write_json(tmp / "kdpipe_student.json", {
-        "run_id": record.run_id, "cache_fingerprint_sha256": record.cache_fingerprint_sha256,
-        "steps": result["steps"], "epoch": result["epoch"], "init": record.init,
-        "tokenizer": "copied from the teacher" if tokenizer is not None else "none (no teacher path known)",
-    })
-    os.replace(tmp, final)
+    try:
+        with disk_errors(final):
+            tr.student.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
+                      str(tmp / "kdpipe_hidden_map.safetensors"))
+            atomic_write_json(tmp / "kdpipe_student.json", {
+                "run_id": record.run_id, "cache_fingerprint_sha256": record.cache_fingerprint_sha256,
+                "steps": result["steps"], "epoch": result["epoch"], "init": record.init,
+                "tokenizer": "copied from the teacher" if tokenizer is not None else "none (no teacher path known)",
+            })
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

@@ -25,8 +25,10 @@ import torch
 from pydantic import Field
 
 from kdpipe.pipeline.cli import build_config, config_option, echo_json
-from kdpipe.pipeline.config import StageConfig
-from kdpipe.pipeline.fsutil import atomic_write_json, ensure_dir, read_json, remove_stale_tmp, tmp_path_for
+from kdpipe.pipeline.config import MAX_SEED, StageConfig
+from kdpipe.pipeline.fsutil import (
+    atomic_write_json, disk_errors, ensure_dir, exclusive_lock, read_json, remove_stale_tmp, tmp_path_for,
+)
 from kdpipe.pipeline.masking import MaskingSpec
 from kdpipe.stages import student_train, teacher_dump
 
@@ -50,7 +52,7 @@ class AdaptConfig(StageConfig):
     lr: float = Field(ADAPT_LR, gt=0)
     warmup_steps: int = Field(ADAPT_WARMUP_STEPS, ge=0)
     weight_decay: float = Field(0.01, ge=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     save_every: int = Field(50, ge=1)
     device: str = "auto"
 
@@ -78,14 +80,29 @@ def _publish(final: Path, target: Path) -> None:
     """Copy the trained model folder into place atomically (a half-copied teacher never exists)."""
     tmp = tmp_path_for(target)
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final, tmp)
-    tmp.rename(target)
+    try:
+        with disk_errors(target):
+            shutil.copytree(final, tmp)
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def main(cfg: AdaptConfig) -> dict[str, Any]:
+    """The whole stage, under a lock on OUT: the stages inside lock cache/ and run/ themselves, but
+    the published model/ and adapt.json (and the removal of stale temporaries) are this one's."""
+    from kdpipe.pipeline.teacher import resolve_model_path
+
+    resolve_model_path(cfg.teacher)  # a missing teacher is refused before OUT is created
+    out = ensure_dir(Path(cfg.out), "output directory")
+    with exclusive_lock(out, "teacher-adapt output"):
+        return _adapt(cfg, out)
+
+
+def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     from kdpipe.pipeline.teacher import load_teacher, load_tokenizer, resolve_model_path
 
-    out = ensure_dir(Path(cfg.out), "output directory")
     remove_stale_tmp(out)
     teacher_path = resolve_model_path(cfg.teacher)
     dump = teacher_dump.DumpConfig(

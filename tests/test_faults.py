@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -127,6 +128,76 @@ def test_a_run_killed_while_writing_its_record_resumes(tmp_path, reference_cache
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "final" / "model.safetensors").is_file()
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def refused_then_unblocked_after_kill(args: tuple, out: Path, started, what: str, kdpipe_popen,
+                                       kdpipe_inproc, one_line_error) -> subprocess.CompletedProcess:
+    """Start `args`; once `started()`, the same command in a second process must be refused naming
+    the lock; then SIGKILL the first: its lock must not block the rerun, which must finish."""
+    first = kdpipe_popen(*args)
+    try:
+        wait_for(started, first, "output")
+        second = kdpipe_inproc(*args)
+        still_running = first.poll() is None
+    finally:
+        kill(first)
+    if second.returncode == 0:
+        assert not still_running
+        pytest.skip("the first process finished before the second one took the lock")
+    one_line_error(second, f"another kdpipe process is writing {what}", str(out / ".lock"))
+    assert (out / ".lock").exists()  # left by the killed process; the kernel dropped its lock
+    rerun = kdpipe_inproc(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+    return rerun
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, teacher_dir) -> Path:
+    """The tiny teacher without its masked-LM head, as teacher-adapt takes it."""
+    from transformers import BertModel, BertTokenizerFast
+
+    enc = tmp_path_factory.mktemp("encoder")
+    BertModel.from_pretrained(teacher_dir).save_pretrained(enc)
+    BertTokenizerFast.from_pretrained(teacher_dir).save_pretrained(enc)
+    return enc
+
+
+def test_a_second_teacher_adapt_on_the_same_output_is_refused_and_a_killed_ones_lock_blocks_nothing(
+        tmp_path, encoder_dir, corpus_file, kdpipe_popen, kdpipe_inproc, one_line_error):
+    """Before OUT itself was locked, a second adapt could delete the first's half-published
+    model/ temporary (and both race to publish it)."""
+    out = tmp_path / "adapted"
+    args = ("teacher-adapt", "--teacher", encoder_dir, "--data", corpus_file, "--out", out,
+            "--seq-len", "32", "--max-steps", "8", "--batch-size", "8", "--warmup-steps", "2",
+            "--save-every", "4")
+    refused_then_unblocked_after_kill(args, out, lambda: (out / "cache").exists(), "teacher-adapt output",
+                                      kdpipe_popen, kdpipe_inproc, one_line_error)
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_second_eval_on_the_same_report_is_refused_and_a_killed_ones_lock_blocks_nothing(
+        tmp_path, teacher_dir, small_corpus_file, finished_run, kdpipe_popen, kdpipe_inproc, one_line_error):
+    import random
+
+    from helpers import WORDS
+
+    rnd = random.Random(0)
+    task = tmp_path / "task.jsonl"
+    with open(task, "w") as f:
+        for i in range(40):
+            label, cue = ("pos", "great light") if i % 2 else ("neg", "war old")
+            words = " ".join(rnd.choice(WORDS) for _ in range(5))
+            f.write(json.dumps({"text": f"{words} {cue}", "label": label}) + "\n")
+    out = tmp_path / "report"
+    args = ("eval", "--teacher", teacher_dir, "--student", finished_run, "--task", task, "--heldout",
+            small_corpus_file, "--out", out, "--seeds", "1", "--epochs", "1", "--batch-size", "8",
+            "--lr", "1e-3", "--seq-len", "32", "--heldout-sequences", "16", "--speed-repeats", "2",
+            "--speed-warmup", "1", "--speed-batch-size", "4", "--speed-seq-len", "16",
+            "--max-train-examples", "20")
+    refused_then_unblocked_after_kill(args, out, lambda: (out / ".lock").exists(), "report directory",
+                                      kdpipe_popen, kdpipe_inproc, one_line_error)
+    assert (out / "report.json").is_file()
 
 
 # ---------------------------------------------------------- (b) damage found before training uses it
@@ -261,6 +332,234 @@ def test_a_long_document_tokenizes_to_the_same_ids_in_pieces(tokenizer):
     whole = tokenizer(long_text, add_special_tokens=False)["input_ids"]
     assert len(docs) == 3 and docs[1] == whole
     assert docs[0] == tokenizer("a short one", add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ (e) a disk that fills up mid-write
+
+TRAIN_RUN = (*TRAIN, "--max-steps", "9", "--save-every", "3", "--log-every", "1")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, reference_cache, kdpipe_inproc) -> Path:
+    """An uninterrupted student run (checkpoints at steps 3 and 6): what a resume must equal."""
+    out = tmp_path_factory.mktemp("faults-run") / "run"
+    proc = kdpipe_inproc("student-train", "--cache", reference_cache, "--out", out, *TRAIN_RUN)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(bytes)`: a real tmpfs of that size (writes past it fail with ENOSPC) and
+    `small_disk.grow()` to free space; skipped where this process may not mount one."""
+    mounted: list[Path] = []
+
+    def make(size: int) -> Path:
+        where = tmp_path / "disk"
+        where.mkdir()
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a small file system needs root")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "kdpipe-test", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mounted[0])], check=True)
+
+    make.grow = grow
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _on_disk(root: Path) -> int:
+    """Bytes `root`'s files take on a tmpfs (whole 4 KiB pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in root.rglob("*") if p.is_file())
+
+
+def _temporaries(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+
+
+def _tensors_equal(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch_equal(x[k], y[k]) for k in x)
+
+
+def torch_equal(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())
+
+
+def test_a_disk_that_fills_up_mid_dump_then_frees_space_ends_byte_identical(
+        small_disk, reference_cache, kdpipe_inproc, one_line_error, digest, teacher_dir, corpus_file,
+        dump_args):
+    disk = small_disk(int(_on_disk(reference_cache) * 0.45))
+    cache = disk / "cache"
+    args = ("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file, "--out", cache, *dump_args)
+    one_line_error(kdpipe_inproc(*args), "no space left on device", str(cache / "shards" / "shard-"))
+    assert not (cache / "manifest.json").exists()
+    shards = sorted((cache / "shards").glob("shard-*.parquet"))
+    assert 0 < len(shards) < len(manifest(reference_cache)["shards"])
+    ref = digest(reference_cache)
+    for p in shards:  # nothing partial under a final name
+        assert digest(cache)[f"shards/{p.name}"] == ref[f"shards/{p.name}"], p.name
+    assert _temporaries(cache) == []
+    small_disk.grow()
+    assert kdpipe_inproc(*args).returncode == 0
+    got = digest(cache)
+    for d in (got, ref):
+        d.pop("run_info.json"), d.pop("manifest.json")  # run_info records --out; the manifest, times
+    assert got == ref
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("created_at", "finished_at")}  # noqa: E731
+    assert strip(manifest(cache)) == strip(manifest(reference_cache))
+
+
+def test_a_disk_that_fills_up_at_a_checkpoint_keeps_the_last_one_and_resumes_exactly(
+        small_disk, reference_cache, finished_run, kdpipe_inproc, one_line_error):
+    ckpt = finished_run / "checkpoints" / "step-0000003"
+    room = _on_disk(finished_run) - _on_disk(finished_run / "final") - _on_disk(finished_run / "checkpoints")
+    disk = small_disk(room + int(1.6 * _on_disk(ckpt)))  # one checkpoint fits, the second does not
+    out = disk / "run"
+    args = ("student-train", "--cache", reference_cache, "--out", out, *TRAIN_RUN)
+    one_line_error(kdpipe_inproc(*args), "no space left on device", str(out / "checkpoints" / "step-0000006"))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000003"]
+    assert _temporaries(out) == [] and not (out / "final").exists()
+    small_disk.grow()
+    rerun = kdpipe_inproc(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["status"] == "resumed"
+    assert _tensors_equal(out / "final" / "model.safetensors", finished_run / "final" / "model.safetensors")
+    steps = lambda r: [json.loads(x)["step"] for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps(out) == steps(finished_run) == list(range(1, 10))
+
+
+def test_a_checkpoint_past_a_file_size_limit_is_one_line_and_leaves_nothing_half_written(
+        tmp_path, reference_cache, finished_run, kdpipe_cli, kdpipe_inproc, one_line_error):
+    """RLIMIT_FSIZE in a real process (runs without root): write() fails with EFBIG in the middle
+    of the checkpoint's optimizer state (torch.save used to say only 'unexpected pos')."""
+    opt = (finished_run / "checkpoints" / "step-0000003" / "optimizer.pt").stat().st_size
+    biggest_other = max(p.stat().st_size for p in finished_run.rglob("*")
+                        if p.is_file() and p.name != "optimizer.pt")
+    assert biggest_other < opt
+    limit = (biggest_other + opt) // 2
+
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = tmp_path / "run"
+    args = ("student-train", "--cache", reference_cache, "--out", out, *TRAIN_RUN)
+    one_line_error(kdpipe_cli(*args, check=False, preexec_fn=preexec), "file too large",
+                   str(out / "checkpoints" / "step-0000003"))
+    assert not (out / "checkpoints" / "latest").exists() and not (out / "final").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [] and _temporaries(out) == []
+    rerun = kdpipe_inproc(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _tensors_equal(out / "final" / "model.safetensors", finished_run / "final" / "model.safetensors")
+
+
+def test_write_errors_are_recognised_whatever_library_raised_them():
+    """Exception shapes seen above: safetensors and tokenizers (Rust) give 'os error N' in the
+    message, torch.save a RuntimeError over the OSError, shutil.copytree a list of strings."""
+    from kdpipe.pipeline.fsutil import write_errno
+
+    assert write_errno(RuntimeError("Error while serializing: I/O error: No space left on device "
+                                    "(os error 28)")) == 28
+    try:
+        try:
+            raise OSError(27, "File too large")
+        except OSError:
+            raise RuntimeError("unexpected pos 704 vs 598")
+    except RuntimeError as e:
+        assert write_errno(e) == 27
+    assert write_errno(ValueError("os error 2")) is None
+    assert write_errno(shutil.Error([("a", "b", "[Errno 28] No space left on device")])) == 28
+
+
+# ------------------------------------------------------------------------ bad input, every command
+
+def _commands():
+    """(argv prefix, click command) of every command and subcommand."""
+    import importlib
+
+    from kdpipe.pipeline.cli import COMMANDS
+
+    for name, spec in COMMANDS.items():
+        module, attr = spec.split(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        if isinstance(cmd, click.Group):
+            yield from (((name, sub), c) for sub, c in cmd.commands.items())
+        else:
+            yield (name,), cmd
+
+
+def _wrong_values():
+    """A wrong-type value for every typed option of every command, read from the commands
+    themselves (so a new option is covered the day it is added)."""
+    for path, cmd in _commands():
+        for p in cmd.params:
+            if not isinstance(p, click.Option) or p.is_flag:
+                continue
+            if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType)):
+                yield path, p.opts[0], "abc"
+            elif isinstance(p.type, click.Choice):
+                yield path, p.opts[0], "no-such-choice"
+            elif p.callback is not None and p.callback.__qualname__.startswith("_list_option"):
+                yield path, p.opts[0], "1,x"
+
+
+def test_every_typed_option_of_every_command_refuses_a_wrong_value(kdpipe_inproc, one_line_error):
+    cases = list(_wrong_values())
+    assert len(cases) > 60 and {c[0][0] for c in cases} >= {"teacher-dump", "student-train", "teacher-adapt",
+                                                             "eval", "cache"}
+    for path, option, value in cases:
+        proc = kdpipe_inproc(*path, option, value)
+        assert proc.returncode == 2, (path, option)
+        one_line_error(proc, option)
+
+
+def test_a_missing_config_file_is_named_by_every_command_that_takes_one(tmp_path, kdpipe_inproc,
+                                                                         one_line_error):
+    takers = [path for path, cmd in _commands() if any(p.name == "config_file" for p in cmd.params)]
+    assert {"teacher-dump", "student-train", "teacher-adapt", "eval"} <= {p[0] for p in takers}
+    for path in takers:
+        one_line_error(kdpipe_inproc(*path, "--config", tmp_path / "nope.yaml"), "nope.yaml")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_inputs_and_seeds_out_of_range_are_named(tmp_path, reference_cache, finished_run, teacher_dir,
+                                                         small_corpus_file, kdpipe_inproc, one_line_error):
+    """Seeds past 2**32 - 1 were a traceback from torch.manual_seed (student-train, teacher-adapt),
+    negative ones from numpy (cache fidelity); teacher-adapt created OUT before finding its
+    teacher missing."""
+    out = tmp_path / "out"
+    none = tmp_path / "missing"
+    cases = [
+        (("student-train", "--cache", reference_cache, "--out", out, "--seed", str(2**64)), ("seed", "4294967295")),
+        (("teacher-adapt", "--teacher", teacher_dir, "--data", small_corpus_file, "--out", out, "--seed",
+          str(2**32)), ("seed",)),
+        (("teacher-adapt", "--teacher", none, "--data", small_corpus_file, "--out", out), (str(none),)),
+        (("teacher-adapt", "--teacher", teacher_dir, "--data", none, "--out", out), (str(none),)),
+        (("eval", "--teacher", teacher_dir, "--student", finished_run, "--out", out, "--split-seed",
+          str(2**32), "--mask-seed", "-1"), ("split_seed", "mask_seed")),
+        (("eval", "--teacher", teacher_dir, "--student", finished_run, "--out", out, "--task", none),
+         (str(none),)),
+        (("eval", "--teacher", none, "--student", finished_run, "--out", out), (str(none),)),
+        (("cache", "fidelity", reference_cache, "--teacher", teacher_dir, "--k", "4", "--samples", "4",
+          "--seed", "-5"), ("--seed",)),
+        (("cache", "fidelity", reference_cache, "--teacher", none, "--k", "4"), (str(none),)),
+        (("cache", "fidelity", none, "--teacher", teacher_dir), (str(none),)),
+    ]
+    for args, needles in cases:
+        one_line_error(kdpipe_inproc(*args), *needles)
+        # nothing written (teacher-adapt finds its corpus missing inside, under its lock on OUT)
+        assert not out.exists() or [p.name for p in out.rglob("*")] == [".lock"], args
+        shutil.rmtree(out, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ (d) property tests
