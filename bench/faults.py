@@ -16,7 +16,17 @@ with the reference:
 A trial is a *loss* when the rerun fails or an output is missing, a *silent corruption* when the
 rerun succeeds but the end state differs from the reference.
 
-    python bench/faults.py --trials 20 [--commands teacher-dump,eval] [--write-results]
+`--fault efbig` and `--fault enospc` replace the kill by a write that fails: a file-size limit
+(RLIMIT_FSIZE, write() fails with EFBIG) drawn uniformly up to the reference's largest file, or a
+real tmpfs (needs root) whose size is drawn uniformly up to the reference's footprint, so the disk
+fills up at a random point (any shard, checkpoint, part). The failing run and the rerun are run in
+this process (as `kdpipe_inproc` runs them in the tests: the same CLI code, no start-up cost). A
+trial then also checks the failure: one `Error:` line naming a file of the output, no traceback,
+and nothing partial under a final name (every shard byte-identical to the reference's, every
+checkpoint complete by its own hashes, no manifest or final model but a whole one); then the
+limit is lifted (the tmpfs grown) and the rerun is compared as above.
+
+    python bench/faults.py --trials 20 [--commands teacher-dump,eval] [--fault kill|efbig|enospc]
 """
 
 from __future__ import annotations
@@ -72,7 +82,9 @@ def files(root: Path) -> list[str]:
 
 
 def temporaries(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in root.rglob(".*.tmp")] if root.exists() else []
+    """Every temporary naming scheme: `.name.PID.tmp` files and folders, `.tmp-step-*`, `.final.tmp-*`."""
+    return [p.relative_to(root).as_posix() for p in root.rglob(".*")
+            if "tmp" in p.name] if root.exists() else []
 
 
 # ------------------------------------------------------------------------------------ comparisons
@@ -325,6 +337,188 @@ def trial(cmd: Command, ref: Path, out: Path, delay: float, files_seen: int) -> 
     return res
 
 
+# ------------------------------------------------------------------------------ write failures
+
+def partial_cache(out: Path, ref: Path) -> list[str]:
+    """What a failed dump left under final names must be complete: shards as the reference's."""
+    bad = []
+    for f in files(out):
+        if f in (".lock",) or "tmp" in f:
+            continue
+        if f == "manifest.json":
+            bad += cmp_cache(out, ref)
+        elif not (ref / f).exists() or not same_file(out / f, ref / f, out, ref):
+            bad.append(f"{f} under its final name differs from the reference")
+    return bad
+
+
+def partial_run(out: Path, ref: Path) -> list[str]:
+    """Every checkpoint under its final name complete by its own hashes; `latest` names one;
+    final/ absent or equal to the reference's."""
+    bad = []
+    ckpts = out / "checkpoints"
+    for d in sorted(ckpts.glob("step-*")) if ckpts.is_dir() else []:
+        try:
+            meta = json.loads((d / "checkpoint.json").read_text())
+            broken = [n for n, h in meta["files"].items() if not (d / n).is_file() or sha(d / n) != h]
+        except (OSError, ValueError, KeyError):
+            broken = ["checkpoint.json"]
+        if broken:
+            bad.append(f"{d.name} incomplete: {broken}")
+    if (ckpts / "latest").is_file() and not (ckpts / (ckpts / "latest").read_text().strip()).is_dir():
+        bad.append("latest names a missing checkpoint")
+    if (out / "final").exists():
+        bad += cmp_tensors(out / "final" / "model.safetensors", ref / "final" / "model.safetensors")
+    return bad
+
+
+def partial_outputs(cmd: Command, out: Path, ref: Path) -> list[str]:
+    if isinstance(cmd, Dump):
+        return partial_cache(out, ref)
+    if isinstance(cmd, Train):
+        return partial_run(out, ref)
+    if isinstance(cmd, Adapt):
+        bad = partial_cache(out / "cache", ref / "cache") if (out / "cache").exists() else []
+        bad += partial_run(out / "run", ref / "run") if (out / "run").exists() else []
+        if (out / "model").exists():
+            bad += cmp_tensors(out / "model" / "model.safetensors", ref / "model" / "model.safetensors")
+        return bad
+    bad = []
+    for f in files(out):
+        if f.endswith(".json") and "tmp" not in f:
+            try:
+                json.loads((out / f).read_text())
+            except ValueError:
+                bad.append(f"{f} is not whole JSON")
+    if (out / "report.json").exists():
+        bad += cmd.compare(out, ref)
+    return bad
+
+
+def inproc(*args) -> subprocess.CompletedProcess:
+    """`kdpipe ARGS` through click's runner in this process (real CLI code; a traceback of an
+    uncaught exception is put on stderr, as a terminal would show it)."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from kdpipe.pipeline.cli import cli
+
+    r = CliRunner().invoke(cli, [str(a) for a in args], prog_name="kdpipe")
+    err = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, err)
+
+
+def footprint(root: Path) -> int:
+    """Bytes on a tmpfs: whole 4 KiB pages per file."""
+    return sum(-(-(root / f).stat().st_size // 4096) * 4096 for f in files(root))
+
+
+def disk_trial(cmd: Command, ref: Path, out: Path, fault: str, size: int) -> dict:
+    """Run once with writes failing past `size` (file-size limit, or a tmpfs of that size), check
+    the failure, lift the limit, rerun, compare."""
+    import resource
+
+    if fault == "enospc":
+        out.mkdir(parents=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "kdpipe-faults", str(out)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"cannot mount a tmpfs (root needed): {r.stderr.strip()}")
+        run_out = out / "out"
+        first = inproc(*cmd.args(run_out))
+    else:
+        run_out = out
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+        try:
+            first = inproc(*cmd.args(run_out))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    errors = [ln for ln in first.stderr.splitlines() if ln.startswith("Error:")]
+    res = {"fault": fault, "size": size, "first_rc": first.returncode,
+           "error": errors[-1][:200] if errors else None}
+    bad = []
+    if first.returncode != 0:
+        said = errors[0] if len(errors) == 1 else ""
+        res["one_line"] = ("Traceback" not in first.stderr and len(errors) == 1
+                           and ("no space left" in said or "file too large" in said) and str(run_out) in said)
+        if not res["one_line"]:
+            bad.append("not a one-line error naming a file: " + (first.stderr.strip().splitlines() or ["?"])[-1][:200])
+        res["partial"] = partial_outputs(cmd, run_out, ref)
+        bad += res["partial"]
+        res["tmp_after_failure"] = len(temporaries(run_out))
+    if fault == "enospc":
+        subprocess.run(["mount", "-o", "remount,size=256m", str(out)], check=True)
+    r = inproc(*cmd.args(run_out))
+    res["rerun_rc"] = r.returncode
+    if r.returncode != 0:
+        res["outcome"], res["why"] = "loss", (r.stderr.strip().splitlines() or ["?"])[-1][:300]
+    else:
+        bad += cmd.compare(run_out, ref)
+        left = temporaries(run_out)
+        if left:
+            bad.append(f"temporaries left: {left[:3]}")
+        res["outcome"] = "correct" if not bad else "corruption"
+        if bad:
+            res["why"] = bad[:5]
+    if fault == "enospc":
+        subprocess.run(["umount", "-l", str(out)], capture_output=True)
+    return res
+
+
+def disk_soak(a: argparse.Namespace, work: Path, rng: random.Random, log) -> list[str]:
+    """--fault efbig|enospc: the table rows."""
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in a.commands.split(","):
+        cmd = COMMANDS[name](work)
+        prepare(name, work)
+        ref = work / f"ref-{name}"
+        if not (ref / cmd.done_marker).exists():
+            shutil.rmtree(ref, ignore_errors=True)
+            reference(cmd, ref)
+        biggest = max((ref / f).stat().st_size for f in files(ref))
+        c = {"trials": 0, "failed": 0, "one_line": 0, "partial": 0, "tmp_left": 0, "correct": 0,
+             "loss": 0, "corruption": 0}
+        for i in range(a.trials):
+            out = work / f"{a.fault}-{name}-{i}"
+            shutil.rmtree(out, ignore_errors=True)
+            size = rng.randint(1, biggest) if a.fault == "efbig" else rng.randint(1, footprint(ref) // 4096) * 4096
+            res = disk_trial(cmd, ref, out, a.fault, size)
+            res.update(command=name, trial=i)
+            c["trials"] += 1
+            c["failed"] += res["first_rc"] != 0
+            c["one_line"] += bool(res.get("one_line"))
+            c["partial"] += bool(res.get("partial"))
+            c["tmp_left"] += bool(res.get("tmp_after_failure"))
+            c[res["outcome"]] += 1
+            print(json.dumps(res), flush=True)
+            if log:
+                log.write(json.dumps(res) + "\n")
+                log.flush()
+            if res["outcome"] == "correct":
+                shutil.rmtree(out, ignore_errors=True)
+        what = "file-size limit 1 B .. largest file" if a.fault == "efbig" else "tmpfs of 4 KiB .. the output's size"
+        rows.append(f"| {name} | {a.fault} ({what}) | {c['trials']} | {c['failed']} | {c['one_line']} | "
+                    f"{c['partial']} | {c['tmp_left']} | {c['correct']} | {c['loss']} | {c['corruption']} |")
+    return ["| command | fault | trials | runs that failed | with a one-line error naming the file | "
+            "partial output under a final name | temporaries left by the failed run | correct resumes | "
+            "losses | silent corruptions |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
+def prepare(name: str, work: Path) -> None:
+    """The inputs a command needs beyond build_inputs: a cache, a trained run."""
+    if name in ("student-train", "eval") and not (work / "cache" / "manifest.json").exists():
+        reference(Dump(work), work / "cache")
+    if name == "eval" and not (work / "run" / "final").exists():
+        reference(Train(work), work / "run")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
@@ -333,6 +527,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep everything here (default: a temp dir)")
     ap.add_argument("--log", type=Path, default=None, help="write every trial as JSON lines here")
     ap.add_argument("--write-results", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--fault", choices=("kill", "efbig", "enospc"), default="kill",
+                    help="SIGKILL at a random point, or a write failing past a random size")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="kdpipe-faults-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -342,14 +538,12 @@ def main() -> None:
     rng = random.Random(a.seed)
     rows = []
     log = open(a.log, "a") if a.log else None
+    if a.fault != "kill":
+        print("\n".join(disk_soak(a, work, rng, log)))
+        return
     for name in a.commands.split(","):
         cmd = COMMANDS[name](work)
-        if name == "student-train" and not (work / "cache" / "manifest.json").exists():
-            reference(Dump(work), work / "cache")
-        if name == "eval" and not (work / "run" / "final").exists():
-            if not (work / "cache" / "manifest.json").exists():
-                reference(Dump(work), work / "cache")
-            reference(Train(work), work / "run")
+        prepare(name, work)
         ref = work / f"ref-{name}"
         shutil.rmtree(ref, ignore_errors=True)
         first, runtime = reference(cmd, ref)
