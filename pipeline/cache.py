@@ -153,9 +153,24 @@ class Problem:
         return f"{self.path}: {self.what}"
 
 
+# Caches read from a store (pipeline.storage): their local folder -> the fetcher that brings a shard
+# into it when first opened. The manifest and small files are local already.
+_remote: dict[Path, Any] = {}
+
+
+def register_remote(root: Path, fetcher: Any) -> None:
+    _remote[Path(root).resolve()] = fetcher
+
+
+def _fetcher(cache_dir: Path) -> Any | None:
+    return _remote.get(Path(cache_dir).resolve()) if _remote else None
+
+
 def check_file(cache_dir: Path, entry: ShardEntry | FileEntry) -> Problem | None:
     """Size (for shards) and SHA-256 of one listed file against the manifest."""
     path = safe_join(cache_dir, entry.path)
+    if isinstance(entry, ShardEntry) and (fetcher := _fetcher(cache_dir)) is not None:
+        fetcher.fetch(entry.path)
     if not path.is_file():
         return Problem(entry.path, "missing")
     if isinstance(entry, ShardEntry) and path.stat().st_size != entry.bytes:
@@ -173,11 +188,27 @@ def verify_cache(cache_dir: Path) -> tuple[Manifest, list[Problem]]:
     entries = listed_files(m)
     problems = [p for e in entries if (p := check_file(cache_dir, e))]
     listed = {e.path for e in m.shards}
-    for f in sorted((cache_dir / "shards").glob("*.parquet")):
-        rel = f.relative_to(cache_dir).as_posix()
+    fetcher = _fetcher(cache_dir)
+    present = fetcher.shard_files() if fetcher is not None else [
+        f.relative_to(cache_dir).as_posix() for f in sorted((cache_dir / "shards").glob("*.parquet"))]
+    for rel in present:
         if rel not in listed:
             problems.append(Problem(rel, "not listed in the manifest (ignored by readers)"))
     return m, problems
+
+
+def check_shard_sizes(cache_dir: Path, manifest: Manifest) -> None:
+    """Every listed shard exists at the size the manifest says (cheap: no hashing, no download)."""
+    fetcher = _fetcher(cache_dir)
+    for entry in manifest.shards:
+        path = safe_join(cache_dir, entry.path)
+        if fetcher is not None:
+            size = fetcher.sizes.get(entry.path)
+        else:
+            size = path.stat().st_size if path.is_file() else None
+        if size != entry.bytes:
+            raise CorruptCacheError(f"corrupt cache: {path} is missing or not the size the manifest says; "
+                                    "run `kdpipe cache verify`")
 
 
 # Shards this process has hashed, by (path, hash, size, mtime, inode): a multi-epoch run hashes each
@@ -188,6 +219,8 @@ _verified: set[tuple[str, str, int, int, int]] = set()
 def open_shard(cache_dir: Path, entry: ShardEntry) -> Path:
     """A listed shard's path, checked against the manifest before any of it is used."""
     path = safe_join(cache_dir, entry.path)
+    if (fetcher := _fetcher(cache_dir)) is not None:
+        fetcher.fetch(entry.path)  # a cache on a store: bring the shard here first
     try:
         st = path.stat()
         key = (str(path), entry.sha256, st.st_size, st.st_mtime_ns, st.st_ino)

@@ -13,18 +13,22 @@ from typing import Any
 
 import click
 
+from kdpipe.pipeline import storage
 from kdpipe.pipeline.cache import Problem, load_manifest, verify_cache
 from kdpipe.pipeline.cli import LazyGroup, echo_json, floats_option, ints_option
 from kdpipe.pipeline.fsutil import atomic_write_json
 
 
-def verify(cache_dir: Path) -> list[Problem]:
-    _, problems = verify_cache(Path(cache_dir))
+def verify(cache_dir: Path | str) -> list[Problem]:
+    """Every listed file against the manifest; a cache on a store is fetched a shard at a time."""
+    with storage.local_cache(str(cache_dir)) as local:
+        _, problems = verify_cache(local)
     return problems
 
 
-def info(cache_dir: Path) -> dict[str, Any]:
-    m = load_manifest(Path(cache_dir))
+def info(cache_dir: Path | str) -> dict[str, Any]:
+    with storage.local_cache(str(cache_dir)) as local:  # reads the manifest, fetches no shard
+        m = load_manifest(local)
     return {
         "cache": str(cache_dir), "schema_version": m.schema_version,
         "fingerprint_sha256": m.fingerprint_sha256, "fingerprint": m.fingerprint,
@@ -44,8 +48,8 @@ def command() -> None:
 
 
 @command.command("verify")
-@click.argument("cache_dir", type=click.Path(path_type=Path))
-def verify_command(cache_dir: Path) -> None:
+@click.argument("cache_dir")  # a path or a URL (s3://...): a Path would fold its '//'
+def verify_command(cache_dir: str) -> None:
     """Check every file of a cache against its manifest (sizes and SHA-256)."""
     problems = verify(cache_dir)
     for p in problems:
@@ -56,8 +60,8 @@ def verify_command(cache_dir: Path) -> None:
 
 
 @command.command("info")
-@click.argument("cache_dir", type=click.Path(path_type=Path))
-def info_command(cache_dir: Path) -> None:
+@click.argument("cache_dir")
+def info_command(cache_dir: str) -> None:
     """Print what a cache holds and what it was made from."""
     echo_json(info(cache_dir))
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import checkpoint as ckpt
+from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option, ints_option
 from kdpipe.pipeline.config import MAX_SEED, StageConfig
@@ -218,11 +219,7 @@ def set_up(cfg: StudentConfig) -> Setup:
     if manifest.head is not None:  # exact mode: the frozen decoder that rebuilds the teacher's logits
         tensors = load_file(str(_checked(cache, manifest.head)))
         teacher_head = (tensors["weight"], tensors.get("bias"))
-    for entry in manifest.shards:  # cheap now (sizes); each shard's hash is checked when it is opened
-        path = safe_join(cache, entry.path)
-        if not path.is_file() or path.stat().st_size != entry.bytes:
-            raise CorruptCacheError(f"corrupt cache: {path} is missing or not the size the manifest says; "
-                                    "run `kdpipe cache verify`")
+    cachedir.check_shard_sizes(cache, manifest)  # cheap now; each shard's hash is checked when opened
 
     problems = _mode_problems(cfg, manifest)
     t_index = next((i for i, t in enumerate(manifest.temperatures) if math.isclose(t, cfg.temperature)), 0)
@@ -589,7 +586,10 @@ def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> 
     """The whole stage; returns a summary for the CLI to print. Every check runs before the run
     directory is written to: a refused run leaves it as it was. `online` replaces each batch's
     teacher targets before the step: bench/quality.py's baseline of online distillation (the
-    teacher run at every step), trained on exactly the batches of a cache."""
+    teacher run at every step), trained on exactly the batches of a cache. A --cache or --out URL
+    is read or staged and published by `storage.staged`, which calls this again with local folders."""
+    if storage.is_url(cfg.cache) or storage.is_url(cfg.out):
+        return storage.staged(cfg, lambda c: main(c, online), reads=("cache",), writes={"out": "run"})
     s = set_up(cfg)
     record = check_run_dir(s)
     if record is not None and (s.out / FINAL_DIR).is_dir():
@@ -619,7 +619,7 @@ def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> 
         remove_stale_tmp(s.out)  # a run.json temporary whose writer was killed before the rename
         if record is None:
             record = RunRecord(
-                run_id=uuid.uuid4().hex, cache=str(s.cache.resolve()),
+                run_id=uuid.uuid4().hex, cache=storage.display(s.cache),
                 cache_fingerprint_sha256=s.manifest.fingerprint_sha256,
                 config=s.cfg.model_dump(mode="json") | {"layer_map": s.layer_map},
                 identity=s.identity, student_config=s.identity["student_config"], init=tr.init_report,
@@ -635,8 +635,8 @@ def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> 
 @click.command("student-train", epilog="Example: kdpipe student-train --cache caches/wiki --out runs/s3 "
                "--teacher ./bert-mlm --max-steps 2000 --save-every 200. Rerun the same command to resume.")
 @config_option
-@click.option("--cache", help="Teacher cache directory (made by teacher-dump).")
-@click.option("--out", help="Run directory to create or resume.")
+@click.option("--cache", help="Teacher cache directory (made by teacher-dump), or its URL (s3://...).")
+@click.option("--out", help="Run directory to create or resume, or a URL (s3://bucket/path, ...).")
 @click.option("--teacher", help="Teacher folder, read only to initialise the student and copy its "
               "tokenizer; its weights must match the cache. [the path recorded in the cache]")
 @click.option("--init", type=click.Choice(["teacher", "random"]), help="Student initialisation. [teacher]")

@@ -33,6 +33,7 @@ from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import projection as proj
+from kdpipe.pipeline import storage
 from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option
 from kdpipe.pipeline.config import StageConfig
 from kdpipe.pipeline.device import pick_device
@@ -488,7 +489,10 @@ def _refuse_foreign(out: Path) -> None:
 
 
 def main(cfg: DumpConfig) -> dict[str, Any]:
-    """The whole stage; returns a summary for the CLI to print."""
+    """The whole stage; returns a summary for the CLI to print. An --out URL is staged locally and
+    published by `storage.staged`, which calls this again with the local folder."""
+    if storage.is_url(cfg.out):
+        return storage.staged(cfg, main, writes={"out": "cache"})
     s = set_up(cfg)
     if cfg.dry_run:
         return {"dry_run": dry_run(s)}
@@ -522,7 +526,7 @@ def main(cfg: DumpConfig) -> dict[str, Any]:
 @click.option("--teacher", help="Masked-LM checkpoint folder (or builtin:NAME).")
 @click.option("--data", multiple=True, help="Text/JSONL/Parquet files, globs or folders, or a "
               "dataset name available offline; repeatable.")
-@click.option("--out", help="Cache directory to create or resume.")
+@click.option("--out", help="Cache directory to create or resume, or a URL (s3://bucket/path, ...).")
 @click.option("--text-column", help="Column holding the text (JSONL/Parquet/datasets). [text]")
 @click.option("--data-split", help="Split of a named dataset. [train]")
 @click.option("--seq-len", type=int, help="Tokens per sequence, [CLS]/[SEP] included. [128]")
