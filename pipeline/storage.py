@@ -14,8 +14,8 @@ file is on the store with its local size; a checkpoint's checkpoint.json is uplo
 tensors, so a checkpoint on the store counts only once its meta object exists. A kill at any
 point leaves no manifest listing a missing shard. The store is the truth: a rerun (here or on
 another machine) starts from what the store holds, downloading the finished shards whose Parquet
-footer carries this cache's fingerprint (read by range requests) rather than recomputing them,
-or the run's latest complete checkpoint.
+footer carries this cache's fingerprint rather than recomputing them (fetched whole: the manifest
+hashes the bytes it lists), or the run's latest complete checkpoint.
 
 A cache read from a URL is mirrored into a per-process folder: the small files at once, each
 shard when it is first opened (`cache.open_shard` checks its SHA-256 against the manifest as
@@ -169,19 +169,15 @@ class Store:
             if self.fs.exists(self.key(rel)):
                 self.fs.rm_file(self.key(rel))
 
-    def shard_fingerprint(self, rel: str) -> str | None:
-        """The fingerprint in a shard's Parquet footer, read by range requests (None if unreadable)."""
-        import pyarrow.parquet as pq
-
-        from kdpipe.pipeline.shards import FINGERPRINT_KEY
-
-        try:
-            with self.fs.open(self.key(rel), "rb") as f:
-                md = pq.read_schema(f).metadata or {}
-        except Exception:  # a damaged or foreign object is redone, not trusted
-            return None
-        v = md.get(FINGERPRINT_KEY)
-        return v.decode() if v else None
+    def get_many(self, rels: list[str], folder: Path) -> None:
+        """Download several objects at once (concurrent requests) into `folder`, keeping their
+        relative paths; the caller checks and renames them into place."""
+        if rels:
+            locals_ = [str(folder / r) for r in rels]
+            for p in locals_:
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+            with store_errors(self.url):
+                self.fs.get([self.key(r) for r in rels], locals_)
 
 
 # ---------------------------------------------------------------------------------- publication
@@ -309,6 +305,7 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
     projection and head, its manifest if it has one, and every shard whose footer carries this
     fingerprint. Returns the files that are on the store already and how many shards were reused."""
     from kdpipe.pipeline.cache import fingerprint_sha256
+    from kdpipe.pipeline.shards import read_fingerprint
 
     remote = store.files()
     if not remote:
@@ -337,14 +334,26 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
         fp_sha = fingerprint_sha256(json.loads(fp_bytes))
     except (ValueError, AttributeError):
         raise KdpipeError(f"{store.url}/{FINGERPRINT} is not valid JSON; not a kdpipe cache") from None
+    # shards finished elsewhere: fetched whole (they are needed whole to hash into the manifest), kept
+    # only if their footer carries this fingerprint; any other object is redone and overwritten
+    wanted = sorted(r for r in remote if _SHARD.match(r) and not (staging / r).is_file())
+    pulled = staging / f".pull.{os.getpid()}.tmp"
+    (staging / "shards").mkdir(exist_ok=True)
+    shutil.rmtree(pulled, ignore_errors=True)
     reused = 0
-    for rel in sorted(r for r in remote if _SHARD.match(r)):
-        if (staging / rel).is_file():
-            continue  # made here; uploaded again (the manifest hashes the local bytes)
-        if store.shard_fingerprint(rel) == fp_sha:
-            store.get(rel, staging / rel)
-            sent[rel] = _stamp(staging / rel)
-            reused += 1
+    try:
+        store.get_many(wanted, pulled)
+        for rel in wanted:
+            try:
+                ok = read_fingerprint(pulled / rel) == fp_sha
+            except Exception:  # a damaged or foreign object
+                ok = False
+            if ok:
+                os.replace(pulled / rel, staging / rel)
+                sent[rel] = _stamp(staging / rel)
+                reused += 1
+    finally:
+        shutil.rmtree(pulled, ignore_errors=True)
     return sent, reused
 
 
@@ -457,9 +466,7 @@ def mirror_cache(url: str) -> Path:
     _remove_dead_mirrors(base)
     root = Path(tempfile.mkdtemp(prefix=f"cache-{os.getpid()}-", dir=base)).resolve()
     atexit.register(shutil.rmtree, root, True)
-    for rel in sorted(remote):
-        if not _SHARD.match(rel) and not rel.startswith("shards/"):
-            store.get(rel, root / rel)
+    store.get_many(sorted(r for r in remote if not r.startswith("shards/")), root)  # small files
     (root / "shards").mkdir(exist_ok=True)
     budget = int(float(os.environ.get("KDPIPE_SHARD_CACHE_MB", "2048")) * (1 << 20))
     cachedir.register_remote(root, RemoteShards(store, root, remote, budget))
@@ -468,6 +475,15 @@ def mirror_cache(url: str) -> Path:
 
 
 _display: dict[str, str] = {}  # mirror folder -> the URL it stands for
+
+
+def release_mirror(root: Path) -> None:
+    """Remove a mirror folder and forget it (its process is done reading)."""
+    from kdpipe.pipeline import cache as cachedir
+
+    cachedir._remote.pop(Path(root).resolve(), None)
+    _display.pop(str(root), None)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def display(path: Path) -> str:
@@ -488,17 +504,30 @@ def staged(cfg: Any, stage: Callable[[Any], dict[str, Any]], reads: tuple[str, .
     """Run `stage` with its URL locations replaced by local folders: caches it reads (`reads`:
     config fields) mirrored, outputs it writes (`writes`: field -> "cache" or "run") staged and
     published. file:// URLs become plain paths. Messages and the summary name the URLs."""
+    mirrors: list[Path] = []
+    try:
+        return _staged(cfg, stage, reads, writes or {}, mirrors)
+    finally:
+        for root in mirrors:
+            release_mirror(root)
+
+
+def _staged(cfg: Any, stage: Callable[[Any], dict[str, Any]], reads: tuple[str, ...],
+            writes: dict[str, str], mirrors: list[Path]) -> dict[str, Any]:
     updates: dict[str, str] = {}
     names: dict[str, str] = {}
     jobs: list[tuple[Publisher, Path]] = []
     reused = 0
     for field in reads:
         loc = getattr(cfg, field)
-        if is_url(loc):
-            updates[field] = file_url_path(loc) if scheme(loc) == "file" else str(mirror_cache(loc))
-            names[updates[field]] = loc
+        if is_url(loc) and scheme(loc) == "file":
+            updates[field] = file_url_path(loc)
+        elif is_url(loc):
+            mirrors.append(mirror_cache(loc))
+            updates[field] = str(mirrors[-1])
+            names[updates[field]] = loc.rstrip("/")
     dry = bool(getattr(cfg, "dry_run", False))
-    for field, kind in (writes or {}).items():
+    for field, kind in writes.items():
         loc = getattr(cfg, field)
         if not is_url(loc):
             continue
@@ -550,4 +579,4 @@ def local_cache(loc: str) -> Iterator[Path]:
         except KdpipeError as e:
             raise type(e)(_rewrite(str(e), {str(root): loc.rstrip("/")})) from None
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            release_mirror(root)
