@@ -48,6 +48,7 @@ MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
 RUN_RECORD = "run.json"
 FINAL_MARKER = "final/kdpipe_student.json"
+REPORT_SETTINGS = "eval.json"
 _CHECKPOINT_UNIT = re.compile(r"^checkpoints/step-\d{7}/")
 _CHECKPOINT_META = re.compile(r"^checkpoints/step-(\d{7})/checkpoint\.json$")
 _SHARD = re.compile(r"^shards/shard-\d+\.parquet$")
@@ -169,6 +170,11 @@ class Store:
             if self.fs.exists(self.key(rel)):
                 self.fs.rm_file(self.key(rel))
 
+    def put_many(self, rels: list[str], folder: Path) -> None:
+        """Upload several files at once (concurrent requests), one object each."""
+        with store_errors(self.url):
+            self.fs.put([str(folder / r) for r in rels], [self.key(r) for r in rels])
+
     def get_many(self, rels: list[str], folder: Path) -> None:
         """Download several objects at once (concurrent requests) into `folder`, keeping their
         relative paths; the caller checks and renames them into place."""
@@ -228,9 +234,17 @@ class Publisher:
         """Upload every new or changed file but the commit object, in `_rank` order; drop from the
         store the checkpoints this run uploaded and has since pruned (meta object first)."""
         files = _local_files(self.staging)
+        todo = [r for r in files if r != self.commit and self.sent.get(r) != files[r]]
+        plain = [r for r in todo if _rank(r) == 0 and _unit(r) is None]
+        if len(plain) > 1:  # files nothing else waits on (shards, parts): concurrent requests
+            try:
+                self.store.put_many(plain, self.staging)
+                self.sent.update({r: files[r] for r in plain})
+            except FileNotFoundError:
+                pass  # one vanished meanwhile: the loop below uploads the others one by one
         failed: set[str] = set()
-        for rel in sorted(files, key=lambda r: (_rank(r), r)):
-            if rel == self.commit or self.sent.get(rel) == files[rel]:
+        for rel in sorted(todo, key=lambda r: (_rank(r), r)):
+            if self.sent.get(rel) == files[rel]:
                 continue
             unit = _unit(rel)
             if unit in failed:
@@ -411,6 +425,40 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
     return sent, steps[-1]
 
 
+def prepare_report(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]], int]:
+    """Bring the staging folder in line with the store before an eval: its settings and every
+    finished part (small files), so nothing done is redone."""
+    remote = store.files()
+    if not remote:
+        _clear(staging)
+        return {}, 0
+    if REPORT_SETTINGS not in remote:
+        raise KdpipeError(f"report directory {store.url} is not empty and holds no kdpipe eval report; "
+                          "refusing to write into it")
+    if (staging / REPORT_SETTINGS).is_file() and (staging / REPORT_SETTINGS).read_bytes() != store.cat(
+            REPORT_SETTINGS):
+        _clear(staging)
+    wanted = sorted(r for r in remote if not (staging / r).is_file() or (staging / r).stat().st_size != remote[r])
+    pulled = staging / f".pull.{os.getpid()}.tmp"
+    shutil.rmtree(pulled, ignore_errors=True)
+    try:
+        store.get_many(wanted, pulled)
+        for rel in wanted:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(pulled / rel, staging / rel)
+    finally:
+        shutil.rmtree(pulled, ignore_errors=True)
+    return {r: _stamp(staging / r) for r in remote}, 0
+
+
+# kind of output -> how its staging folder is prepared, and its commit object (uploaded last)
+KINDS: dict[str, tuple[Callable[[Store, Path], tuple[dict[str, tuple[int, int]], int]], str, str]] = {
+    "cache": (prepare_cache, MANIFEST, "cache"),
+    "run": (prepare_run, FINAL_MARKER, "run directory"),
+    "report": (prepare_report, "report.json", "report directory"),
+}
+
+
 # ---------------------------------------------------------------------------- mirrored caches
 
 class RemoteShards:
@@ -502,7 +550,7 @@ def _rewrite(text: str, names: dict[str, str]) -> str:
 def staged(cfg: Any, stage: Callable[[Any], dict[str, Any]], reads: tuple[str, ...] = (),
            writes: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `stage` with its URL locations replaced by local folders: caches it reads (`reads`:
-    config fields) mirrored, outputs it writes (`writes`: field -> "cache" or "run") staged and
+    config fields) mirrored, outputs it writes (`writes`: field -> a kind of KINDS) staged and
     published. file:// URLs become plain paths. Messages and the summary name the URLs."""
     mirrors: list[Path] = []
     try:
@@ -526,24 +574,23 @@ def _staged(cfg: Any, stage: Callable[[Any], dict[str, Any]], reads: tuple[str, 
             mirrors.append(mirror_cache(loc))
             updates[field] = str(mirrors[-1])
             names[updates[field]] = loc.rstrip("/")
-    dry = bool(getattr(cfg, "dry_run", False))
     for field, kind in writes.items():
         loc = getattr(cfg, field)
         if not is_url(loc):
             continue
-        if scheme(loc) == "file" or dry:
-            updates[field] = file_url_path(loc) if scheme(loc) == "file" else loc
+        if scheme(loc) == "file":
+            updates[field] = file_url_path(loc)
             continue
-        store = Store(loc, "cache" if kind == "cache" else "run directory")
+        prepare, commit, what = KINDS[kind]
+        store = Store(loc, what)
         staging = staging_dir(kind, store.url)
         with exclusive_lock(staging, f"{kind} staging folder for {loc}"):
             try:
-                sent, n = (prepare_cache if kind == "cache" else prepare_run)(store, staging)
+                sent, n = prepare(store, staging)
             except KdpipeError as e:
                 raise type(e)(_rewrite(str(e), {str(staging): loc})) from None
-        reused += n if kind == "cache" else 0
-        jobs.append((Publisher(staging, store, MANIFEST if kind == "cache" else FINAL_MARKER, sent),
-                     staging))
+        reused += n
+        jobs.append((Publisher(staging, store, commit, sent), staging))
         updates[field] = str(staging)
         names[str(staging)] = store.url
     local_cfg = cfg.model_copy(update=updates)

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import downstream, mlm_eval, report_dir, sections, speed
 from kdpipe.pipeline import report as render
+from kdpipe.pipeline import storage
 from kdpipe.pipeline.cli import build_config, config_option, echo_json
 from kdpipe.pipeline.config import MAX_SEED, StageConfig
 from kdpipe.pipeline.device import pick_device
@@ -234,7 +235,10 @@ def finish(s: Setup) -> Report:
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
-    """The whole stage; returns a summary for the CLI to print."""
+    """The whole stage; returns a summary for the CLI to print. An --out URL is staged locally and
+    published by `storage.staged` (report.json last), which calls this again with the local folder."""
+    if storage.is_url(cfg.out):
+        return storage.staged(cfg, main, writes={"out": "report"})
     s = set_up(cfg)
     ensure_dir(s.out, "report directory")
     with exclusive_lock(s.out, "report directory"):
@@ -261,7 +265,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
               "builtin:NAME; NAME=SPEC names it. Repeatable.")
 @click.option("--heldout", multiple=True, help="Held-out text (files, globs or folders, or a "
               "dataset) for the masked-LM scores; text the students never trained on. Repeatable.")
-@click.option("--out", help="Report directory to create or resume.")
+@click.option("--out", help="Report directory to create or resume, or a URL (s3://bucket/path, ...).")
 @click.option("--baseline", help="Student the ablation table compares against. [first student]")
 @click.option("--heldout-sequences", type=int, help="Held-out sequences scored. [256]")
 @click.option("--heldout-text-column", help="Text column of JSONL/Parquet held-out data. [text]")

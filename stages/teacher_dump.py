@@ -491,7 +491,7 @@ def _refuse_foreign(out: Path) -> None:
 def main(cfg: DumpConfig) -> dict[str, Any]:
     """The whole stage; returns a summary for the CLI to print. An --out URL is staged locally and
     published by `storage.staged`, which calls this again with the local folder."""
-    if storage.is_url(cfg.out):
+    if storage.is_url(cfg.out) and not cfg.dry_run:  # a dry run writes nothing
         return storage.staged(cfg, main, writes={"out": "cache"})
     s = set_up(cfg)
     if cfg.dry_run:

@@ -242,3 +242,29 @@ def test_bad_urls_and_missing_buckets_are_one_line_errors(s3, home, teacher_dir,
         import gcsfs  # noqa: F401
     except ImportError:
         one_line_error(kdpipe_inproc("cache", "info", "gs://bucket/cache"), "needs gcsfs")
+
+
+def test_eval_report_on_s3_resumes_from_the_store(s3, tmp_path, monkeypatch, teacher_dir, small_corpus_file,
+                                                  kdpipe_inproc):
+    from helpers import tiny_teacher
+
+    student = tiny_teacher(tmp_path / "student", layers=1, seed=2)
+    url, prefix = f"s3://{BUCKET}/report", f"{BUCKET}/report"
+    args = ("eval", "--teacher", teacher_dir, "--student", f"small={student}", "--heldout", small_corpus_file,
+            "--no-speed", "--seq-len", "32", "--heldout-sequences", "8", "--out", url)
+    monkeypatch.setenv("KDPIPE_HOME", str(tmp_path / "machine-a"))
+    r = kdpipe_inproc(*args)
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    assert first["report"] == f"{url}/report.md" and first["computed"] == 2
+    on_store = objects(s3, prefix)
+    assert {"eval.json", "report.json", "report.md", "parts/mlm/teacher.json", "parts/mlm/small.json"} <= set(on_store)
+
+    monkeypatch.setenv("KDPIPE_HOME", str(tmp_path / "machine-b"))  # the finished parts come from the store
+    r = kdpipe_inproc(*args)
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["computed"] == 0 and again["reused"] == 2 and again["resumed"]
+    after = objects(s3, prefix)
+    assert {k: v for k, v in after.items() if k.startswith("parts/")} == \
+        {k: v for k, v in on_store.items() if k.startswith("parts/")}
