@@ -14,7 +14,7 @@ COPY kdpipe kdpipe
 COPY pipeline pipeline
 COPY stages stages
 COPY schemas schemas
-RUN python3 -m pip install .
+RUN python3 -m pip install '.[s3]'
 WORKDIR /data
 ENTRYPOINT ["kdpipe"]
 CMD ["--help"]
