@@ -125,6 +125,8 @@ class Store:
             self.fs, root = fsspec.core.url_to_fs(self.url)
             self.root = root.rstrip("/")
             bucket = self.root.split("/", 1)[0]
+            if scheme(url) not in _PIP_HINT:  # not an object store: no bucket to check
+                return
             if not bucket:
                 raise KdpipeError(f"{what} {url}: the URL names no bucket")
             if not self.fs.exists(bucket):
@@ -172,6 +174,8 @@ class Store:
 
     def put_many(self, rels: list[str], folder: Path) -> None:
         """Upload several files at once (concurrent requests), one object each."""
+        if missing := [r for r in rels if not (folder / r).is_file()]:
+            raise FileNotFoundError(folder / missing[0])
         with store_errors(self.url):
             self.fs.put([str(folder / r) for r in rels], [self.key(r) for r in rels])
 
@@ -329,8 +333,8 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
         raise KdpipeError(f"{store.url} is not empty and holds no kdpipe cache; refusing to write into it")
     fp_bytes = store.cat(FINGERPRINT)
     local_fp = staging / FINGERPRINT
-    if local_fp.is_file() and local_fp.read_bytes() != fp_bytes:
-        _clear(staging)
+    if MANIFEST in remote or (local_fp.is_file() and local_fp.read_bytes() != fp_bytes):
+        _clear(staging)  # published already (nothing here may replace it), or another cache
     sent: dict[str, tuple[int, int]] = {}
 
     def pull(rel: str) -> None:
@@ -390,8 +394,9 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
         raise KdpipeError(f"run directory {store.url} is not empty and holds no kdpipe student run; "
                           "refusing to write into it (use another --out)")
     record = store.cat(RUN_RECORD)
-    if not (staging / RUN_RECORD).is_file() or (staging / RUN_RECORD).read_bytes() != record:
-        _clear(staging)
+    local = staging / RUN_RECORD
+    if FINAL_MARKER in remote or not local.is_file() or local.read_bytes() != record:
+        _clear(staging)  # finished already (nothing here may replace it), or another run
     sent: dict[str, tuple[int, int]] = {}
 
     def pull(rel: str) -> None:
@@ -403,12 +408,12 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
     if FINAL_MARKER in remote:
         pull(FINAL_MARKER)  # the stage sees final/ and says the run is complete
         return sent, 0
-    for rel in ("metrics.jsonl", "samples.jsonl"):  # truncated to the checkpoint's step on resume
-        if rel in remote:
-            pull(rel)
     steps = sorted(int(m.group(1)) for r in remote if (m := _CHECKPOINT_META.match(r)))
     if not steps or steps[-1] <= _local_latest_step(staging):
-        return sent, 0
+        return sent, 0  # what is staged here is as far on (its metrics cover its checkpoint)
+    for rel in ("metrics.jsonl", "samples.jsonl"):  # uploaded before the meta object, so they
+        if rel in remote:  # reach the checkpoint; truncated to its step on resume
+            pull(rel)
     name = f"step-{steps[-1]:07d}"
     tmp = staging / "checkpoints" / f".tmp-{name}.pull"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -204,11 +204,13 @@ def test_cache_verify_and_info_read_a_store_a_shard_at_a_time(s3, s3_cache, home
     assert len(kept) >= 2 and kept == [Path(r).name for r in shards[8 - len(kept):8]]
 
     # a damaged object is caught by the manifest's hash, named, as for a local cache
-    damaged = f"s3://{BUCKET}/damaged"
-    s3.copy(f"{BUCKET}/reference", f"{BUCKET}/damaged", recursive=True)
-    s3.pipe_file(f"{BUCKET}/damaged/{shards[2]}", (reference_cache / shards[1]).read_bytes())
-    r = kdpipe_inproc("cache", "verify", damaged)
-    assert r.returncode != 0 and f"CORRUPT {shards[2]}: " in r.stderr
+    key = f"{BUCKET}/reference/{shards[2]}"
+    s3.pipe_file(key, (reference_cache / shards[1]).read_bytes())
+    try:
+        r = kdpipe_inproc("cache", "verify", s3_cache)
+        assert r.returncode != 0 and f"CORRUPT {shards[2]}: " in r.stderr
+    finally:
+        s3.pipe_file(key, (reference_cache / shards[2]).read_bytes())
 
 
 def test_file_urls_are_local_paths(tmp_path, home, reference_cache, kdpipe_inproc):
