@@ -68,7 +68,7 @@ def info_command(cache_dir: str) -> None:
 
 @command.command("fidelity", epilog="Example: kdpipe cache fidelity caches/wiki --teacher ./bert-mlm "
                  "--k 8,32,128 --samples 8,32,128 --temperatures 1,2,4 --out fidelity.json")
-@click.argument("cache_dir", type=click.Path(path_type=Path))
+@click.argument("cache_dir")
 @click.option("--teacher", required=True, help="The cache's teacher (its weights are checked).")
 @click.option("--student", help="A student model folder or student-train run directory. "
               "[the DistilBERT-init student: half the teacher's layers, copied from it]")
@@ -82,7 +82,7 @@ def info_command(cache_dir: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Which rows are sampled.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the report as JSON.")
-def fidelity_command(cache_dir: Path, teacher: str, student: str | None, positions: int, ks: list[int],
+def fidelity_command(cache_dir: str, teacher: str, student: str | None, positions: int, ks: list[int],
                      samples: list[int], temperatures: list[float], seed: int, device: str,
                      out: Path | None) -> None:
     """Compare L_ce of each target mode (topk k, sampled N, exact) with the exact full-vocabulary
@@ -91,7 +91,10 @@ def fidelity_command(cache_dir: Path, teacher: str, student: str | None, positio
 
     spec = FidelitySpec(positions=positions, ks=tuple(ks), samples=tuple(samples),
                         temperatures=tuple(temperatures), seed=seed, device=device)
-    report = run_fidelity(cache_dir, teacher, student, spec)
+    with storage.local_cache(cache_dir) as local:  # a cache on a store: the shards it samples are fetched
+        report = run_fidelity(local, teacher, student, spec)
+    if storage.is_url(cache_dir):
+        report["cache"] = cache_dir
     if out is not None:
         atomic_write_json(out, report)
     click.echo(markdown(report))
