@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import corpus as corpus_mod
+from kdpipe.pipeline import distributed
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option
@@ -326,25 +328,48 @@ def _shard_done(path: Path, fp_sha: str) -> bool:
         return False
 
 
-def run(s: Setup) -> Manifest:
+def run(s: Setup, w: distributed.World | None = None) -> Manifest | None:
+    """Dump this rank's shards (all of them in a world of one); rank 0 then writes the manifest
+    once every rank has finished. Returns the manifest on rank 0, None on the others."""
+    w = w or distributed.World()
     out = s.out
     fp_sha = cachedir.fingerprint_sha256(s.fingerprint)
     schema = _schema(s)
-    ensure_dir(out / "shards", "cache directory")
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    device = pick_device(s.cfg.device)
+    device = distributed.local_device(pick_device(s.cfg.device), w)
 
-    runner = _prepare_runner(s, device)
+    def dump_own() -> None:
+        if not w.is_main and not (out / FINGERPRINT_NAME).is_file():
+            raise KdpipeError(f"rank {w.rank} does not see the cache {out} that rank 0 set up: the "
+                              "cache directory must be on a file system every rank shares")
+        ensure_dir(out / "shards", "cache directory")
+        # other ranks load the projection rank 0 fitted and saved before they got here
+        _dump_shards(s, _prepare_runner(s, device), w, fp_sha, schema)
 
+    distributed.agree(w, dump_own)  # every rank's shards exist past this point
+    if not w.is_main:
+        return None
+    n_shards = -(-s.n_sequences // s.cfg.shard_size)
+    return finish(s, fp_sha, n_shards, started)
+
+
+def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, fp_sha: str,
+                 schema: pa.Schema) -> None:
+    """The shards rank w.rank owns that are not finished yet. Every rank reads (tokenises) the
+    corpus up to its last shard: sequences are numbered by their place in the stream."""
+    out = s.out
     n_shards = -(-s.n_sequences // s.cfg.shard_size)
     seqs_iter = _sequences(s)
     pending: Future | None = None
+    total = s.n_tokens * s.cfg.mask_views if not w.distributed else None  # a rank's share is unknown
     # the bar is closed on an error too, so the error message starts a line of its own
-    with tqdm(total=s.n_tokens * s.cfg.mask_views, desc="teacher-dump", unit=" tok", unit_scale=True,
-              mininterval=1.0, smoothing=0.1) as bar, \
+    with tqdm(total=total, desc="teacher-dump", unit=" tok", unit_scale=True, mininterval=1.0,
+              smoothing=0.1, disable=not w.is_main) as bar, \
             ThreadPoolExecutor(max_workers=1) as writer:  # encode+compress overlaps the next forward
         for index in range(n_shards):
             seqs = list(itertools.islice(seqs_iter, s.cfg.shard_size))
+            if not w.owns_shard(index):
+                continue
             path = out / shard_path(index)
             if _shard_done(path, fp_sha):
                 bar.update(sum(len(x) for x in seqs) * s.cfg.mask_views)
@@ -356,7 +381,6 @@ def run(s: Setup) -> Manifest:
             bar.update(data.tokens)
         if pending is not None:
             pending.result()
-    return finish(s, fp_sha, n_shards, started)
 
 
 def _schema(s: Setup) -> pa.Schema:
@@ -488,35 +512,60 @@ def _refuse_foreign(out: Path) -> None:
         raise KdpipeError(f"{out} is not empty and holds no kdpipe cache; refusing to write into it")
 
 
-def main(cfg: DumpConfig) -> dict[str, Any]:
-    """The whole stage; returns a summary for the CLI to print. An --out URL is staged locally and
-    published by `storage.staged`, which calls this again with the local folder."""
-    if storage.is_url(cfg.out) and not cfg.dry_run:  # a dry run writes nothing
-        return storage.staged(cfg, main, writes={"out": "cache"})
-    s = set_up(cfg)
-    if cfg.dry_run:
-        return {"dry_run": dry_run(s)}
+def _claim(s: Setup, cfg: DumpConfig, held: ExitStack, w: distributed.World) -> dict[str, Any]:
+    """Rank 0's one-time setup under the cache's lock (held until `held` closes): refusals, the
+    fingerprint, run info, teacher config and, with several ranks, the projection and exact-mode
+    head, which the other ranks load rather than fit. Returns {"resuming": bool} or, for a
+    finished cache, the summary to print."""
     ensure_dir(s.out, "cache directory")
     _refuse_foreign(s.out)  # before the lock file: a refused run leaves a foreign folder as it was
-    with exclusive_lock(s.out, "cache"):
-        # refusals first: a cache with other settings is left as it is, temporaries included
-        resuming = cachedir.check_fingerprint(s.out, s.fingerprint)
-        if not resuming:
-            _refuse_foreign(s.out)
-        remove_stale_tmp(s.out)
-        remove_stale_tmp(s.out / "shards")
-        if resuming and (s.out / MANIFEST_NAME).exists():
-            m = cachedir.load_manifest(s.out)
-            return {"cache": str(s.out), "status": "already complete", "shards": len(m.shards),
-                    "tokens": m.tokens, "bytes_per_token": m.bytes_per_token}
-        if not resuming:
-            atomic_write_json(s.out / FINGERPRINT_NAME, s.fingerprint)
-        atomic_write_json(s.out / cachedir.RUN_INFO_NAME, provenance(cfg))
-        atomic_write_bytes(s.out / cachedir.TEACHER_CONFIG_NAME,
-                           json.dumps(s.model_config.to_dict(), indent=2, sort_keys=True).encode())
-        m = run(s)
-    return {"cache": str(s.out), "status": "resumed" if resuming else "written", "shards": len(m.shards),
-            "sequences": m.sequences, "rows": m.rows, "tokens": m.tokens,
+    held.enter_context(exclusive_lock(s.out, "cache"))
+    # refusals first: a cache with other settings is left as it is, temporaries included
+    resuming = cachedir.check_fingerprint(s.out, s.fingerprint)
+    if not resuming:
+        _refuse_foreign(s.out)
+    remove_stale_tmp(s.out)
+    remove_stale_tmp(s.out / "shards")
+    if resuming and (s.out / MANIFEST_NAME).exists():
+        m = cachedir.load_manifest(s.out)
+        return {"cache": str(s.out), "status": "already complete", "shards": len(m.shards),
+                "tokens": m.tokens, "bytes_per_token": m.bytes_per_token}
+    if not resuming:
+        atomic_write_json(s.out / FINGERPRINT_NAME, s.fingerprint)
+    atomic_write_json(s.out / cachedir.RUN_INFO_NAME, provenance(cfg))
+    atomic_write_bytes(s.out / cachedir.TEACHER_CONFIG_NAME,
+                       json.dumps(s.model_config.to_dict(), indent=2, sort_keys=True).encode())
+    if w.distributed:
+        ensure_dir(s.out / "shards", "cache directory")
+        _prepare_runner(s, distributed.local_device(pick_device(s.cfg.device), w))
+    return {"resuming": resuming}
+
+
+def main(cfg: DumpConfig) -> dict[str, Any] | None:
+    """The whole stage; returns a summary for the CLI to print (None on ranks other than 0).
+
+    Under torchrun every rank runs this: rank 0 alone claims the cache (its lock is held by rank 0
+    for the whole job, so a second job is still refused), then each rank dumps shards i with
+    i % world == rank, and rank 0 writes the manifest once all exist. An --out URL is staged
+    locally and published by `storage.staged`, which calls this again with the local folder (one
+    process only: under torchrun the cache must be a folder every rank shares)."""
+    w = distributed.world()
+    if storage.is_url(cfg.out) and not cfg.dry_run:  # a dry run writes nothing
+        distributed.agree(w, lambda: distributed.refuse_url(w, "--out", cfg.out))
+        return storage.staged(cfg, main, writes={"out": "cache"})
+    s = distributed.agree(w, lambda: set_up(cfg))
+    if cfg.dry_run:
+        return {"dry_run": dry_run(s)} if w.is_main else None
+    with ExitStack() as held:
+        claimed = distributed.agree(w, lambda: _claim(s, cfg, held, w) if w.is_main else None)
+        claimed = distributed.broadcast(w, claimed)
+        if "status" in claimed:
+            return claimed if w.is_main else None
+        m = run(s, w)
+    if m is None:
+        return None
+    return {"cache": str(s.out), "status": "resumed" if claimed["resuming"] else "written",
+            "shards": len(m.shards), "sequences": m.sequences, "rows": m.rows, "tokens": m.tokens,
             "bytes_per_token": m.bytes_per_token, "version": __version__}
 
 
@@ -558,4 +607,8 @@ def main(cfg: DumpConfig) -> dict[str, Any]:
 @click.option("--dry-run", is_flag=True, default=None, help="Estimate size and time; write nothing.")
 def command(config_file: Path | None, **flags: Any) -> None:
     """Run the frozen teacher once over a corpus and write a distillation cache."""
-    echo_json(main(build_config(DumpConfig, config_file, flags)))
+    cfg = build_config(DumpConfig, config_file, flags)
+    with distributed.joined(cfg.device):
+        summary = main(cfg)
+    if summary is not None:
+        echo_json(summary)
