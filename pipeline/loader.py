@@ -11,6 +11,11 @@ The order of one epoch is a pure function of (seed, epoch, manifest):
 
 The data position is (epoch, rows of that epoch's order already consumed): from it the rest of
 the stream is recomputed exactly, so a resumed run sees the same batches as an uninterrupted one.
+
+With several ranks (DDP) every rank forms the same global batches and keeps a contiguous share
+of each one's rows (`part`): the data position stays global, so a checkpoint resumes on any
+number of ranks without skipping or repeating a row. Each rank reads the windows' shards, but
+decodes and trains on its own rows only.
 Only the current window is in memory (each shard opened through `cache.open_shard`, its hash
 checked before use, then read a row group at a time), so memory is flat in the cache size.
 A background thread decodes and pads the next batches while the model trains on this one.
@@ -49,6 +54,18 @@ class DataPosition:
         return {"epoch": self.epoch, "index": self.index}
 
 
+@dataclass(frozen=True)
+class BatchPart:
+    """Where one rank's batch sits in the global batch all ranks form (several ranks only)."""
+
+    rows: int  # this rank's rows; 0: the batch holds a stand-in row that must be weighted 0
+    global_rows: int
+    global_tokens: int  # N of the global batch (non-padding positions)
+    global_masked: int  # M of the global batch (masked positions)
+    seq_id: np.ndarray  # (global_rows,) the global batch's rows, for samples.jsonl
+    view: np.ndarray  # (global_rows,)
+
+
 @dataclass
 class Batch:
     """A padded batch, with the cache's targets at its P target positions (the N non-padding
@@ -70,6 +87,7 @@ class Batch:
     sample_ids: torch.Tensor | None = None  # (P, S) int64, padded with count 0
     sample_counts: torch.Tensor | None = None  # (P, S) int64
     teacher_state: torch.Tensor | None = None  # (P, H') float32, the teacher decoder's input
+    part: BatchPart | None = None  # with several ranks: this rank's share of the global batch
 
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
@@ -274,17 +292,21 @@ def _full_after(count: int, spec: LoaderSpec) -> bool:
 
 
 def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: DataPosition,
-                 epochs: int | None = None) -> Iterator[Batch]:
-    """Batches from `start` to the end of epoch `epochs - 1` (forever when None), in order."""
+                 epochs: int | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    """Batches from `start` to the end of epoch `epochs - 1` (forever when None), in order.
+    part = (rank, world): the share of every global batch this rank trains on (see the top)."""
     rows: list[tuple[_Window, int]] = []
     longest = 0
     cur = (start.epoch, start.index)  # (epoch, index after the last row taken)
     plan_rows = 1
+    rank, world = part
 
     def emit() -> Batch:
         ep, idx = cur
         pos = DataPosition(ep + 1, 0) if idx >= plan_rows else DataPosition(ep, idx)
-        return collate(rows, spec, pos, ep + idx / plan_rows)
+        if world == 1:
+            return collate(rows, spec, pos, ep + idx / plan_rows)
+        return _share(rows, rank, world, spec, pos, ep + idx / plan_rows)
 
     for win, r, epoch, index, plan in _row_stream(Path(cache_dir), manifest, spec, start, epochs):
         length = int(win.data.length[r])
@@ -299,6 +321,22 @@ def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: D
             rows, longest = [], 0
     if rows:
         yield emit()
+
+
+def _share(rows: list[tuple[_Window, int]], rank: int, world: int, spec: LoaderSpec, position: DataPosition,
+           progress: float) -> Batch:
+    """This rank's contiguous share of a global batch, with the global counts the loss weights
+    need. A share with no rows (a last batch smaller than the world) holds the batch's first row
+    as a stand-in, so every rank still runs forward and backward; its weight is 0."""
+    n = len(rows)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    batch = collate(rows[lo:hi] or rows[:1], spec, position, progress)
+    batch.part = BatchPart(
+        rows=hi - lo, global_rows=n,
+        global_tokens=sum(int(w.data.length[r]) for w, r in rows),
+        global_masked=sum(int(w.data.mlm_count[r]) for w, r in rows),
+        seq_id=np.array([w.data.seq_id[r] for w, r in rows]), view=np.array([w.data.view[r] for w, r in rows]))
+    return batch
 
 
 def batches_per_epoch(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, epochs: int) -> list[int]:

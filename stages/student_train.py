@@ -21,12 +21,14 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import click
+import numpy as np
 import torch
 from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
@@ -35,6 +37,7 @@ from tqdm import tqdm
 from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import checkpoint as ckpt
+from kdpipe.pipeline import distributed
 from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option, ints_option
@@ -261,7 +264,7 @@ def set_up(cfg: StudentConfig) -> Setup:
         total = cfg.max_steps
     else:
         total = -(-sum(batches_per_epoch(cache, manifest, loader, cfg.epochs)) // cfg.grad_accum)
-    device = pick_device(cfg.device)
+    device = distributed.local_device(pick_device(cfg.device), distributed.world())
     if teacher_head is not None:
         teacher_head = (teacher_head[0].to(device), None if teacher_head[1] is None else teacher_head[1].to(device))
     return Setup(cfg, cache, out, manifest, teacher_config, projection, teacher_head, scfg, layer_map,
@@ -356,6 +359,51 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     init_report: dict[str, Any]
+    ddp: torch.nn.Module | None = None  # several ranks: DistributedDataParallel(DistilStep)
+
+
+class DistilStep(torch.nn.Module):
+    """The student and hidden map as one module whose forward is a rank's weighted loss, so DDP
+    (which must see the forward) averages the gradients of both.
+
+    The losses are means over the batch's positions (ce over P, mlm over the M masked, cos over
+    the N non-padding ones). A rank's term is weighted by local count / global count, so the terms
+    summed over ranks are the global batch's means, and the backward loss is that times the world
+    size, so DDP's average of the gradients is the one-process gradient of the global batch."""
+
+    def __init__(self, student: torch.nn.Module, hidden_map: torch.nn.Module, spec: LossSpec,
+                 teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None, world_size: int) -> None:
+        super().__init__()
+        self.student, self.hidden_map = student, hidden_map
+        self.spec, self.teacher_head, self.world_size = spec, teacher_head, world_size
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """(loss for backward, [ce, mlm, cos] shares of the global means, None where alpha is 0)."""
+        spec, part = self.spec, batch.part
+        terms = distillation_loss(stu.body(self.student), stu.mlm_head(self.student), self.hidden_map,
+                                  batch, spec, self.teacher_head)
+        n_local, m_local = batch.tokens, int(batch.mlm_index.numel())
+        p_local, p_global = (m_local, part.global_masked) if spec.ce_masked_only else (n_local, part.global_tokens)
+
+        def share(local: int, total: int) -> float:
+            return local / total if part.rows and total else 0.0
+
+        shares = [t * share(lo, tot) if t is not None else None
+                  for t, lo, tot in ((terms.ce, p_local, p_global), (terms.mlm, m_local, part.global_masked),
+                                     (terms.cos, n_local, part.global_tokens))]
+        loss = sum(a * t for a, t in zip((spec.alpha_ce, spec.alpha_mlm, spec.alpha_cos), shares)
+                   if t is not None)
+        return loss * self.world_size, shares
+
+
+def wrap_ddp(tr: Trainer, s: Setup, spec: LossSpec, w: distributed.World) -> None:
+    """DDP over the student and hidden map (several ranks). Construction broadcasts rank 0's
+    weights, so the other ranks need not read the teacher. Parameters may go unused in a step (so
+    DDP must look for them, an extra graph traversal) where a loss runs only on masked positions
+    and a rank's share has none, or a weight of 0 leaves the head or the hidden map out."""
+    module = DistilStep(tr.student, tr.hidden_map, spec, s.teacher_head, w.size)
+    unused = spec.ce_masked_only or spec.alpha_ce == 0 or spec.alpha_cos == 0
+    tr.ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=None, find_unused_parameters=unused)
 
 
 def build_trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
@@ -403,11 +451,12 @@ def _tensorboard(out: Path) -> Any | None:
 _WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos")  # saved in checkpoints: exact on resume
 
 
-def open_stream(s: Setup, position: Position) -> Iterator[Batch]:
-    """The batches from `position` on; the first is decoded now, so a corrupt first window of the
-    cache is refused before anything in the run directory changes."""
+def open_stream(s: Setup, position: Position, w: distributed.World | None = None) -> Iterator[Batch]:
+    """The batches from `position` on (this rank's share of each); the first is decoded now, so a
+    corrupt first window of the cache is refused before anything in the run directory changes."""
+    w = w or distributed.World()
     stream = iter_batches(s.cache, s.manifest, s.loader, DataPosition(position.epoch, position.index),
-                          epochs=s.cfg.epochs)
+                          epochs=s.cfg.epochs, part=(w.rank, w.size))
     first = next(stream, None)
     if first is None:
         raise KdpipeError(f"the cache has no rows left to train on from position {position}")
@@ -456,9 +505,58 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, s: Setup, 
     return res
 
 
+_DROPOUT_SALT = 0xD209
+
+
+def train_step_ddp(tr: Trainer, batches: Iterator[Batch], s: Setup, lr: float, record_rows: bool,
+                   w: distributed.World, step: int) -> StepResult:
+    """train_step with several ranks: each rank's share of the same global batches, gradients
+    synchronised on the last micro-batch only (no_sync before), loss terms and tokens summed over
+    ranks. Dropout is drawn from a generator reseeded at every update from (seed, step, rank), so
+    no RNG state has to travel in a checkpoint: a resume on the same world size is exact, and on
+    another one still deterministic."""
+    cfg = s.cfg
+    for g in tr.optimizer.param_groups:
+        g["lr"] = lr
+    tr.optimizer.zero_grad(set_to_none=True)
+    res = StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}, 0, [], 0.0)
+    t0 = time.perf_counter()
+    micro = list(itertools.islice(batches, cfg.grad_accum))  # every rank gets as many: same stream
+    res.waited = time.perf_counter() - t0
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, w.rank, _DROPOUT_SALT]).generate_state(1)[0]))
+    local = [0.0, 0.0, 0.0, 0.0]  # ce, mlm, cos shares of the global means; tokens
+    for i, batch in enumerate(micro):
+        batch = batch.to(s.device)
+        with nullcontext() if i == len(micro) - 1 else tr.ddp.no_sync():
+            with autocast(s.device):
+                loss, shares = tr.ddp(batch)
+            (loss / cfg.grad_accum).backward()
+        for j, t in enumerate(shares):
+            if t is not None:
+                local[j] += t.item() / cfg.grad_accum
+        local[3] += batch.tokens if batch.part.rows else 0
+        if record_rows:
+            res.rows += [[int(a), int(b)] for a, b in zip(batch.part.seq_id, batch.part.view)]
+    res.batches, res.last = len(micro), (micro[-1] if micro else None)
+    if res.batches:
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm)  # grads are equal on every rank
+        tr.optimizer.step()
+    ce, mlm, cos, tokens = distributed.all_reduce_sum(w, local)
+    alphas = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos}
+    for key, v in (("ce", ce), ("mlm", mlm), ("cos", cos)):
+        if alphas[key] > 0:
+            res.sums[key] = v
+            res.sums["loss"] += alphas[key] * v
+    res.tokens = int(round(tokens))
+    return res
+
+
 def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
-        stream: Iterator[Batch]) -> dict[str, Any]:
-    """Updates from the start (or checkpoint) to total_steps: log, checkpoint, repeat."""
+        stream: Iterator[Batch], w: distributed.World | None = None) -> dict[str, Any]:
+    """Updates from the start (or checkpoint) to total_steps: log, checkpoint, repeat. With
+    several ranks every rank trains; rank 0 alone writes metrics, samples and checkpoints."""
+    w = w or distributed.World()
     cfg, out = s.cfg, s.out
     spec = LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.ce_masked_only,
                     s.manifest.targets, s.manifest.target_positions)
@@ -466,24 +564,29 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
     window = {k: 0.0 for k in _WINDOW_KEYS}
     if start is not None:
         step, position, window = start.step, start.position, {**window, **start.log_window}
-    _truncate_jsonl(out / METRICS_NAME, step)  # a resumed run's files equal an uninterrupted one's
-    _truncate_jsonl(out / SAMPLES_NAME, step)
+    main = w.is_main
+    if main:
+        _truncate_jsonl(out / METRICS_NAME, step)  # a resumed run's files equal an uninterrupted one's
+        _truncate_jsonl(out / SAMPLES_NAME, step)
     total, warm = s.total_steps, warmup_steps(s.total_steps, cfg.warmup)
     prefetch = Prefetcher(stream, cfg.prefetch) if cfg.prefetch > 0 else None
     batches = iter(prefetch) if prefetch else stream
-    tb = _tensorboard(out)
+    tb = _tensorboard(out) if main else None
     bar = tqdm(total=total, initial=step, desc="student-train", unit=" step", mininterval=1.0,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not main)
     t_log, waited, timed_steps, timed_tokens = time.perf_counter(), 0.0, 0, 0  # timings: this process only
     epoch_progress = float(position.epoch)
     with disk_errors(out / METRICS_NAME):
-        metrics = open(out / METRICS_NAME, "a", encoding="utf-8")
+        metrics = open(out / METRICS_NAME, "a", encoding="utf-8") if main else None
     with disk_errors(out / SAMPLES_NAME):
-        samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples else None
+        samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples and main else None
     try:
         while step < total:
             lr = lr_at(step, cfg.lr, total, warm)
-            res = train_step(tr, batches, spec, s, lr, samples is not None)
+            if w.distributed:
+                res = train_step_ddp(tr, batches, s, lr, samples is not None, w, step)
+            else:
+                res = train_step(tr, batches, spec, s, lr, samples is not None)
             waited += res.waited
             if res.batches == 0:
                 break  # the epochs are over
@@ -499,7 +602,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                 with disk_errors(out / SAMPLES_NAME):
                     samples.write(json.dumps({"step": step, "rows": res.rows}) + "\n")
                     samples.flush()
-            if step % cfg.log_every == 0 or step == total:
+            if main and (step % cfg.log_every == 0 or step == total):
                 now = time.perf_counter()
                 line = _metrics_line(step, window, lr, now - t_log, waited, timed_steps, timed_tokens,
                                      epoch_progress, spec)
@@ -513,13 +616,14 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                             tb.add_scalar(f"train/{k}", v, step)
                 t_log, waited, timed_steps, timed_tokens = now, 0.0, 0, 0
                 window = {k: 0.0 for k in _WINDOW_KEYS}
-            if step % cfg.save_every == 0 and step < total:
+            if main and step % cfg.save_every == 0 and step < total:
                 ckpt.save_checkpoint(out, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha,
                                      ckpt.TrainState(step, position, dict(window)), tr.student,
                                      tr.hidden_map, tr.optimizer, cfg.keep_checkpoints)
     finally:
         bar.close()
-        _close(metrics)
+        if metrics:
+            _close(metrics)
         if samples:
             _close(samples)
         if prefetch:
@@ -582,54 +686,122 @@ def _summary(s: Setup, status: str, **extra: Any) -> dict[str, Any]:
             "cache_fingerprint_sha256": s.manifest.fingerprint_sha256, "version": __version__, **extra}
 
 
-def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> dict[str, Any]:
-    """The whole stage; returns a summary for the CLI to print. Every check runs before the run
-    directory is written to: a refused run leaves it as it was. `online` replaces each batch's
-    teacher targets before the step: bench/quality.py's baseline of online distillation (the
-    teacher run at every step), trained on exactly the batches of a cache. A --cache or --out URL
-    is read or staged and published by `storage.staged`, which calls this again with local folders."""
+def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> dict[str, Any] | None:
+    """The whole stage; returns a summary for the CLI to print (None on ranks other than 0). Every
+    check runs before the run directory is written to: a refused run leaves it as it was. `online`
+    replaces each batch's teacher targets before the step: bench/quality.py's baseline of online
+    distillation (the teacher run at every step), trained on exactly the batches of a cache. A
+    --cache or --out URL is read or staged and published by `storage.staged`, which calls this
+    again with local folders (one process only).
+
+    Under torchrun rank 0 claims the run directory (its lock, run.json, the checkpoint to resume
+    from) and tells the others; every rank then trains its share of each global batch (DDP)."""
+    w = distributed.world()
     if storage.is_url(cfg.cache) or storage.is_url(cfg.out):
+        distributed.agree(w, lambda: distributed.refuse_url(w, "--cache/--out", f"{cfg.cache} {cfg.out}"))
         return storage.staged(cfg, lambda c: main(c, online), reads=("cache",), writes={"out": "run"})
-    s = set_up(cfg)
+    s = distributed.agree(w, lambda: set_up(cfg))
+    with ExitStack() as held:
+        claimed = distributed.agree(w, lambda: _claim(s, held, online) if w.is_main else None)
+        shared = distributed.broadcast(w, claimed.shared() if w.is_main else None)
+        if "summary" in shared:
+            return shared["summary"] if w.is_main else None
+        if w.distributed:
+            claimed = distributed.agree(w, lambda: claimed if w.is_main else _follow(s, shared, w, online))
+        tr, record = claimed.trainer, claimed.record
+        if w.distributed:
+            wrap_ddp(tr, s, LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature,
+                                     cfg.ce_masked_only, s.manifest.targets, s.manifest.target_positions), w)
+        result = run(s, record, tr, claimed.start, claimed.stream, w)
+        final = distributed.agree(w, lambda: finish(s, record, tr, claimed.tokenizer, result)
+                                  if w.is_main else None)
+    if not w.is_main:
+        return None
+    return _summary(s, "resumed" if claimed.resume_from else "trained", final=str(final), **result)
+
+
+@dataclass
+class Claimed:
+    """What rank 0 (or a world of one) found and set up in the run directory, ready to train."""
+
+    record: RunRecord | None = None
+    resume_from: Path | None = None
+    stream: Iterator[Batch] | None = None
+    trainer: Trainer | None = None
+    start: ckpt.TrainState | None = None
+    tokenizer: Any | None = None
+    summary: dict[str, Any] | None = None  # the run was already complete
+
+    def shared(self) -> dict[str, Any]:
+        """What the other ranks need from rank 0 (plain data, broadcast)."""
+        if self.summary is not None:
+            return {"summary": self.summary}
+        return {"record": self.record.model_dump(mode="json"),
+                "resume_from": None if self.resume_from is None else str(self.resume_from)}
+
+
+def _claim(s: Setup, held: ExitStack, online: Callable[[Batch], Batch] | None = None) -> Claimed:
+    """Rank 0: check the run directory, take its lock (held until `held` closes), find the
+    checkpoint to resume from, build the trainer and write run.json for a new run."""
+    cfg = s.cfg
     record = check_run_dir(s)
     if record is not None and (s.out / FINAL_DIR).is_dir():
-        return _summary(s, "already complete", final=str(s.out / FINAL_DIR))
+        return Claimed(summary=_summary(s, "already complete", final=str(s.out / FINAL_DIR)))
     tokenizer = _tokenizer(s)
     fresh = record is None or ckpt.latest_checkpoint(s.out) is None
     teacher_state = _load_teacher_checked(s) if fresh and cfg.init == "teacher" else None
     ensure_dir(s.out, "run directory")
-    with exclusive_lock(s.out, "run"):
-        record = check_run_dir(s)  # again, now that no other process can change it
-        resume_from = ckpt.latest_checkpoint(s.out) if record is not None else None
-        meta = None
-        if resume_from is not None:
-            meta = ckpt.read_meta(resume_from, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha)
-        elif cfg.init == "teacher" and teacher_state is None:  # another process changed the run meanwhile
-            teacher_state = _load_teacher_checked(s)
-        stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0))
-        if online is not None:
-            stream = map(online, stream)
-        tr = build_trainer(s, teacher_state if meta is None else None)
-        del teacher_state
-        start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
-                                     s.device) if meta else None
-        for p in s.out.glob(".final.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        ckpt.remove_stale_tmp(s.out)
-        remove_stale_tmp(s.out)  # a run.json temporary whose writer was killed before the rename
-        if record is None:
-            record = RunRecord(
-                run_id=uuid.uuid4().hex, cache=storage.display(s.cache),
-                cache_fingerprint_sha256=s.manifest.fingerprint_sha256,
-                config=s.cfg.model_dump(mode="json") | {"layer_map": s.layer_map},
-                identity=s.identity, student_config=s.identity["student_config"], init=tr.init_report,
-                total_steps=s.total_steps, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                versions=package_versions(), code_revision=code_revision(),
-            )
-            atomic_write_json(s.out / RUN_NAME, record.model_dump(mode="json"))
-        result = run(s, record, tr, start, stream)
-        final = finish(s, record, tr, tokenizer, result)
-    return _summary(s, "resumed" if resume_from else "trained", final=str(final), **result)
+    held.enter_context(exclusive_lock(s.out, "run"))
+    record = check_run_dir(s)  # again, now that no other process can change it
+    resume_from = ckpt.latest_checkpoint(s.out) if record is not None else None
+    meta = None
+    if resume_from is not None:
+        meta = ckpt.read_meta(resume_from, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha)
+    elif cfg.init == "teacher" and teacher_state is None:  # another process changed the run meanwhile
+        teacher_state = _load_teacher_checked(s)
+    stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0), distributed.world())
+    if online is not None:
+        stream = map(online, stream)
+    tr = build_trainer(s, teacher_state if meta is None else None)
+    del teacher_state
+    start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
+                                 s.device) if meta else None
+    for p in s.out.glob(".final.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    ckpt.remove_stale_tmp(s.out)
+    remove_stale_tmp(s.out)  # a run.json temporary whose writer was killed before the rename
+    if record is None:
+        record = RunRecord(
+            run_id=uuid.uuid4().hex, cache=storage.display(s.cache),
+            cache_fingerprint_sha256=s.manifest.fingerprint_sha256,
+            config=s.cfg.model_dump(mode="json") | {"layer_map": s.layer_map},
+            identity=s.identity, student_config=s.identity["student_config"], init=tr.init_report,
+            total_steps=s.total_steps, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            versions=package_versions(), code_revision=code_revision(),
+        )
+        atomic_write_json(s.out / RUN_NAME, record.model_dump(mode="json"))
+    return Claimed(record, resume_from, stream, tr, start, tokenizer)
+
+
+def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
+            online: Callable[[Batch], Batch] | None = None) -> Claimed:
+    """A rank other than 0: the run rank 0 claimed, from the same checkpoint. A new run starts
+    from whatever weights: DDP copies rank 0's (teacher-initialised) ones when it wraps them."""
+    record = RunRecord.model_validate(shared["record"])
+    resume_from = None if shared["resume_from"] is None else Path(shared["resume_from"])
+    meta = None
+    if resume_from is not None:
+        if not resume_from.is_dir():
+            raise KdpipeError(f"rank {w.rank} does not see the checkpoint {resume_from}: the run "
+                              "directory must be on a file system every rank shares")
+        meta = ckpt.read_meta(resume_from, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha)
+    stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0), w)
+    if online is not None:
+        stream = map(online, stream)
+    tr = build_trainer(s, None)
+    start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
+                                 s.device) if meta else None
+    return Claimed(record, resume_from, stream, tr, start)
 
 
 @click.command("student-train", epilog="Example: kdpipe student-train --cache caches/wiki --out runs/s3 "
@@ -676,4 +848,8 @@ def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> 
               help="Write the (seq_id, view) rows of every update to samples.jsonl.")
 def command(config_file: Path | None, **flags: Any) -> None:
     """Train a student from a teacher cache (the teacher is never run)."""
-    echo_json(main(build_config(StudentConfig, config_file, flags)))
+    cfg = build_config(StudentConfig, config_file, flags)
+    with distributed.joined(cfg.device):
+        summary = main(cfg)
+    if summary is not None:
+        echo_json(summary)
