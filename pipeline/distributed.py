@@ -10,8 +10,9 @@ code path is the distributed one with world = 1. The group uses gloo on CPU and 
 
 Errors: a refusal (KdpipeError) found on one rank must reach the user as one line, not one per rank
 and not as a hang in the next collective. `agree` runs a step on every rank and then exchanges
-"ok / failed": where any rank failed, the lowest failing rank raises its own error (the CLI prints
-it) and the others leave quietly with status 1, so torchrun ends the job.
+"ok / failed": where any rank failed, the lowest failing rank prints its `Error: ...` line, every
+rank waits until it is out (torchrun stops the others as soon as one exits), then all leave with
+status 1 and torchrun ends the job (adding its own report of the failed processes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import click
 import torch
 import torch.distributed as dist
 
@@ -31,8 +33,8 @@ from kdpipe.pipeline.errors import KdpipeError
 T = TypeVar("T")
 
 
-class PeerFailed(SystemExit):
-    """Another rank failed and reports it; this one leaves quietly (exit status 1)."""
+class JobFailed(SystemExit):
+    """A rank failed and its error has been printed: every rank leaves quietly (exit status 1)."""
 
     def __init__(self) -> None:
         super().__init__(1)
@@ -161,7 +163,7 @@ def agree(w: World, step: Callable[[], T]) -> T:
     """Run `step` here, then learn whether it failed anywhere (a collective: every rank calls it).
 
     Returns step's result where every rank succeeded. Where some failed with a KdpipeError, the
-    lowest failing rank raises its error and the others raise PeerFailed (a quiet exit 1)."""
+    lowest failing rank prints it as the CLI would, and every rank raises JobFailed (exit 1)."""
     error: KdpipeError | None = None
     try:
         result = step()
@@ -173,8 +175,9 @@ def agree(w: World, step: Callable[[], T]) -> T:
     if not failed:
         return result
     if error is not None and w.rank == failed[0]:
-        raise error
-    raise PeerFailed()
+        click.ClickException(str(error)).show()
+    barrier(w)  # the message is out before any rank exits
+    raise JobFailed()
 
 
 def refuse_url(w: World, flag: str, url: str) -> None:

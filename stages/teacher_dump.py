@@ -158,7 +158,8 @@ def _count(cfg: DumpConfig, corpus: corpus_mod.Corpus, tokenizer: Any, vocab_siz
     n = tokens = 0
     it = itertools.islice(corpus_mod.iter_sequences(corpus, tokenizer, cfg.seq_len, cfg.packing),
                           cfg.max_sequences)
-    for seq in tqdm(it, desc="tokenizing", unit=" seq", leave=False, mininterval=1.0):
+    for seq in tqdm(it, desc="tokenizing", unit=" seq", leave=False, mininterval=1.0,
+                    disable=not distributed.world().is_main):
         n += 1
         tokens += len(seq)
         if counts is not None:
