@@ -2,6 +2,7 @@
 
     kdpipe student-train --cache caches/wiki --out runs/l3 --teacher ./bert-mlm \
         --student-layers 3 --max-steps 2000 --batch-size 32 --save-every 200
+    torchrun --nproc-per-node 2 "$(which kdpipe)" student-train ...   # DDP; --batch-size is global
 
 Set up (read the cache's manifest and teacher config, resolve the student and check everything
 against the cache before touching the run directory), run (stream the cache, one student forward
@@ -564,22 +565,22 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
     window = {k: 0.0 for k in _WINDOW_KEYS}
     if start is not None:
         step, position, window = start.step, start.position, {**window, **start.log_window}
-    main = w.is_main
-    if main:
+    writer = w.is_main
+    if writer:
         _truncate_jsonl(out / METRICS_NAME, step)  # a resumed run's files equal an uninterrupted one's
         _truncate_jsonl(out / SAMPLES_NAME, step)
     total, warm = s.total_steps, warmup_steps(s.total_steps, cfg.warmup)
     prefetch = Prefetcher(stream, cfg.prefetch) if cfg.prefetch > 0 else None
     batches = iter(prefetch) if prefetch else stream
-    tb = _tensorboard(out) if main else None
+    tb = _tensorboard(out) if writer else None
     bar = tqdm(total=total, initial=step, desc="student-train", unit=" step", mininterval=1.0,
-               dynamic_ncols=True, disable=not main)
+               dynamic_ncols=True, disable=not writer)
     t_log, waited, timed_steps, timed_tokens = time.perf_counter(), 0.0, 0, 0  # timings: this process only
     epoch_progress = float(position.epoch)
     with disk_errors(out / METRICS_NAME):
-        metrics = open(out / METRICS_NAME, "a", encoding="utf-8") if main else None
+        metrics = open(out / METRICS_NAME, "a", encoding="utf-8") if writer else None
     with disk_errors(out / SAMPLES_NAME):
-        samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples and main else None
+        samples = open(out / SAMPLES_NAME, "a", encoding="utf-8") if cfg.record_samples and writer else None
     try:
         while step < total:
             lr = lr_at(step, cfg.lr, total, warm)
@@ -602,7 +603,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                 with disk_errors(out / SAMPLES_NAME):
                     samples.write(json.dumps({"step": step, "rows": res.rows}) + "\n")
                     samples.flush()
-            if main and (step % cfg.log_every == 0 or step == total):
+            if writer and (step % cfg.log_every == 0 or step == total):
                 now = time.perf_counter()
                 line = _metrics_line(step, window, lr, now - t_log, waited, timed_steps, timed_tokens,
                                      epoch_progress, spec)
@@ -616,7 +617,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                             tb.add_scalar(f"train/{k}", v, step)
                 t_log, waited, timed_steps, timed_tokens = now, 0.0, 0, 0
                 window = {k: 0.0 for k in _WINDOW_KEYS}
-            if main and step % cfg.save_every == 0 and step < total:
+            if writer and step % cfg.save_every == 0 and step < total:
                 ckpt.save_checkpoint(out, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha,
                                      ckpt.TrainState(step, position, dict(window)), tr.student,
                                      tr.hidden_map, tr.optimizer, cfg.keep_checkpoints)
@@ -645,7 +646,8 @@ def _close(f: Any) -> None:
 def _metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, waited: float, timed_steps: int,
                   timed_tokens: int, epoch: float, spec: LossSpec) -> dict[str, Any]:
     """Means over the updates since the last line; the timings (tokens_per_s, steps_per_s,
-    data_wait_pct: time spent waiting for a batch, % of wall time) cover this process only."""
+    data_wait_pct: time spent waiting for a batch, % of wall time) are this process's; with
+    several ranks the tokens are the whole job's."""
     n = max(w["steps"], 1.0)
     term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
     return {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),

@@ -2,6 +2,7 @@
 
     kdpipe teacher-dump --teacher PATH --data corpus.txt --out caches/mini \
         --top-k 32 --temperatures 1,2,4 --hidden-proj pca --hidden-dim 128
+    torchrun --nproc-per-node 2 "$(which kdpipe)" teacher-dump ...   # shard i on rank i % 2
 
 Set up (resolve inputs, count the corpus, guard the fingerprint, fix the projection), run (one
 shard at a time: mask, teacher, reduce, write), finish (the manifest, last). The shard is the
