@@ -358,7 +358,8 @@ def run(s: Setup, w: distributed.World | None = None) -> Manifest | None:
 def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, fp_sha: str,
                  schema: pa.Schema) -> None:
     """The shards rank w.rank owns that are not finished yet. Every rank reads (tokenises) the
-    corpus up to its last shard: sequences are numbered by their place in the stream."""
+    whole corpus: sequences are numbered by their place in the stream (bench/scale.py measures
+    this repeated part)."""
     out = s.out
     n_shards = -(-s.n_sequences // s.cfg.shard_size)
     seqs_iter = _sequences(s)
