@@ -170,10 +170,12 @@ def nodrop(tmp_path_factory) -> Path:
 
 
 def test_two_rank_training_matches_one_rank_and_resumes_on_any_world_size(
-        tmp_path, reference_cache, nodrop, kdpipe_cli) -> None:
+        tmp_path, reference_cache, nodrop, kdpipe_inproc) -> None:
+    """The one-rank runs go through the CLI in this process (a world of one), saving start-ups."""
     args = ("--cache", reference_cache, "--student-config", nodrop, *TRAIN)
     one, two = tmp_path / "one", tmp_path / "two"
-    kdpipe_cli("student-train", *args, "--out", one)
+    proc = kdpipe_inproc("student-train", *args, "--out", one)
+    assert proc.returncode == 0, proc.stderr
     summary = json.loads(torchrun("student-train", *args, "--out", two).stdout)
     assert summary["status"] == "trained" and summary["steps"] == 21
 
@@ -199,7 +201,9 @@ def test_two_rank_training_matches_one_rank_and_resumes_on_any_world_size(
         if ranks == 2:
             out = json.loads(torchrun("student-train", *args, "--out", part).stdout)
         else:
-            out = json.loads(kdpipe_cli("student-train", *args, "--out", part).stdout)
+            proc = kdpipe_inproc("student-train", *args, "--out", part)
+            assert proc.returncode == 0, proc.stderr
+            out = json.loads(proc.stdout)
         assert out["status"] == "resumed" and out["steps"] == 21
         assert (part / "samples.jsonl").read_text() == (two / "samples.jsonl").read_text(), ranks
         resumed = load_file(str(part / "final" / "model.safetensors"))
