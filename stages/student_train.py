@@ -22,14 +22,13 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import click
-import numpy as np
 import torch
 from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
@@ -43,17 +42,21 @@ from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option, ints_option
 from kdpipe.pipeline.config import MAX_SEED, StageConfig
-from kdpipe.pipeline.device import autocast, pick_device
+from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (
-    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, disk_errors, dumps_json, ensure_dir, exclusive_lock,
+    TMP_SUFFIX, atomic_write_json, disk_errors, dumps_json, ensure_dir, exclusive_lock,
     read_json, remove_stale_tmp, safe_join, sha256_bytes,
 )
 from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
-from kdpipe.pipeline.losses import LossSpec, distillation_loss
+from kdpipe.pipeline.losses import LossSpec
 from kdpipe.pipeline.projection import load_projection
 from kdpipe.pipeline.provenance import code_revision, package_versions
 from kdpipe.pipeline.schedule import lr_at, warmup_steps
+from kdpipe.pipeline.trainer import (
+    WINDOW_KEYS, Optim, TeacherHead, Trainer, build_trainer, metrics_line, train_step, train_step_ddp,
+    truncate_jsonl, wrap_ddp,
+)
 from kdpipe.schemas.checkpoint import FINAL_DIR, METRICS_NAME, RUN_NAME, SAMPLES_NAME, Position, RunRecord
 from kdpipe.schemas.manifest import Manifest
 
@@ -66,7 +69,6 @@ REFERENCE_BETAS = (0.9, 0.98)  # AdamW(betas=(0.9, 0.98)) in Distiller.__init__
 REFERENCE_MAX_GRAD_NORM = 5.0  # --max_grad_norm
 REFERENCE_TEMPERATURE = 2.0  # --temperature
 REFERENCE_EPOCHS = 3  # --n_epoch
-REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the reference never decays
 DEFAULT_BATCH_SIZE = 32
 
 # Settings that change how a run is operated, not what it computes: free to differ on resume.
@@ -147,7 +149,7 @@ class Setup:
     manifest: Manifest
     teacher_config: dict[str, Any]
     projection: torch.Tensor  # (H_teacher, d)
-    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None  # exact mode: decoder (V, H'), (V,)
+    teacher_head: TeacherHead | None  # exact mode: decoder (V, H'), (V,)
     student_config: Any  # a transformers config
     layer_map: list[int] | None
     teacher_path: str | None  # for init (checked against the fingerprint) and the tokenizer
@@ -156,6 +158,17 @@ class Setup:
     loader: LoaderSpec
     total_steps: int
     device: torch.device
+
+    @property
+    def optim(self) -> Optim:
+        c = self.cfg
+        return Optim(c.lr, tuple(c.adam_betas), c.adam_eps, c.weight_decay, c.max_grad_norm, c.grad_accum)
+
+
+def loss_spec(s: Setup) -> LossSpec:
+    c = s.cfg
+    return LossSpec(c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.temperature, c.ce_masked_only,
+                    s.manifest.targets, s.manifest.target_positions)
 
 
 # ---------------------------------------------------------------------------------------- set up
@@ -353,94 +366,6 @@ def _tokenizer(s: Setup) -> Any | None:
 
 # ------------------------------------------------------------------------------------------- run
 
-@dataclass
-class Trainer:
-    student: torch.nn.Module
-    hidden_map: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
-    init_report: dict[str, Any]
-    ddp: torch.nn.Module | None = None  # several ranks: DistributedDataParallel(DistilStep)
-
-
-class DistilStep(torch.nn.Module):
-    """The student and hidden map as one module whose forward is a rank's weighted loss, so DDP
-    (which must see the forward) averages the gradients of both.
-
-    The losses are means over the batch's positions (ce over P, mlm over the M masked, cos over
-    the N non-padding ones). A rank's term is weighted by local count / global count, so the terms
-    summed over ranks are the global batch's means, and the backward loss is that times the world
-    size, so DDP's average of the gradients is the one-process gradient of the global batch."""
-
-    def __init__(self, student: torch.nn.Module, hidden_map: torch.nn.Module, spec: LossSpec,
-                 teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None, world_size: int) -> None:
-        super().__init__()
-        self.student, self.hidden_map = student, hidden_map
-        self.spec, self.teacher_head, self.world_size = spec, teacher_head, world_size
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """(loss for backward, [ce, mlm, cos] shares of the global means, None where alpha is 0)."""
-        spec, part = self.spec, batch.part
-        terms = distillation_loss(stu.body(self.student), stu.mlm_head(self.student), self.hidden_map,
-                                  batch, spec, self.teacher_head)
-        n_local, m_local = batch.tokens, int(batch.mlm_index.numel())
-        p_local, p_global = (m_local, part.global_masked) if spec.ce_masked_only else (n_local, part.global_tokens)
-
-        def share(local: int, total: int) -> float:
-            return local / total if part.rows and total else 0.0
-
-        shares = [t * share(lo, tot) if t is not None else None
-                  for t, lo, tot in ((terms.ce, p_local, p_global), (terms.mlm, m_local, part.global_masked),
-                                     (terms.cos, n_local, part.global_tokens))]
-        loss = sum(a * t for a, t in zip((spec.alpha_ce, spec.alpha_mlm, spec.alpha_cos), shares)
-                   if t is not None)
-        return loss * self.world_size, shares
-
-
-def wrap_ddp(tr: Trainer, s: Setup, spec: LossSpec, w: distributed.World) -> None:
-    """DDP over the student and hidden map (several ranks). Construction broadcasts rank 0's
-    weights, so the other ranks need not read the teacher. Parameters may go unused in a step (so
-    DDP must look for them, an extra graph traversal) where a loss runs only on masked positions
-    and a rank's share has none, or a weight of 0 leaves the head or the hidden map out."""
-    module = DistilStep(tr.student, tr.hidden_map, spec, s.teacher_head, w.size)
-    unused = spec.ce_masked_only or spec.alpha_ce == 0 or spec.alpha_cos == 0
-    tr.ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=None, find_unused_parameters=unused)
-
-
-def build_trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
-    """Student (seeded), its teacher initialisation, the hidden map and AdamW, in a fixed order."""
-    cfg = s.cfg
-    model = stu.build_student(s.student_config, cfg.seed)
-    report: dict[str, Any] = {"init": cfg.init}
-    if teacher_state is not None:
-        report.update(stu.init_from_teacher(model, teacher_state, s.layer_map).summary())
-    hmap = stu.hidden_map(int(s.student_config.hidden_size), int(s.teacher_config["hidden_size"]), s.projection)
-    model.to(s.device).train()
-    hmap.to(s.device).train()
-    decay, no_decay = [], []
-    for name, p in [*model.named_parameters(), *(("hidden_map." + n, p) for n, p in hmap.named_parameters())]:
-        (no_decay if any(nd in name for nd in REFERENCE_NO_DECAY) else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
-    return Trainer(model, hmap, opt, decay + no_decay, report)
-
-
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of steps <= last_step (and drop a torn last line), atomically."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
-            keep.append(line + "\n")
-    atomic_write_bytes(path, "".join(keep).encode())
-
-
 def _tensorboard(out: Path) -> Any | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -449,7 +374,9 @@ def _tensorboard(out: Path) -> Any | None:
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-_WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos")  # saved in checkpoints: exact on resume
+def _trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
+    return build_trainer(s.student_config, int(s.teacher_config["hidden_size"]), s.projection, s.optim,
+                         s.cfg.seed, s.cfg.init, s.layer_map, teacher_state, s.device)
 
 
 def open_stream(s: Setup, position: Position, w: distributed.World | None = None) -> Iterator[Batch]:
@@ -464,111 +391,21 @@ def open_stream(s: Setup, position: Position, w: distributed.World | None = None
     return itertools.chain([first], stream)
 
 
-@dataclass
-class StepResult:
-    batches: int  # micro-batches consumed (0: the data is exhausted)
-    last: Batch | None
-    sums: dict[str, float]  # loss terms, averaged over the accumulation as the gradient is
-    tokens: int
-    rows: list[list[int]]  # (seq_id, view) of every row, in order
-    waited: float  # seconds spent waiting for batches
-
-
-def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, s: Setup, lr: float,
-               record_rows: bool) -> StepResult:
-    """One optimizer update over `grad_accum` batches: forward, the losses, backward, clip, AdamW."""
-    cfg = s.cfg
-    body, head = stu.body(tr.student), stu.mlm_head(tr.student)
-    for g in tr.optimizer.param_groups:
-        g["lr"] = lr
-    tr.optimizer.zero_grad(set_to_none=True)
-    res = StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}, 0, [], 0.0)
-    for _ in range(cfg.grad_accum):
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        res.waited += time.perf_counter() - t0
-        if batch is None:
-            break
-        batch = batch.to(s.device)
-        with autocast(s.device):
-            terms = distillation_loss(body, head, tr.hidden_map, batch, spec, s.teacher_head)
-        (terms.loss / cfg.grad_accum).backward()
-        res.batches, res.last, res.tokens = res.batches + 1, batch, res.tokens + batch.tokens
-        for key, t in (("loss", terms.loss), ("ce", terms.ce), ("mlm", terms.mlm), ("cos", terms.cos)):
-            if t is not None:
-                res.sums[key] += t.item() / cfg.grad_accum
-        if record_rows:
-            res.rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
-    if res.batches:
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm)
-        tr.optimizer.step()
-    return res
-
-
-_DROPOUT_SALT = 0xD209
-
-
-def train_step_ddp(tr: Trainer, batches: Iterator[Batch], s: Setup, lr: float, record_rows: bool,
-                   w: distributed.World, step: int) -> StepResult:
-    """train_step with several ranks: each rank's share of the same global batches, gradients
-    synchronised on the last micro-batch only (no_sync before), loss terms and tokens summed over
-    ranks. Dropout is drawn from a generator reseeded at every update from (seed, step, rank), so
-    no RNG state has to travel in a checkpoint: a resume on the same world size is exact, and on
-    another one still deterministic."""
-    cfg = s.cfg
-    for g in tr.optimizer.param_groups:
-        g["lr"] = lr
-    tr.optimizer.zero_grad(set_to_none=True)
-    res = StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}, 0, [], 0.0)
-    t0 = time.perf_counter()
-    micro = list(itertools.islice(batches, cfg.grad_accum))  # every rank gets as many: same stream
-    res.waited = time.perf_counter() - t0
-    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, w.rank, _DROPOUT_SALT]).generate_state(1)[0]))
-    local = [0.0, 0.0, 0.0, 0.0]  # ce, mlm, cos shares of the global means; tokens
-    for i, batch in enumerate(micro):
-        batch = batch.to(s.device)
-        with nullcontext() if i == len(micro) - 1 else tr.ddp.no_sync():
-            with autocast(s.device):
-                loss, shares = tr.ddp(batch)
-            (loss / cfg.grad_accum).backward()
-        for j, t in enumerate(shares):
-            if t is not None:
-                local[j] += t.item() / cfg.grad_accum
-        local[3] += batch.tokens if batch.part.rows else 0
-        if record_rows:
-            res.rows += [[int(a), int(b)] for a, b in zip(batch.part.seq_id, batch.part.view)]
-    res.batches, res.last = len(micro), (micro[-1] if micro else None)
-    if res.batches:
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm)  # grads are equal on every rank
-        tr.optimizer.step()
-    ce, mlm, cos, tokens = distributed.all_reduce_sum(w, local)
-    alphas = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos}
-    for key, v in (("ce", ce), ("mlm", mlm), ("cos", cos)):
-        if alphas[key] > 0:
-            res.sums[key] = v
-            res.sums["loss"] += alphas[key] * v
-    res.tokens = int(round(tokens))
-    return res
-
-
 def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
         stream: Iterator[Batch], w: distributed.World | None = None) -> dict[str, Any]:
     """Updates from the start (or checkpoint) to total_steps: log, checkpoint, repeat. With
     several ranks every rank trains; rank 0 alone writes metrics, samples and checkpoints."""
     w = w or distributed.World()
     cfg, out = s.cfg, s.out
-    spec = LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature, cfg.ce_masked_only,
-                    s.manifest.targets, s.manifest.target_positions)
+    spec = loss_spec(s)
     step, position = 0, Position(epoch=0, index=0)
-    window = {k: 0.0 for k in _WINDOW_KEYS}
+    window = {k: 0.0 for k in WINDOW_KEYS}
     if start is not None:
         step, position, window = start.step, start.position, {**window, **start.log_window}
     writer = w.is_main
     if writer:
-        _truncate_jsonl(out / METRICS_NAME, step)  # a resumed run's files equal an uninterrupted one's
-        _truncate_jsonl(out / SAMPLES_NAME, step)
+        truncate_jsonl(out / METRICS_NAME, step)  # a resumed run's files equal an uninterrupted one's
+        truncate_jsonl(out / SAMPLES_NAME, step)
     total, warm = s.total_steps, warmup_steps(s.total_steps, cfg.warmup)
     prefetch = Prefetcher(stream, cfg.prefetch) if cfg.prefetch > 0 else None
     batches = iter(prefetch) if prefetch else stream
@@ -585,9 +422,9 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
         while step < total:
             lr = lr_at(step, cfg.lr, total, warm)
             if w.distributed:
-                res = train_step_ddp(tr, batches, s, lr, samples is not None, w, step)
+                res = train_step_ddp(tr, batches, s.optim, lr, s.device, samples is not None, w, cfg.seed, step)
             else:
-                res = train_step(tr, batches, spec, s, lr, samples is not None)
+                res = train_step(tr, batches, spec, s.teacher_head, s.optim, lr, s.device, samples is not None)
             waited += res.waited
             if res.batches == 0:
                 break  # the epochs are over
@@ -605,7 +442,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                     samples.flush()
             if writer and (step % cfg.log_every == 0 or step == total):
                 now = time.perf_counter()
-                line = _metrics_line(step, window, lr, now - t_log, waited, timed_steps, timed_tokens,
+                line = metrics_line(step, window, lr, now - t_log, waited, timed_steps, timed_tokens,
                                      epoch_progress, spec)
                 with disk_errors(out / METRICS_NAME):
                     metrics.write(json.dumps(line) + "\n")
@@ -616,7 +453,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                         if k != "step" and v is not None:
                             tb.add_scalar(f"train/{k}", v, step)
                 t_log, waited, timed_steps, timed_tokens = now, 0.0, 0, 0
-                window = {k: 0.0 for k in _WINDOW_KEYS}
+                window = {k: 0.0 for k in WINDOW_KEYS}
             if writer and step % cfg.save_every == 0 and step < total:
                 ckpt.save_checkpoint(out, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha,
                                      ckpt.TrainState(step, position, dict(window)), tr.student,
@@ -641,20 +478,6 @@ def _close(f: Any) -> None:
         f.close()
     except OSError:
         pass
-
-
-def _metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, waited: float, timed_steps: int,
-                  timed_tokens: int, epoch: float, spec: LossSpec) -> dict[str, Any]:
-    """Means over the updates since the last line; the timings (tokens_per_s, steps_per_s,
-    data_wait_pct: time spent waiting for a batch, % of wall time) are this process's; with
-    several ranks the tokens are the whole job's."""
-    n = max(w["steps"], 1.0)
-    term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
-    return {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
-            "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos),
-            "lr": lr, "tokens_per_s": round(timed_tokens / max(elapsed, 1e-9), 1),
-            "epoch": round(epoch, 4), "steps_per_s": round(timed_steps / max(elapsed, 1e-9), 4),
-            "data_wait_pct": round(100 * waited / max(elapsed, 1e-9), 2)}
 
 
 # ---------------------------------------------------------------------------------------- finish
@@ -712,8 +535,7 @@ def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> 
             claimed = distributed.agree(w, lambda: claimed if w.is_main else _follow(s, shared, w, online))
         tr, record = claimed.trainer, claimed.record
         if w.distributed:
-            wrap_ddp(tr, s, LossSpec(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.temperature,
-                                     cfg.ce_masked_only, s.manifest.targets, s.manifest.target_positions), w)
+            wrap_ddp(tr, loss_spec(s), s.teacher_head, w)
         result = run(s, record, tr, claimed.start, claimed.stream, w)
         final = distributed.agree(w, lambda: finish(s, record, tr, claimed.tokenizer, result)
                                   if w.is_main else None)
@@ -764,7 +586,7 @@ def _claim(s: Setup, held: ExitStack, online: Callable[[Batch], Batch] | None = 
     stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0), distributed.world())
     if online is not None:
         stream = map(online, stream)
-    tr = build_trainer(s, teacher_state if meta is None else None)
+    tr = _trainer(s, teacher_state if meta is None else None)
     del teacher_state
     start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
                                  s.device) if meta else None
@@ -800,7 +622,7 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
     stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0), w)
     if online is not None:
         stream = map(online, stream)
-    tr = build_trainer(s, None)
+    tr = _trainer(s, None)
     start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
                                  s.device) if meta else None
     return Claimed(record, resume_from, stream, tr, start)
