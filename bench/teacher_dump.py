@@ -9,7 +9,7 @@ Run by hand, never by the tests. In one run, on the same batches (full-length pa
 
 - bare: `model(input_ids, attention_mask).logits`, the teacher's forward pass and nothing else:
   the physical limit of any dump.
-- dump: what `kdpipe teacher-dump` does per shard: `stages.teacher_dump.dump_shard` (masking,
+- dump: what `kdpipe teacher-dump` does per shard: `pipeline.dump.dump_shard` (masking,
   padding, `TeacherRunner.run`: split head, chunked top-k and log-partition at every T, projected
   hidden states) + `shards.to_table` + `shards.write_shard` (zstd Parquet, fsync, atomic rename),
   one shard per batch, sequentially (the stage itself overlaps the write with the next forward
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,10 +130,10 @@ class Dump:
 
     def __call__(self, seqs: list[np.ndarray], ids: torch.Tensor, att: torch.Tensor, index: int) -> dict:
         from kdpipe.pipeline.shards import shard_path, to_table, write_shard
-        from kdpipe.stages.teacher_dump import dump_shard
+        from kdpipe.pipeline.dump import dump_shard
 
         t0 = time.perf_counter()
-        data = dump_shard(self.setup, self.runner, index * len(seqs), seqs)
+        data = dump_shard(self.setup.rows, self.runner, index * len(seqs), seqs)
         t1 = time.perf_counter()
         table = to_table(data, self.schema)
         t2 = time.perf_counter()
@@ -247,13 +246,13 @@ def bytes_per_token(n_batches: int, batch: int, seq_len: int, ks: list[int], dim
     from kdpipe.pipeline import projection as proj
     from kdpipe.pipeline.shards import column_bytes, to_table, write_shard
     from kdpipe.schemas.shard import shard_schema
-    from kdpipe.stages.teacher_dump import dump_shard
+    from kdpipe.pipeline.dump import dump_shard
 
     size = SIZES["minilm"]
     model = make_teacher(size)
     dumper = Dump(model, size.hidden, max(ks), size.hidden, seq_len, batch, work / "sizes")
     dumper.runner.projection = proj.identity(size.hidden)
-    parts = [dump_shard(dumper.setup, dumper.runner, i * batch, seqs)
+    parts = [dump_shard(dumper.setup.rows, dumper.runner, i * batch, seqs)
              for i, seqs in enumerate(make_batches(n_batches, batch, seq_len, seed=2))]
     full = replace(parts[0], **{f.name: np.concatenate([getattr(p, f.name) for p in parts])
                                 for f in fields(parts[0]) if getattr(parts[0], f.name) is not None})

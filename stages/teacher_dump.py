@@ -45,12 +45,12 @@ from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_write_bytes, atomic_write_json, disk_errors, ensure_dir, exclusive_lock,
     remove_stale_tmp, sha256_file, tmp_path_for,
 )
-from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence, token_weights
+from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows, pad
+from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, token_weights
 from kdpipe.pipeline.provenance import provenance
-from kdpipe.pipeline.shards import ShardData, column_bytes, read_fingerprint, shard_path, to_table, write_shard
-from kdpipe.pipeline.targets import position_uniforms
+from kdpipe.pipeline.shards import column_bytes, read_fingerprint, shard_path, to_table, write_shard
 from kdpipe.pipeline.teacher import (
-    TeacherOutputs, TeacherRunner, decoder_of, load_model_config, load_teacher, load_tokenizer,
+    TeacherRunner, decoder_of, load_model_config, load_teacher, load_tokenizer,
     resolve_model_path, save_head, tokenizer_sha256, weights_sha256,
 )
 from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME, FileEntry, Manifest, ShardEntry
@@ -143,6 +143,12 @@ class Setup:
     fingerprint: dict[str, Any]
     hidden_dim: int
 
+    @property
+    def rows(self) -> RowSpec:
+        c = self.cfg
+        return RowSpec(c.masking(), c.mask_views, self.vocab, self.pool, self.weights, c.targets,
+                       c.target_positions, c.samples, c.batch_size, int(self.tokenizer.pad_token_id))
+
 
 # ---------------------------------------------------------------------------------------- set up
 
@@ -230,97 +236,15 @@ def _build_projection(s: Setup, runner_for: Any) -> torch.Tensor:
     # pca: fitted on the teacher's states for the first sequences, masked as they will be stored
     runner: TeacherRunner = runner_for(proj.identity(width))
     seqs = list(itertools.islice(_sequences(s), s.cfg.pca_sequences))
-    rows = [_mask_rows(s, i, seq)[0] for i, seq in enumerate(seqs)]
+    rows = [mask_rows(s.rows, i, seq)[0] for i, seq in enumerate(seqs)]
     states = []
-    for batch in _batches(rows, s.cfg.batch_size):
-        ids, att = _pad([rows[i].input_ids for i in batch], s.tokenizer.pad_token_id)
+    for batch in length_batches(rows, s.cfg.batch_size):
+        ids, att = pad([rows[i].input_ids for i in batch], s.tokenizer.pad_token_id)
         states.append(runner.hidden_and_decoder_input(ids, att)[0].cpu())
     return proj.fit_pca(torch.cat(states), s.hidden_dim)
 
 
 # ------------------------------------------------------------------------------------------- run
-
-def _mask_rows(s: Setup, seq_id: int, seq: np.ndarray) -> list[MaskedSequence]:
-    spec = s.cfg.masking()
-    return [mask_sequence(seq, seq_id, v, spec, s.vocab, s.pool, s.weights)
-            for v in range(s.cfg.mask_views)]
-
-
-def _batches(rows: list, batch_size: int) -> list[list[int]]:
-    """Row indices grouped into batches of similar length (longest first), so padding is small."""
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    for i, x in enumerate(seqs):
-        ids[i, : len(x)] = torch.from_numpy(x)
-        att[i, : len(x)] = 1
-    return ids, att
-
-
-def dump_shard(s: Setup, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray]) -> ShardData:
-    """Mask, run the teacher (unless the mode is none) and gather one shard's rows in row order."""
-    rows, meta = [], []
-    for j, seq in enumerate(seqs):
-        for v, m in enumerate(_mask_rows(s, first_seq + j, seq)):
-            rows.append(m)
-            meta.append((first_seq + j, v))
-    masked = s.cfg.target_positions == "masked"
-    n_target = np.array([len(r.positions) if masked else len(r.input_ids) for r in rows], dtype=np.int64)
-    per_row: list[dict[str, np.ndarray]] = [{} for _ in rows]
-    for batch in _batches(rows, s.cfg.batch_size) if runner is not None else []:
-        ids, att = _pad([rows[i].input_ids for i in batch], s.tokenizer.pad_token_id)
-        target_mask = None
-        if masked:
-            target_mask = torch.zeros(ids.shape, dtype=torch.bool)  # (B, T)
-            for j, i in enumerate(batch):
-                target_mask[j, torch.from_numpy(rows[i].positions)] = True
-        uniforms = _uniforms(s, rows, meta, batch, masked) if s.cfg.targets == "sampled" else None
-        _split_rows(runner.run(ids, att, target_mask, uniforms), batch, rows, n_target, per_row)
-    cat = lambda xs: np.concatenate(xs)  # noqa: E731
-    targets = {name: cat([d[name] for d in per_row]) for name in per_row[0]} if per_row[0] else {}
-    return ShardData(
-        seq_id=np.array([m[0] for m in meta]), view=np.array([m[1] for m in meta]),
-        length=np.array([len(r.input_ids) for r in rows]),
-        input_ids=cat([r.input_ids for r in rows]),
-        mlm_count=np.array([len(r.positions) for r in rows]),
-        mlm_positions=cat([r.positions for r in rows]), mlm_labels=cat([r.labels for r in rows]),
-        target_count=n_target if s.cfg.targets != "none" else None, **targets,
-    )
-
-
-def _uniforms(s: Setup, rows: list[MaskedSequence], meta: list[tuple[int, int]], batch: list[int],
-              masked: bool) -> torch.Tensor:
-    """(P, N) uniforms of the batch's target positions: position t of (seq, view) always gets
-    row t of `position_uniforms(seed, seq, view)`, whatever batch or position set it is in."""
-    out = []
-    for i in batch:
-        u = position_uniforms(s.cfg.seed, meta[i][0], meta[i][1], len(rows[i].input_ids), s.cfg.samples)
-        out.append(u[rows[i].positions] if masked else u)
-    return torch.from_numpy(np.concatenate(out))
-
-
-def _split_rows(o: TeacherOutputs, batch: list[int], rows: list[MaskedSequence], n_target: np.ndarray,
-                per_row: list[dict[str, np.ndarray]]) -> None:
-    """Cut a batch's outputs (row-major over the batch) back into per-row arrays."""
-    tok = np.cumsum([0] + [len(rows[i].input_ids) for i in batch])
-    tgt = np.cumsum([0] + [int(n_target[i]) for i in batch])
-    smp = None if o.sample_len is None else np.concatenate([[0], np.cumsum(o.sample_len)])
-    for j, i in enumerate(batch):
-        d = per_row[i]
-        d["hidden"] = o.hidden[tok[j]:tok[j + 1]]
-        for name in ("topk_ids", "topk_logits", "log_z", "teacher_state", "sample_len"):
-            v = getattr(o, name)
-            if v is not None:
-                d[name] = v[tgt[j]:tgt[j + 1]]
-        if smp is not None:
-            lo, hi = smp[tgt[j]], smp[tgt[j + 1]]
-            d["sample_ids"], d["sample_counts"] = o.sample_ids[lo:hi], o.sample_counts[lo:hi]
-
 
 def _shard_done(path: Path, fp_sha: str) -> bool:
     """A shard under its final name was completed by a run with these settings."""
@@ -377,7 +301,7 @@ def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, f
             if _shard_done(path, fp_sha):
                 bar.update(sum(len(x) for x in seqs) * s.cfg.mask_views)
                 continue
-            data = dump_shard(s, runner, index * s.cfg.shard_size, seqs)
+            data = dump_shard(s.rows, runner, index * s.cfg.shard_size, seqs)
             if pending is not None:
                 pending.result()
             pending = writer.submit(write_shard, path, to_table(data, schema), fp_sha, s.cfg.zstd_level)
@@ -411,7 +335,7 @@ def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
         save_head(s.out / cachedir.HEAD_NAME, decoder_of(s.model))
     runner = runner_for(projection)
     first = next(iter(_sequences(s)))
-    runner.check_head_split(*_pad([first], s.tokenizer.pad_token_id))
+    runner.check_head_split(*pad([first], s.tokenizer.pad_token_id))
     return runner
 
 
@@ -484,9 +408,9 @@ def dry_run(s: Setup) -> dict[str, Any]:
         s.model, s.cfg.top_k, tuple(s.cfg.temperatures),
         proj.random_orthogonal(width, max(s.hidden_dim, 1), s.cfg.seed), device, mode=s.cfg.targets)
     seqs = list(itertools.islice(_sequences(s), max(1, 2 * s.cfg.batch_size // s.cfg.mask_views)))
-    dump_shard(s, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
+    dump_shard(s.rows, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
     t0 = time.perf_counter()
-    data = dump_shard(s, runner, 0, seqs)
+    data = dump_shard(s.rows, runner, 0, seqs)
     elapsed = time.perf_counter() - t0
     sink = pa.BufferOutputStream()
     schema = _schema(s)
