@@ -128,7 +128,9 @@ class Bench:
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if not (isinstance(out, dict) and str(out.get("status", "")).startswith("already")):
+        redone = not (isinstance(out, dict) and (str(out.get("status", "")).startswith("already")
+                                                 or out.get("computed") == 0))
+        if redone:  # a phase a rerun found finished keeps the time it took
             self.summary["seconds"][name] = {"wall": round(wall, 1), "cpu": round(cpu, 1),
                                              "load_avg_end": round(os.getloadavg()[0], 2)}
         self.save()
@@ -269,7 +271,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
                 + " | ".join(f"{100 * acc[k][n]:.1f}" for k in acc)
                 + f" | {100 * macro[n]:.1f} | {'–' if ret is None else f'{ret:.1f}'} | "
                 f"{'–' if delta is None else f'{delta:+.2f}'} | {PAPER_TABLE4.get(n, '–')} | "
-                f"{t.get('mlm_top1', {}).get(n, float('nan')):.1f} | "
+                f"{100 * t.get('mlm_top1', {}).get(n, float('nan')):.1f} | "
                 f"{(t.get('speedup', {}).get(n) or 1.0):.2f}× |")
         ret = t["retention_pct"].get("cached")
         gap = t.get("cached_minus_online_points")
@@ -301,8 +303,8 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     train = {k.split(" ", 1)[1]: v for k, v in s.items() if k.startswith("student-train ")}
     if "cached" in train:
         base = train["cached"]["cpu"]
-        lines += ["", "Train-time cost (CPU seconds of the process, so less sensitive to other load than wall; "
-                  "wall in brackets), relative to the top-k student:", "",
+        lines += ["", "Train-time cost (CPU seconds of the process, less sensitive to other load than wall "
+                  "seconds), relative to the top-k student:", "",
                   "| student | CPU s | wall s | × top-k (CPU) |", "|---|---:|---:|---:|"]
         for n, v in train.items():
             lines.append(f"| {n} | {v['cpu']:.0f} | {v['wall']:.0f} | {v['cpu'] / base:.2f} |")
