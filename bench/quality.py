@@ -38,7 +38,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from results import write_section  # noqa: E402  (bench/results.py; bench/ is on sys.path)
 
 from kdpipe.pipeline import builtin  # noqa: E402
 from kdpipe.pipeline.device import pick_device  # noqa: E402
@@ -318,20 +318,6 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(section: str) -> None:
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text(encoding="utf-8")
-    head = "## Distillation quality (issues 5 and 8)"
-    if head in text:
-        start = text.index(head)
-        nxt = re.search(r"^## ", text[start + len(head):], flags=re.M)
-        end = start + len(head) + nxt.start() if nxt else len(text)
-        text = text[:start] + section + ("\n" if nxt else "") + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("kdpipe-quality"))
@@ -363,7 +349,7 @@ def main() -> None:
     section = markdown(b.summary, command)
     print(section)
     if a.write_results:
-        write_results(section)
+        write_section("## Distillation quality (issues 5 and 8)", section)
 
 
 if __name__ == "__main__":

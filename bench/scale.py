@@ -37,8 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results import RESULTS, write_section  # bench/results.py (bench/ is on sys.path)
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Several processes (issue 7)"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -110,18 +110,6 @@ def machine() -> str:
             f"load average {load[0]:.2f} / {load[1]:.2f}")
 
 
-def write_results(text: str) -> None:
-    """Replace (or append) this bench's section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text()
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if nxt < 0 else old[nxt:])
-    RESULTS.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2-layer H128 teacher, 64 sequences, 1 repeat")
@@ -185,7 +173,7 @@ def main() -> None:
     ])
     print(text)
     if args.write_results:
-        write_results(text)
+        write_section(SECTION, text)
         print(f"written to {RESULTS}", file=sys.stderr)
 
 

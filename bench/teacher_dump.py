@@ -40,11 +40,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from results import RESULTS, write_section  # bench/results.py (bench/ is on sys.path)
 
 V = 30522
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103  # bert-base-uncased ids
 TEMPERATURES = (1.0, 2.0, 4.0)
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## teacher-dump (issue 2)"
 
 
@@ -336,19 +336,6 @@ def machine() -> str:
             f"with {torch.get_num_threads()} threads, load average {load[0]:.2f} / {load[1]:.2f}")
 
 
-def write_results(text: str) -> None:
-    """Replace (or append) this bench's section of bench/RESULTS.md, leaving other sections alone."""
-    header = "# kdpipe benchmark results\n\nMeasured by the scripts in `bench/`; each section says how.\n"
-    old = RESULTS.read_text() if RESULTS.exists() else header
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if nxt < 0 else old[nxt:])
-    RESULTS.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny batches, a few seconds per teacher")
@@ -391,13 +378,13 @@ def main() -> None:
         "`dump_shard` + `to_table` + `write_shard`, one shard per batch, no overlap; naive = full "
         "logits, log_softmax per T, Python lists, pandas `to_parquet`. Interleaved batch by batch.", "",
         speed_table(results), "",
-        f"Bytes per token on disk (MiniLM-sized teacher, random weights; all columns: inputs, MLM labels, "
-        f"top-k ids (uint16) and logits (fp16), log Z (fp32, 3 T), hidden (fp16)):", "",
+        "Bytes per token on disk (MiniLM-sized teacher, random weights; all columns: inputs, MLM labels, "
+        "top-k ids (uint16) and logits (fp16), log Z (fp32, 3 T), hidden (fp16)):", "",
         size_table(total, by_col, ks, dims), "", NOTES, "",
     ])
     print(text)
     if args.write_results:
-        write_results(text)
+        write_section(SECTION, text)
         print(f"written to {RESULTS}", file=sys.stderr)
 
 
