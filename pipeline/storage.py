@@ -40,15 +40,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kdpipe.pipeline.cache import HEAD_NAME, PROJECTION_NAME
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import exclusive_lock, sha256_bytes
+from kdpipe.schemas.checkpoint import FINAL_DIR, RUN_NAME, STUDENT_RECORD_NAME
+from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME
+from kdpipe.schemas.report import SETTINGS_NAME
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-MANIFEST = "manifest.json"
-FINGERPRINT = "fingerprint.json"
-RUN_RECORD = "run.json"
-FINAL_MARKER = "final/kdpipe_student.json"
-REPORT_SETTINGS = "eval.json"
+FINAL_MARKER = f"{FINAL_DIR}/{STUDENT_RECORD_NAME}"  # a run's commit object
 _CHECKPOINT_UNIT = re.compile(r"^checkpoints/step-\d{7}/")
 _CHECKPOINT_META = re.compile(r"^checkpoints/step-(\d{7})/checkpoint\.json$")
 _SHARD = re.compile(r"^shards/shard-\d+\.parquet$")
@@ -329,11 +329,11 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
     if not remote:
         _clear(staging)  # the store is the truth: a staging folder it knows nothing of is stale
         return {}, 0
-    if FINGERPRINT not in remote:
+    if FINGERPRINT_NAME not in remote:
         raise KdpipeError(f"{store.url} is not empty and holds no kdpipe cache; refusing to write into it")
-    fp_bytes = store.cat(FINGERPRINT)
-    local_fp = staging / FINGERPRINT
-    if MANIFEST in remote or (local_fp.is_file() and local_fp.read_bytes() != fp_bytes):
+    fp_bytes = store.cat(FINGERPRINT_NAME)
+    local_fp = staging / FINGERPRINT_NAME
+    if MANIFEST_NAME in remote or (local_fp.is_file() and local_fp.read_bytes() != fp_bytes):
         _clear(staging)  # published already (nothing here may replace it), or another cache
     sent: dict[str, tuple[int, int]] = {}
 
@@ -343,15 +343,15 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
         if (staging / rel).stat().st_size == remote[rel]:
             sent[rel] = _stamp(staging / rel)
 
-    for rel in (FINGERPRINT, "projection.safetensors", "head.safetensors", MANIFEST):
+    for rel in (FINGERPRINT_NAME, PROJECTION_NAME, HEAD_NAME, MANIFEST_NAME):
         if rel in remote:
             pull(rel)
-    if MANIFEST in remote:
+    if MANIFEST_NAME in remote:
         return sent, 0  # complete: the stage says so (or refuses other settings)
     try:
         fp_sha = fingerprint_sha256(json.loads(fp_bytes))
     except (ValueError, AttributeError):
-        raise KdpipeError(f"{store.url}/{FINGERPRINT} is not valid JSON; not a kdpipe cache") from None
+        raise KdpipeError(f"{store.url}/{FINGERPRINT_NAME} is not valid JSON; not a kdpipe cache") from None
     # shards finished elsewhere: fetched whole (they are needed whole to hash into the manifest), kept
     # only if their footer carries this fingerprint; any other object is redone and overwritten
     wanted = sorted(r for r in remote if _SHARD.match(r) and not (staging / r).is_file())
@@ -390,11 +390,11 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
     if not remote:
         _clear(staging)
         return {}, 0
-    if RUN_RECORD not in remote:
+    if RUN_NAME not in remote:
         raise KdpipeError(f"run directory {store.url} is not empty and holds no kdpipe student run; "
                           "refusing to write into it (use another --out)")
-    record = store.cat(RUN_RECORD)
-    local = staging / RUN_RECORD
+    record = store.cat(RUN_NAME)
+    local = staging / RUN_NAME
     if FINAL_MARKER in remote or not local.is_file() or local.read_bytes() != record:
         _clear(staging)  # finished already (nothing here may replace it), or another run
     sent: dict[str, tuple[int, int]] = {}
@@ -404,7 +404,7 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
             store.get(rel, staging / rel)
         sent[rel] = _stamp(staging / rel)
 
-    pull(RUN_RECORD)
+    pull(RUN_NAME)
     if FINAL_MARKER in remote:
         pull(FINAL_MARKER)  # the stage sees final/ and says the run is complete
         return sent, 0
@@ -437,11 +437,11 @@ def prepare_report(store: Store, staging: Path) -> tuple[dict[str, tuple[int, in
     if not remote:
         _clear(staging)
         return {}, 0
-    if REPORT_SETTINGS not in remote:
+    if SETTINGS_NAME not in remote:
         raise KdpipeError(f"report directory {store.url} is not empty and holds no kdpipe eval report; "
                           "refusing to write into it")
-    if (staging / REPORT_SETTINGS).is_file() and (staging / REPORT_SETTINGS).read_bytes() != store.cat(
-            REPORT_SETTINGS):
+    if (staging / SETTINGS_NAME).is_file() and (staging / SETTINGS_NAME).read_bytes() != store.cat(
+            SETTINGS_NAME):
         _clear(staging)
     wanted = sorted(r for r in remote if not (staging / r).is_file() or (staging / r).stat().st_size != remote[r])
     pulled = staging / f".pull.{os.getpid()}.tmp"
@@ -458,7 +458,7 @@ def prepare_report(store: Store, staging: Path) -> tuple[dict[str, tuple[int, in
 
 # kind of output -> how its staging folder is prepared, and its commit object (uploaded last)
 KINDS: dict[str, tuple[Callable[[Store, Path], tuple[dict[str, tuple[int, int]], int]], str, str]] = {
-    "cache": (prepare_cache, MANIFEST, "cache"),
+    "cache": (prepare_cache, MANIFEST_NAME, "cache"),
     "run": (prepare_run, FINAL_MARKER, "run directory"),
     "report": (prepare_report, "report.json", "report directory"),
 }
@@ -510,9 +510,9 @@ def mirror_cache(url: str) -> Path:
 
     store = Store(url, "cache")
     remote = store.files()
-    if MANIFEST not in remote:
-        hint = " (a dump is unfinished: rerun teacher-dump to complete it)" if FINGERPRINT in remote else ""
-        what = "does not exist" if not remote else f"is not a finished kdpipe cache: no {MANIFEST}"
+    if MANIFEST_NAME not in remote:
+        hint = " (a dump is unfinished: rerun teacher-dump to complete it)" if FINGERPRINT_NAME in remote else ""
+        what = "does not exist" if not remote else f"is not a finished kdpipe cache: no {MANIFEST_NAME}"
         raise KdpipeError(f"cache {url} {what}{hint}")
     base = kdpipe_home() / "mirror"
     base.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ CHECKPOINT_META = "checkpoint.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
 FINAL_DIR = "final"
+STUDENT_RECORD_NAME = "kdpipe_student.json"  # in final/, written last: what run and cache made it
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_NAME = "samples.jsonl"
 CHECKPOINT_PATTERN = r"^step-(\d{7})$"

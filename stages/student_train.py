@@ -57,7 +57,9 @@ from kdpipe.pipeline.trainer import (
     WINDOW_KEYS, Optim, TeacherHead, Trainer, build_trainer, metrics_line, train_step, train_step_ddp,
     truncate_jsonl, wrap_ddp,
 )
-from kdpipe.schemas.checkpoint import FINAL_DIR, METRICS_NAME, RUN_NAME, SAMPLES_NAME, Position, RunRecord
+from kdpipe.schemas.checkpoint import (
+    FINAL_DIR, METRICS_NAME, RUN_NAME, SAMPLES_NAME, STUDENT_RECORD_NAME, Position, RunRecord,
+)
 from kdpipe.schemas.manifest import Manifest
 
 # DistilBERT reference (examples/research_projects/distillation/train.py and distiller.py):
@@ -494,7 +496,7 @@ def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, resu
                 tokenizer.save_pretrained(tmp)
             save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
                       str(tmp / "kdpipe_hidden_map.safetensors"))
-            atomic_write_json(tmp / "kdpipe_student.json", {
+            atomic_write_json(tmp / STUDENT_RECORD_NAME, {
                 "run_id": record.run_id, "cache_fingerprint_sha256": record.cache_fingerprint_sha256,
                 "steps": result["steps"], "epoch": result["epoch"], "init": record.init,
                 "tokenizer": "copied from the teacher" if tokenizer is not None else "none (no teacher path known)",

@@ -123,20 +123,21 @@ def test_dump_killed_while_uploading_leaves_no_manifest_and_resumes_elsewhere(
 
 def test_manifest_is_not_published_while_a_file_is_missing_from_the_store(s3, tmp_path, reference_cache):
     from kdpipe.pipeline.errors import KdpipeError
-    from kdpipe.pipeline.storage import MANIFEST, Publisher, Store
+    from kdpipe.pipeline.storage import Publisher, Store
+    from kdpipe.schemas.manifest import MANIFEST_NAME
 
     staging = Path(shutil.copytree(reference_cache, tmp_path / "staging"))
     store = Store(f"s3://{BUCKET}/unpublished", "cache")
     shard = "shards/shard-00003.parquet"
     st = (staging / shard).stat()
     # an upload that was believed done but never landed: finish checks the store itself
-    pub = Publisher(staging, store, MANIFEST, sent={shard: (st.st_size, st.st_mtime_ns)})
+    pub = Publisher(staging, store, MANIFEST_NAME, sent={shard: (st.st_size, st.st_mtime_ns)})
     with pytest.raises(KdpipeError, match="did not reach the store"):
         pub.finish()
     on_store = store.files()
-    assert MANIFEST not in on_store and shard not in on_store and len(on_store) > 10
-    assert Publisher(staging, store, MANIFEST, sent={}).finish()
-    assert store.files()[MANIFEST] == (staging / MANIFEST).stat().st_size
+    assert MANIFEST_NAME not in on_store and shard not in on_store and len(on_store) > 10
+    assert Publisher(staging, store, MANIFEST_NAME, sent={}).finish()
+    assert store.files()[MANIFEST_NAME] == (staging / MANIFEST_NAME).stat().st_size
 
 
 def test_train_from_s3_cache_into_s3_run_matches_local_and_resumes(
