@@ -298,6 +298,16 @@ def reference(cmd: Command, out: Path) -> tuple[float, float]:
     return (first if first is not None else 0.0), total
 
 
+def record(res: dict, log, out: Path) -> None:
+    """Print and log a trial; a correct trial's output is removed (a failed one is kept to look at)."""
+    print(json.dumps(res), flush=True)
+    if log:
+        log.write(json.dumps(res) + "\n")
+        log.flush()
+    if res["outcome"] == "correct":
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def trial(cmd: Command, ref: Path, out: Path, delay: float, files_seen: int) -> dict:
     """Kill once `files_seen` files exist under `out` (then after `delay` s more), or, with
     files_seen 0, `delay` s after the start. Counting files rather than seconds hits the write
@@ -497,12 +507,7 @@ def disk_soak(a: argparse.Namespace, work: Path, rng: random.Random, log) -> lis
             c["partial"] += bool(res.get("partial"))
             c["tmp_left"] += bool(res.get("tmp_after_failure"))
             c[res["outcome"]] += 1
-            print(json.dumps(res), flush=True)
-            if log:
-                log.write(json.dumps(res) + "\n")
-                log.flush()
-            if res["outcome"] == "correct":
-                shutil.rmtree(out, ignore_errors=True)
+            record(res, log, out)
         what = "file-size limit 1 B .. largest file" if a.fault == "efbig" else "tmpfs of 4 KiB .. the output's size"
         rows.append(f"| {name} | {a.fault} ({what}) | {c['trials']} | {c['failed']} | {c['one_line']} | "
                     f"{c['partial']} | {c['tmp_left']} | {c['correct']} | {c['loss']} | {c['corruption']} |")
@@ -561,12 +566,7 @@ def main() -> None:
             counts["hit"] += res["hit"]
             counts["partial"] += res["hit"] and res["at_kill"]["files"] > 0
             counts[res["outcome"]] += 1
-            print(json.dumps(res), flush=True)
-            if log:
-                log.write(json.dumps(res) + "\n")
-                log.flush()
-            if res["outcome"] == "correct":
-                shutil.rmtree(out, ignore_errors=True)
+            record(res, log, out)
         rows.append((name, runtime, first, counts))
     table = ["| command | reference run (s) | first output at (s) | trials | kills that hit mid-run | of which with output partly written | correct resumes | losses | silent corruptions |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

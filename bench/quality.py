@@ -37,7 +37,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -47,8 +46,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from results import write_section  # noqa: E402  (bench/results.py; bench/ is on sys.path)
+from results import machine, write_section  # noqa: E402  (bench/results.py; bench/ is on sys.path)
 
 from kdpipe.pipeline import builtin  # noqa: E402
 from kdpipe.pipeline.device import pick_device  # noqa: E402
@@ -331,9 +329,7 @@ def main() -> None:
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     b = Bench(a.workdir, PRESETS[a.preset], a.device)
-    b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p),
-                     machine=f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
-                             f"{torch.get_num_threads()} torch threads")
+    b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine())
     train, heldout = b.data()
     teacher = b.teacher(train, heldout, a.teacher)
     caches = b.caches(teacher, train)

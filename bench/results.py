@@ -3,6 +3,8 @@ and replaces only that, so a rerun of one bench leaves the others' measurements 
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -20,3 +22,12 @@ def write_section(heading: str, text: str) -> Path:
         new = old[:start] + text.rstrip("\n") + "\n" + ("" if nxt < 0 else old[nxt:])
     RESULTS.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
     return RESULTS
+
+
+def machine() -> str:
+    """The machine line every section starts with: cores, torch and its threads, the load now."""
+    import torch
+
+    load = os.getloadavg()
+    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads, load average {load[0]:.2f} / {load[1]:.2f}")

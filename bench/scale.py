@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -37,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from results import RESULTS, write_section  # bench/results.py (bench/ is on sys.path)
+from results import RESULTS, machine, write_section  # bench/results.py (bench/ is on sys.path)
 
 SECTION = "## Several processes (issue 7)"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -102,12 +101,6 @@ def tokenize_pass(teacher: Path, corpus: Path, seq_len: int) -> tuple[float, int
     t0 = time.perf_counter()
     n = sum(len(s) for s in corpus_mod.iter_sequences(c, tok, seq_len, "pack"))
     return time.perf_counter() - t0, n
-
-
-def machine() -> str:
-    load = os.getloadavg()
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-            f"load average {load[0]:.2f} / {load[1]:.2f}")
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from results import RESULTS, write_section  # bench/results.py (bench/ is on sys.path)
+from results import RESULTS, machine, write_section  # bench/results.py (bench/ is on sys.path)
 
 V = 30522
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103  # bert-base-uncased ids
@@ -328,12 +327,6 @@ NOTES = """Notes (how the dump got here; measured on this machine while optimisi
   the median of per-batch ratios is less sensitive to load that comes and goes than the total.
 - Random weights, so sizes are indicative; design.md's trained-MiniLM figures (top-32 ids + fp16
   logits 99 B, hidden projected to 128: 244 B) are within 15% of these (101 B, 215 B)."""
-
-
-def machine() -> str:
-    load = os.getloadavg()
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads, load average {load[0]:.2f} / {load[1]:.2f}")
 
 
 def main() -> None:
