@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -126,22 +127,24 @@ def _leaf_path(field: pa.Field) -> str:
     return path
 
 
+def encode_shard(table: pa.Table, sink: Any, zstd_level: int) -> None:
+    """The shard's Parquet encoding (zstd, byte-stream split floats, no dictionary), into a file
+    or a buffer: one place, so a dry run's size estimate is the size a dump writes."""
+    encodings = {_leaf_path(table.schema.field(c)): "BYTE_STREAM_SPLIT"
+                 for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names}
+    pq.write_table(
+        table, sink, row_group_size=ROW_GROUP_ROWS, compression="zstd",
+        compression_level=zstd_level, use_dictionary=False, write_statistics=False,
+        column_encoding=encodings, store_schema=True,
+    )
+
+
 def write_shard(path: Path, table: pa.Table, fingerprint_sha256: str, zstd_level: int) -> None:
     """Write atomically; the fingerprint in the footer ties the file to its cache's settings."""
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint_sha256.encode()}
     )
-    encodings = {_leaf_path(table.schema.field(c)): "BYTE_STREAM_SPLIT"
-                 for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names}
-
-    def write(f) -> None:
-        pq.write_table(
-            table, f, row_group_size=ROW_GROUP_ROWS, compression="zstd",
-            compression_level=zstd_level, use_dictionary=False, write_statistics=False,
-            column_encoding=encodings, store_schema=True,
-        )
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: encode_shard(table, f, zstd_level))
 
 
 def column_bytes(path: Path) -> dict[str, int]:

@@ -48,7 +48,9 @@ from kdpipe.pipeline.fsutil import (
 from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows, pad
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, token_weights
 from kdpipe.pipeline.provenance import provenance
-from kdpipe.pipeline.shards import column_bytes, read_fingerprint, shard_path, to_table, write_shard
+from kdpipe.pipeline.shards import (
+    column_bytes, encode_shard, read_fingerprint, shard_path, to_table, write_shard,
+)
 from kdpipe.pipeline.teacher import (
     TeacherRunner, decoder_of, load_model_config, load_teacher, load_tokenizer,
     resolve_model_path, save_head, tokenizer_sha256, weights_sha256,
@@ -399,9 +401,6 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
 
 def dry_run(s: Setup) -> dict[str, Any]:
     """Estimate time and size from a couple of batches, writing nothing."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     device = pick_device(s.cfg.device)
     width = s.fingerprint["teacher"]["hidden_size"]
     runner = None if s.model is None else TeacherRunner(
@@ -413,9 +412,7 @@ def dry_run(s: Setup) -> dict[str, Any]:
     data = dump_shard(s.rows, runner, 0, seqs)
     elapsed = time.perf_counter() - t0
     sink = pa.BufferOutputStream()
-    schema = _schema(s)
-    pq.write_table(to_table(data, schema), sink, compression="zstd",
-                   compression_level=s.cfg.zstd_level, use_dictionary=False, write_statistics=False)
+    encode_shard(to_table(data, _schema(s)), sink, s.cfg.zstd_level)
     bpt = sink.getvalue().size / data.tokens
     total_tokens = s.n_tokens * s.cfg.mask_views
     return {"sequences": s.n_sequences, "rows": s.n_sequences * s.cfg.mask_views,

@@ -230,6 +230,11 @@ def test_dry_run_writes_nothing(tmp_path: Path, kdpipe_inproc, teacher_dir, smal
     est = json.loads(proc.stdout)["dry_run"]
     assert est["bytes_per_token"] > 0 and est["tokens_per_s"] > 0
     assert not out.exists()
+    # the estimate is made with the shards' own encoding, so it lands near what the dump writes
+    real = dump(kdpipe_inproc, teacher_dir, small_corpus_file, out, "--seq-len", "32")
+    assert real.returncode == 0, real.stderr
+    actual = json.loads(real.stdout)["bytes_per_token"]
+    assert abs(est["bytes_per_token"] - actual) / actual < 0.05, (est, actual)
 
 
 # ----------------------------------------------------------------------------- cache verify
