@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
+from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError, validate_record
 from kdpipe.pipeline.fsutil import dumps_json, read_json, safe_join, sha256_bytes, sha256_file
 from kdpipe.schemas.manifest import (
     FINGERPRINT_NAME, MANIFEST_NAME, MANIFEST_VERSION, FileEntry, Manifest, ShardEntry,
@@ -90,12 +88,7 @@ def load_manifest(cache_dir: Path) -> Manifest:
     if isinstance(raw, dict) and raw.get("format_version", MANIFEST_VERSION) != MANIFEST_VERSION:
         raise KdpipeError(f"{path}: manifest format version {raw.get('format_version')} is not "
                           f"supported by this kdpipe (reads version {MANIFEST_VERSION})")
-    try:
-        m = Manifest.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise CorruptCacheError(f"{path} is invalid: {where}: {err['msg']}") from None
+    m = validate_record(Manifest, raw, str(path), CorruptCacheError)
     if fingerprint_sha256(m.fingerprint) != m.fingerprint_sha256:
         raise CorruptCacheError(f"{path}: the fingerprint does not match its recorded hash")
     problems = _inconsistencies(m)

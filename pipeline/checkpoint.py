@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
+from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError, validate_record
 from kdpipe.pipeline.fsutil import atomic_write_bytes, disk_errors, read_json, sha256_file, dumps_json
 from kdpipe.schemas.checkpoint import (
     CHECKPOINT_META, CHECKPOINT_PATTERN, CHECKPOINT_VERSION, CHECKPOINTS_DIR, LATEST_NAME,
@@ -184,11 +183,7 @@ def read_meta(path: Path, run_id: str, cache_sha: str, identity_sha: str) -> Che
     if raw.get("format_version") != CHECKPOINT_VERSION:
         raise KdpipeError(f"checkpoint {path}: format version {raw.get('format_version')} is not "
                           f"supported (this kdpipe reads version {CHECKPOINT_VERSION})")
-    try:
-        meta = CheckpointMeta.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise KdpipeError(f"checkpoint {path} is invalid: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    meta = validate_record(CheckpointMeta, raw, f"checkpoint {path}")
     if meta.cache_fingerprint_sha256 != cache_sha:
         raise CacheMismatchError(
             f"checkpoint {path} was trained from another cache (fingerprint "

@@ -227,10 +227,17 @@ def _edit_manifest(c: Path) -> None:
     (c / "manifest.json").write_text(json.dumps(m))
 
 
+def _retype_manifest(c: Path) -> None:
+    m = manifest(c)
+    m["shards"][3]["rows"] = "many"
+    (c / "manifest.json").write_text(json.dumps(m))
+
+
 @pytest.mark.parametrize("damage, named, verify_says", [
     (_flip, SHARD, "SHA-256"), (_truncate, SHARD, "size"), (_delete, SHARD, "missing"),
     (_edit_manifest, "manifest.json", "manifest.json"),
-], ids=["flipped-byte", "truncated", "deleted", "edited-manifest"])
+    (_retype_manifest, "manifest.json is invalid: shards.3.rows", "shards.3.rows"),
+], ids=["flipped-byte", "truncated", "deleted", "edited-manifest", "retyped-manifest"])
 def test_a_damaged_cache_is_refused_naming_the_file(damage, named, verify_says, copy_cache, tmp_path,
                                                      kdpipe_inproc, one_line_error):
     cache = copy_cache()

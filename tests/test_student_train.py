@@ -210,6 +210,18 @@ def test_a_run_or_checkpoint_from_another_cache_is_refused(tmp_path, finished_ru
     assert digest(other_run) == before
 
 
+def test_a_checkpoint_record_with_a_bad_field_is_refused_in_one_line(tmp_path, finished_run, reference_cache,
+                                                                     digest):
+    run = partial_copy(finished_run, tmp_path / "run")
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta["step"] = "late"
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+    before = digest(run)
+    assert_refused(invoke("--out", run, "--cache", reference_cache, *RESUME), f"checkpoint {ckpt} is invalid: step:")
+    assert digest(run) == before
+
+
 # --------------------------------------------------------------------------------- training
 
 @pytest.fixture(scope="module")
