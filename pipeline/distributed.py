@@ -17,6 +17,7 @@ status 1 and torchrun ends the job (adding its own report of the failed processe
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -128,12 +129,21 @@ def shutdown() -> None:
 
 @contextmanager
 def joined(device: str = "auto") -> Iterator[World]:
-    """The process group for one stage's run (a world of one outside torchrun), left at the end."""
+    """The process group for one stage's run (a world of one outside torchrun), left at the end.
+
+    On a normal end every rank meets at a barrier first and the stage's objects (a DDP model and
+    its reducer hold the group and gloo work) are collected, so no rank tears the group down
+    while a peer is still inside a collective or a worker thread still holds work: the likely
+    cause of one SIGABRT seen at exit ("terminate called without an active exception")."""
     w = init(device)
     try:
         yield w
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown()  # a failed rank leaves at once; torchrun stops the others
+        raise
+    barrier(w)
+    gc.collect()
+    shutdown()
 
 
 def barrier(w: World) -> None:
