@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import sys
 import time
@@ -233,28 +234,53 @@ def curves(runs: dict[str, Path]) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> dict[str, Any]:
-    """Retention, the online gap and the ablation order from report.json."""
+    """Retention, the online gap and the ablation order from report.json, each with its standard
+    error: the binomial one of an accuracy on n dev examples, sqrt(p(1 - p) / n), combined over
+    the tasks of the macro average. It leaves out the spread between fine-tuning seeds, and treats
+    two models scored on the same examples as independent (which overstates a gap's error)."""
     tasks = {t["name"]: {r["model"]: r for r in t["results"]} for t in report.get("tasks", [])}
+    n_dev = {t["name"]: t["split"]["dev"] for t in report.get("tasks", [])}
     acc = {task: {model: r["accuracy"]["median"] for model, r in res.items()} for task, res in tasks.items()}
     models = [m["name"] for m in report["models"]]
     macro = {m: sum(acc[t][m] for t in acc) / len(acc) for m in models} if acc else {}
-    out: dict[str, Any] = {"accuracy": acc, "macro": macro}
+    out: dict[str, Any] = {"accuracy": acc, "macro": macro, "dev_examples": n_dev}
     if not macro:
         return out
+    se = {m: 100 * math.sqrt(sum(acc[t][m] * (1 - acc[t][m]) / n_dev[t] for t in acc)) / len(acc)
+          for m in models}  # points
+    out["macro_se_points"] = se
     teacher = report["teacher"]
     out["retention_pct"] = {m: 100 * macro[m] / macro[teacher] for m in models if m != teacher}
+    out["retention_se_pct"] = {m: out["retention_pct"][m] * math.hypot(se[m] / (100 * macro[m]),
+                                                                       se[teacher] / (100 * macro[teacher]))
+                               for m in models if m != teacher}
     if "online" in macro:
         out["cached_minus_online_points"] = 100 * (macro["cached"] - macro["online"])
+        out["cached_minus_online_se_points"] = math.hypot(se["cached"], se["online"])
     deltas = {m: 100 * (macro[m] - macro["cached"]) for m in PAPER_TABLE4 if m in macro}
     out["ablation_points"] = deltas
     ours = sorted(deltas, key=deltas.get)
     paper = sorted((m for m in PAPER_TABLE4 if m in deltas), key=PAPER_TABLE4.get)
-    out["ablation_order"] = {"ours": ours, "paper": paper, "same": ours == paper}
+    # an adjacent pair of our order is resolved when the two rows differ by more than 2 s.e.
+    resolved = [abs(deltas[a] - deltas[b]) > 2 * math.hypot(se[a], se[b]) for a, b in zip(ours, ours[1:])]
+    out["ablation_order"] = {"ours": ours, "paper": paper, "same": ours == paper, "resolved_steps": resolved}
     mlm = {r["model"]: r for r in (report.get("mlm") or {}).get("results", [])}
     out["mlm_top1"] = {m: r["top1_accuracy"] for m, r in mlm.items()}
     out["speedup"] = {r["model"]: r.get("latency_speedup") for r in (report.get("speed") or {}).get("results", [])}
     out["parameters"] = {m["name"]: m["parameters"] for m in report["models"]}
     return out
+
+
+def verdict(value: float, se: float, low: float, high: float) -> str:
+    """A target [low, high] judged by the point estimate and by its ±2 s.e. band: 'met' or
+    'missed' only where the whole band agrees, else 'not resolved'."""
+    point = "met" if low <= value <= high else "missed"
+    a, b = value - 2 * se, value + 2 * se
+    if low <= a and b <= high:
+        return "**met**"
+    if b < low or a > high:
+        return "**missed**"
+    return f"point estimate {point}, **not resolved** at ±2 s.e. ({a:.2f} to {b:.2f})"
 
 
 def markdown(summary: dict[str, Any], command: str) -> str:
@@ -265,30 +291,34 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     acc, macro = t.get("accuracy", {}), t.get("macro", {})
     if macro:
         names = list(macro)
-        lines += ["| model | params | " + " | ".join(f"{k} acc %" for k in acc) + " | macro % | retention % | "
-                  "Δ vs cached (points) | paper Δ | MLM top-1 % | speed-up |",
-                  "|---|---:|" + "---:|" * (len(acc) + 6)]
+        lines += ["| model | params | " + " | ".join(f"{k} acc %" for k in acc) + " | macro % | ± s.e. | "
+                  "retention % | Δ vs cached (points) | paper Δ | MLM top-1 % | speed-up |",
+                  "|---|---:|" + "---:|" * (len(acc) + 7)]
         for n in names:
             ret = t.get("retention_pct", {}).get(n)
             delta = None if n in ("teacher", "cached") else 100 * (macro[n] - macro["cached"])
             lines.append(
                 f"| {n} | {t['parameters'].get(n, 0) / 1e6:.2f}M | "
                 + " | ".join(f"{100 * acc[k][n]:.1f}" for k in acc)
-                + f" | {100 * macro[n]:.1f} | {'–' if ret is None else f'{ret:.1f}'} | "
+                + f" | {100 * macro[n]:.1f} | {t.get('macro_se_points', {}).get(n, float('nan')):.1f} | "
+                f"{'–' if ret is None else f'{ret:.1f}'} | "
                 f"{'–' if delta is None else f'{delta:+.2f}'} | {PAPER_TABLE4.get(n, '–')} | "
                 f"{100 * t.get('mlm_top1', {}).get(n, float('nan')):.1f} | "
                 f"{(t.get('speedup', {}).get(n) or 1.0):.2f}× |")
-        ret = t["retention_pct"].get("cached")
-        gap = t.get("cached_minus_online_points")
+        ret, ret_se = t["retention_pct"].get("cached"), t.get("retention_se_pct", {}).get("cached", 0.0)
+        gap, gap_se = t.get("cached_minus_online_points"), t.get("cached_minus_online_se_points", 0.0)
         order = t.get("ablation_order", {})
-        lines += ["", f"- Retention of the cached student: **{ret:.1f}%** of the teacher's macro accuracy "
-                  f"(target ≥ 97%: {'met' if ret >= 97 else '**missed**'})."]
+        lines += ["", f"- Retention of the cached student: **{ret:.1f}% ± {ret_se:.1f}** (s.e.) of the teacher's "
+                  f"macro accuracy; target ≥ 97%: {verdict(ret, ret_se, 97.0, math.inf)}."]
         if gap is not None:
-            lines.append(f"- Cached minus online: **{gap:+.2f} points** (target within 0.3: "
-                         f"{'met' if abs(gap) <= 0.3 else '**missed**'}).")
+            lines.append(f"- Cached minus online: **{gap:+.2f} ± {gap_se:.2f} points** (s.e.); target within "
+                         f"0.3: {verdict(gap, gap_se, -0.3, 0.3)}.")
         if order:
-            lines.append(f"- Ablation order, most harmful first: ours {', '.join(order['ours'])}; paper "
-                         f"{', '.join(order['paper'])} ({'same' if order['same'] else '**different**'}).")
+            steps = order.get("resolved_steps", [])
+            ours = order["ours"][0] + "".join(f" {'<' if ok else '≈'} {m}" for ok, m in zip(steps, order["ours"][1:]))
+            lines.append(f"- Ablation order, most harmful first: ours {ours} ('<': apart by more than 2 s.e., "
+                         f"'≈': not); paper {' < '.join(order['paper'])} "
+                         f"({'same' if order['same'] else '**different**'}).")
     if c:
         lines += ["", "Loss curves against the online student (same steps; relative difference per logged step):", "",
                   "| student | steps | loss max rel. Δ | L_ce max rel. Δ | L_ce mean rel. Δ | L_cos max rel. Δ | L_ce first → last (mode / online) |",
@@ -333,7 +363,27 @@ def main() -> None:
     ap.add_argument("--eval-modes", action="store_true", help="fine-tune the exact and sampled students too "
                     "(by default they are compared by their loss curves only)")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--summarize", action="store_true", help="only rebuild the table of a finished WORKDIR "
+                    "(from its summary.json and report); runs nothing")
     a = ap.parse_args()
+    if a.summarize:
+        b = Bench(a.workdir, PRESETS[a.preset], a.device)
+        if "finished_at" not in b.summary or not (a.workdir / "report" / "report.json").is_file():
+            sys.exit(f"error: {a.workdir} holds no finished quality run")
+        b.summary["curves"] = curves({p.name: p for p in sorted((a.workdir / "students").iterdir())})
+        b.summary["table"] = table(json.loads((a.workdir / "report" / "report.json").read_text()))
+        b.save()
+    else:
+        run_all(a)
+        b = Bench(a.workdir, PRESETS[a.preset], a.device)
+    section = markdown(b.summary, b.summary.get("command", f"python bench/quality.py --workdir {a.workdir} "
+                                                            f"--preset {b.summary.get('preset')}"))
+    print(section)
+    if a.write_results:
+        write_section("## Distillation quality (issues 5 and 8)", section)
+
+
+def run_all(a: argparse.Namespace) -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     b = Bench(a.workdir, PRESETS[a.preset], a.device)
     b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine())
@@ -347,12 +397,8 @@ def main() -> None:
                                   if a.eval_modes or n not in ("exact", "sampled")}, heldout)
     b.summary["table"] = table(report)
     b.summary["finished_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    b.summary["command"] = "python bench/quality.py " + " ".join(sys.argv[1:])
     b.save()
-    command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    section = markdown(b.summary, command)
-    print(section)
-    if a.write_results:
-        write_section("## Distillation quality (issues 5 and 8)", section)
 
 
 if __name__ == "__main__":
