@@ -235,9 +235,10 @@ def curves(runs: dict[str, Path]) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> dict[str, Any]:
     """Retention, the online gap and the ablation order from report.json, each with its standard
-    error: the binomial one of an accuracy on n dev examples, sqrt(p(1 - p) / n), combined over
-    the tasks of the macro average. It leaves out the spread between fine-tuning seeds, and treats
-    two models scored on the same examples as independent (which overstates a gap's error)."""
+    error. An accuracy's is the binomial sqrt(p(1 - p) / n) on n dev examples, combined over the
+    tasks of the macro average. A change against the cached student uses the report's paired s.e.
+    (the same dev examples, seeds averaged per example), several times smaller for similar models;
+    without stored predictions it falls back to the two binomial errors combined."""
     tasks = {t["name"]: {r["model"]: r for r in t["results"]} for t in report.get("tasks", [])}
     n_dev = {t["name"]: t["split"]["dev"] for t in report.get("tasks", [])}
     acc = {task: {model: r["accuracy"]["median"] for model, r in res.items()} for task, res in tasks.items()}
@@ -254,15 +255,19 @@ def table(report: dict[str, Any]) -> dict[str, Any]:
     out["retention_se_pct"] = {m: out["retention_pct"][m] * math.hypot(se[m] / (100 * macro[m]),
                                                                        se[teacher] / (100 * macro[teacher]))
                                for m in models if m != teacher}
+    # a change against the cached student: the eval report's paired s.e. where it has one
+    paired = {a["model"]: a.get("delta_se_points") for a in report.get("ablation", [])}
+    delta_se = {m: paired.get(m) or math.hypot(se[m], se["cached"]) for m in models if "cached" in se}
+    out["delta_se_points"] = delta_se
     if "online" in macro:
         out["cached_minus_online_points"] = 100 * (macro["cached"] - macro["online"])
-        out["cached_minus_online_se_points"] = math.hypot(se["cached"], se["online"])
+        out["cached_minus_online_se_points"] = delta_se["online"]
     deltas = {m: 100 * (macro[m] - macro["cached"]) for m in PAPER_TABLE4 if m in macro}
     out["ablation_points"] = deltas
     ours = sorted(deltas, key=deltas.get)
     paper = sorted((m for m in PAPER_TABLE4 if m in deltas), key=PAPER_TABLE4.get)
     # an adjacent pair of our order is resolved when the two rows differ by more than 2 s.e.
-    resolved = [abs(deltas[a] - deltas[b]) > 2 * math.hypot(se[a], se[b]) for a, b in zip(ours, ours[1:])]
+    resolved = [abs(deltas[a] - deltas[b]) > 2 * math.hypot(delta_se[a], delta_se[b]) for a, b in zip(ours, ours[1:])]
     out["ablation_order"] = {"ours": ours, "paper": paper, "same": ours == paper, "resolved_steps": resolved}
     mlm = {r["model"]: r for r in (report.get("mlm") or {}).get("results", [])}
     out["mlm_top1"] = {m: r["top1_accuracy"] for m, r in mlm.items()}
@@ -292,17 +297,19 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     if macro:
         names = list(macro)
         lines += ["| model | params | " + " | ".join(f"{k} acc %" for k in acc) + " | macro % | ± s.e. | "
-                  "retention % | Δ vs cached (points) | paper Δ | MLM top-1 % | speed-up |",
+                  "retention % | Δ vs cached ± s.e. (points) | paper Δ | MLM top-1 % | speed-up |",
                   "|---|---:|" + "---:|" * (len(acc) + 7)]
         for n in names:
             ret = t.get("retention_pct", {}).get(n)
             delta = None if n in ("teacher", "cached") else 100 * (macro[n] - macro["cached"])
+            delta_se = t.get("delta_se_points", {})
             lines.append(
                 f"| {n} | {t['parameters'].get(n, 0) / 1e6:.2f}M | "
                 + " | ".join(f"{100 * acc[k][n]:.1f}" for k in acc)
                 + f" | {100 * macro[n]:.1f} | {t.get('macro_se_points', {}).get(n, float('nan')):.1f} | "
                 f"{'–' if ret is None else f'{ret:.1f}'} | "
-                f"{'–' if delta is None else f'{delta:+.2f}'} | {PAPER_TABLE4.get(n, '–')} | "
+                f"{'–' if delta is None else f'{delta:+.2f} ± {delta_se[n]:.2f}'} | "
+                f"{PAPER_TABLE4.get(n, '–')} | "
                 f"{100 * t.get('mlm_top1', {}).get(n, float('nan')):.1f} | "
                 f"{(t.get('speedup', {}).get(n) or 1.0):.2f}× |")
         ret, ret_se = t["retention_pct"].get("cached"), t.get("retention_se_pct", {}).get("cached", 0.0)

@@ -294,8 +294,13 @@ class Encoded:
     dev_y: list[int]
 
 
-def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> Encoded:
+def class_indices(task: Task, examples: list[int]) -> list[int]:
+    """The classifier's class index of each example's label."""
     cls = {name: i for i, name in enumerate(task.label_names)}
+    return [cls[task.labels[i]] for i in examples]
+
+
+def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> Encoded:
 
     def enc(ix: list[int]) -> list[list[int]]:
         if not ix:
@@ -304,8 +309,8 @@ def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> En
                         return_attention_mask=False, return_token_type_ids=False, verbose=False)
         return [list(x) for x in out["input_ids"]]
 
-    return Encoded(enc(split.train), [cls[task.labels[i]] for i in split.train],
-                   enc(split.dev), [cls[task.labels[i]] for i in split.dev])
+    return Encoded(enc(split.train), class_indices(task, split.train),
+                   enc(split.dev), class_indices(task, split.dev))
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +359,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names: list[str],
                        recipe: Recipe, seed: int, device: torch.device) -> dict[str, Any]:
-    """Fine-tune a fresh classifier from `model_path` with `seed`; accuracy and macro-F1 on dev."""
+    """Fine-tune a fresh classifier from `model_path` with `seed`; accuracy and macro-F1 on dev,
+    and the dev predictions themselves (kept in the eval part for paired comparisons)."""
     torch.manual_seed(seed)
     model = load_classifier(model_path, label_names).to(device)
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
@@ -385,7 +391,8 @@ def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names:
     gold = data.dev_y
     return {"seed": seed, "accuracy": metrics.accuracy(preds, gold),
             "macro_f1": metrics.macro_f1(preds, gold), "steps": total,
-            "train_seconds": round(train_seconds, 3)}
+            "train_seconds": round(train_seconds, 3),
+            "dev_predictions": preds}  # class indices in dev order: paired comparisons between models
 
 
 @torch.inference_mode()

@@ -160,11 +160,14 @@ def render_markdown(report: Report) -> str:
         out += ["## Ablation (the paper's Table 4)", ""]
         base = report.baseline
         out.append(f"Macro score: mean over the {len(report.tasks)} task(s) of the median dev "
-                   f"accuracy. Change in points against the baseline student **{base}**.")
+                   f"accuracy. Change in points against the baseline student **{base}**, with its "
+                   "standard error paired over the same dev examples (per-example correctness "
+                   "averaged over seeds): a change within about 2 s.e. of zero is not resolved.")
         out.append("")
-        out.append(table(["model", "macro accuracy %", f"Δ vs {base} (points)", "% of teacher"],
+        out.append(table(["model", "macro accuracy %", f"Δ vs {base} (points)", "± s.e.", "% of teacher"],
                          [[a.model, pct(a.macro_accuracy, 2),
                            "–" if a.delta_points is None else f"{a.delta_points:+.2f}",
+                           "–" if a.delta_se_points is None else f"{a.delta_se_points:.2f}",
                            num(a.retention, 1)] for a in report.ablation]))
         out.append("")
 

@@ -7,6 +7,7 @@ Models are listed teacher first, as given.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -78,13 +79,26 @@ def task_section(task: downstream.Task, split: downstream.Split, split_file: str
         results=results)
 
 
-def ablation(tasks: list[TaskSection], models: list[str], baseline: str) -> list[AblationRow]:
+def ablation(tasks: list[TaskSection], models: list[str], baseline: str,
+             predictions: dict[str, dict[str, list[list[int] | None]]],
+             gold: dict[str, list[int]]) -> list[AblationRow]:
     """The paper's Table 4: each model's mean over tasks of its median accuracy, its change from
-    the baseline student in points, and its retention of the teacher's (`models` teacher first)."""
+    the baseline student in points with that change's paired standard error, and its retention of
+    the teacher's (`models` teacher first). `predictions`: task -> model -> dev predictions per
+    seed (None for a part written before predictions were kept); `gold`: task -> dev classes."""
     macro = {n: statistics.fmean(next(r.accuracy.median for r in t.results if r.model == n)
                                  for t in tasks) for n in models}
     t = models[0]
+
+    def delta_se(n: str) -> float | None:  # the macro's: the tasks' errors combined, / tasks
+        if n in (t, baseline):
+            return None
+        runs = [(predictions[k.name][n], predictions[k.name][baseline], gold[k.name]) for k in tasks]
+        if any(None in a or None in b for a, b, _ in runs):
+            return None
+        return 100 * math.sqrt(sum(metrics.paired_delta_se(a, b, g) ** 2 for a, b, g in runs)) / len(tasks)
+
     return [AblationRow(model=n, macro_accuracy=macro[n],
                         delta_points=None if n == t else 100 * (macro[n] - macro[baseline]),
-                        retention=metrics.retention(macro[n], macro[t]))
+                        delta_se_points=delta_se(n), retention=metrics.retention(macro[n], macro[t]))
             for n in models]

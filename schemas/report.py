@@ -159,6 +159,9 @@ class AblationRow(_Frozen):
     model: str
     macro_accuracy: float
     delta_points: float | None = None  # vs the baseline student, in accuracy points (x100)
+    # its standard error, paired over the same dev examples (metrics.paired_delta_se); None for
+    # the teacher and the baseline, or where the parts predate stored predictions
+    delta_se_points: float | None = None
     retention: float | None = None  # % of the teacher's macro accuracy
 
 

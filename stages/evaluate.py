@@ -210,11 +210,15 @@ def finish(s: Setup) -> Report:
     """report.json, report.md and the plots from the parts, each written atomically."""
     cfg, done = s.cfg, s.parts.done
     names = [m.name for m in s.models]
+    scores = {t.name: {n: [done(task_key(t.name, n, k)) for k in range(cfg.seeds)] for n in names}
+              for t in s.tasks}
     tasks = [sections.task_section(t, s.splits[t.name], report_dir.split_file(t.name), cfg.recipe(),
-                                   {n: [done(task_key(t.name, n, k)) for k in range(cfg.seeds)]
-                                    for n in names})
+                                   scores[t.name])
              for t in s.tasks]
     baseline = (cfg.baseline or names[1]) if tasks and len(s.students) >= 2 else None
+    predictions = {task: {n: [d.get("dev_predictions") for d in seeds] for n, seeds in by_model.items()}
+                   for task, by_model in scores.items()}
+    gold = {t.name: downstream.class_indices(t, s.splits[t.name].dev) for t in s.tasks}
     report = Report(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         teacher=names[0], students=names[1:], baseline=baseline,
@@ -222,7 +226,7 @@ def finish(s: Setup) -> Report:
         mlm=sections.mlm_section({n: done(f"mlm/{n}") for n in names}, cfg.heldout_spec(),
                                  s.heldout.fingerprint) if s.heldout is not None else None,
         speed=sections.speed_section(done("speed"), names, cfg.bench()) if cfg.speed else None,
-        tasks=tasks, ablation=sections.ablation(tasks, names, baseline) if baseline else [],
+        tasks=tasks, ablation=sections.ablation(tasks, names, baseline, predictions, gold) if baseline else [],
         warnings=s.warnings, provenance={**provenance(cfg), "settings_sha256": s.parts.settings_sha},
     )
     plots = render.plots(report, {m.name: read_curves(m) for m in s.students if m.metrics_file})

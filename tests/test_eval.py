@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 from transformers import BertConfig, BertForMaskedLM
 
 from helpers import WORDS, tiny_corpus
+from kdpipe.pipeline import downstream
 from kdpipe.pipeline.cli import cli
 from kdpipe.schemas.report import Report
 
@@ -163,6 +164,18 @@ def test_report_numbers_are_consistent(report_dir: Path) -> None:
     assert sizes["full"].metrics_file and sizes["teacher"].metrics_file is None
     assert report.baseline == "full"
     assert {a.model: a.delta_points for a in report.ablation}["full"] == 0.0
+    # every fine-tuning part keeps its dev predictions, which reproduce its accuracy; the ablation's
+    # paired errors come from them
+    gold = downstream.class_indices(downstream.load_task(task.spec), split["dev"])
+    for r in task.results:
+        for x in r.seeds:
+            part = json.loads((report_dir / "parts" / "task" / task.name / r.model / f"seed{x.seed}.json").read_text())
+            preds = part["data"]["dev_predictions"]
+            assert len(preds) == task.split.dev
+            assert sum(p == g for p, g in zip(preds, gold)) / len(gold) == pytest.approx(x.accuracy)
+    se = {a.model: a.delta_se_points for a in report.ablation}
+    assert se["teacher"] is None and se["full"] is None
+    assert all(se[s] is not None and se[s] >= 0 for s in STUDENTS if s != "full")
 
 
 def test_masked_logits_equal_the_full_head(teacher_model: torch.nn.Module) -> None:

@@ -92,3 +92,31 @@ def test_median_spread_retention_speedup() -> None:
     assert metrics.retention(0.5, 0.0) is None
     assert metrics.speedup(1.0, 1.6) == pytest.approx(1.6)
     assert metrics.speedup(0.0, 1.0) is None
+
+
+def test_paired_delta_se_by_hand() -> None:
+    gold = [1, 1, 1, 1]
+    # correct: model 1,1,0,0; baseline 1,0,0,0 -> d = 0,1,0,0: mean 1/4, sample variance 1/4
+    assert metrics.paired_delta_se([[1, 1, 0, 0]], [[1, 0, 0, 0]], gold) == pytest.approx(math.sqrt(0.25 / 4))
+    # seeds are averaged per example first: model 0.5,0.5,0,0 against baseline 0,0,0,0
+    se = metrics.paired_delta_se([[1, 0, 0, 0], [0, 1, 0, 0]], [[0, 0, 0, 0]], gold)
+    d = [0.5, 0.5, 0.0, 0.0]
+    assert se == pytest.approx(math.sqrt(sum((x - 0.25) ** 2 for x in d) / 3 / 4))
+    assert metrics.paired_delta_se([[1, 0, 1, 0]], [[1, 0, 1, 0]], gold) == 0.0  # the same answers
+    with pytest.raises(ValueError):
+        metrics.paired_delta_se([[1, 0]], [[1, 0, 1, 0]], gold)
+    with pytest.raises(ValueError):
+        metrics.paired_delta_se([[1]], [[1]], [1])
+
+
+def test_pairing_shrinks_the_error_of_two_models_that_share_their_mistakes() -> None:
+    import random
+
+    rng = random.Random(0)
+    gold = [0] * 1000
+    hard = [rng.random() < 0.3 for _ in gold]  # both models miss these; they differ on 2% of the rest
+    a = [[1 if h else 0 for h in hard]]
+    b = [[1 if h or rng.random() < 0.02 else 0 for h in hard]]
+    paired = metrics.paired_delta_se(a, b, gold)
+    p = 0.7
+    assert paired < 0.5 * math.sqrt(2 * p * (1 - p) / len(gold))
