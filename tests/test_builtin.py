@@ -252,6 +252,16 @@ def test_second_resolve_reuses_without_wheel(house: Path) -> None:
     assert os.stat(first).st_mtime_ns == stamp
 
 
+def test_a_new_revision_is_built_beside_the_old_output_never_reusing_it(house: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    old = Path(resolve("builtin:trec", "task"))
+    old.write_text('{"text": "made by an older converter", "label": "HUM"}\n')
+    monkeypatch.setitem(builtin.BUILTINS, "trec", dataclasses.replace(builtin.BUILTINS["trec"], revision=2))
+    new = Path(resolve("builtin:trec", "task"))
+    assert new.name == "trec-r2.jsonl" and new.parent == old.parent
+    assert "older converter" not in new.read_text() and len(read_jsonl(str(new))) > 1
+
+
 def test_teacher_second_resolve_keeps_folder(house: Path) -> None:
     path = Path(resolve("builtin:minilm-l6", "teacher"))
     stamps = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
