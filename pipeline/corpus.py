@@ -11,7 +11,6 @@ import codecs
 import glob
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
