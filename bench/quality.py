@@ -2,7 +2,7 @@
 keep what DistilBERT's kept, and does the cache lose anything against online distillation?
 
     python bench/quality.py --workdir /tmp/kdq                    # the session preset (see PRESETS)
-    python bench/quality.py --workdir /tmp/kdq --preset whole-text  # the whole text, one epoch: ~100 min
+    python bench/quality.py --workdir /tmp/kdq --preset whole-text  # the whole text, one epoch: ~110 min
     python bench/quality.py --workdir /tmp/kdq --preset full      # the full scale, hours
     python bench/quality.py --workdir /tmp/kdq --write-results    # also write bench/RESULTS.md
 
@@ -83,7 +83,7 @@ PRESETS = {
     # the whole task splits, 3 seeds (many hours on 2 CPU cores)
     "full": Preset(adapt_steps=461, train_steps=None, epochs=3, batch=32, task_train=None, task_dev=None,
                    seeds=3, task_epochs=3, heldout_sequences=256),
-    # what fits in one session on 2 quiet CPU cores (about 100 min): the design card's adaptation
+    # what fits in one session on 2 quiet CPU cores (about 110 min): the design card's adaptation
     # (461 steps of 32), one epoch over the whole text, two seeds of 1,000 task examples scored on
     # each task's whole dev split
     "whole-text": Preset(adapt_steps=461, train_steps=None, epochs=1, batch=32, task_train=1000,
