@@ -301,7 +301,6 @@ def class_indices(task: Task, examples: list[int]) -> list[int]:
 
 
 def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> Encoded:
-
     def enc(ix: list[int]) -> list[list[int]]:
         if not ix:
             return []
