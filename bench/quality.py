@@ -257,7 +257,8 @@ def table(report: dict[str, Any]) -> dict[str, Any]:
                                for m in models if m != teacher}
     # a change against the cached student: the eval report's paired s.e. where it has one
     paired = {a["model"]: a.get("delta_se_points") for a in report.get("ablation", [])}
-    delta_se = {m: paired.get(m) or math.hypot(se[m], se["cached"]) for m in models if "cached" in se}
+    delta_se = {m: paired[m] if paired.get(m) is not None else math.hypot(se[m], se["cached"])
+                for m in models if "cached" in se}  # a paired s.e. of 0 (identical answers) is kept
     out["delta_se_points"] = delta_se
     if "online" in macro:
         out["cached_minus_online_points"] = 100 * (macro["cached"] - macro["online"])
