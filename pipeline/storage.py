@@ -22,6 +22,10 @@ shard when it is first opened (`cache.open_shard` checks its SHA-256 against the
 for a local cache), the least recently fetched shards evicted beyond $KDPIPE_SHARD_CACHE_MB
 (default 2048), so local disk stays bounded.
 
+A store key is text the store hands us: every mirror and pull turns keys into local paths through
+`Store.join`, which refuses `..`, absolute keys, empty parts and anything that would land outside
+the folder (symlinks resolved), and a listing that names an object outside the folder asked for.
+
 `file://` URLs are plain local paths. Credentials and endpoints come from the usual environment
 of the filesystem (for s3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...).
 """
@@ -134,16 +138,44 @@ class Store:
                                   "credentials cannot see it")
 
     def key(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        return f"{self.root}/{self.checked(rel)}"
+
+    def checked(self, rel: str) -> str:
+        """`rel` if it names an object strictly inside the folder: a store key is text, and one
+        holding `..`, an absolute path or an empty part would land a mirror or a pull outside the
+        local folder it is joined onto (or address an object outside this store folder)."""
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+            raise KdpipeError(f"{self.url}: the store lists the key {rel!r}, which leaves the folder it "
+                              "is listed under; refusing to read from a damaged or hostile store")
+        return rel
+
+    def join(self, folder: Path, rel: str) -> Path:
+        """The one way a store key becomes a local path: `folder / rel`, refused (one line) unless it
+        stays inside `folder`, symlinks resolved. Every mirror and pull goes through it."""
+        root = Path(folder).resolve()
+        target = (root / self.checked(rel)).resolve()
+        if root not in target.parents:
+            raise KdpipeError(f"{self.url}: the store key {rel!r} would be written outside {root}; "
+                              "refusing to read from a damaged or hostile store")
+        return target
 
     def files(self) -> dict[str, int]:
-        """Relative path -> size of every object under the folder (one listing)."""
+        """Relative path -> size of every object under the folder (one listing); a key that leaves
+        the folder, or an object listed outside it, is refused rather than skipped."""
         with store_errors(self.url):
             self.fs.invalidate_cache()
             found = self.fs.find(self.root, detail=True)
         n = len(self.root) + 1
-        return {k[n:]: int(v.get("size") or 0) for k, v in found.items()
-                if k.startswith(self.root + "/") and v.get("type", "file") == "file"}
+        out = {}
+        for k, v in found.items():
+            if v.get("type", "file") != "file":
+                continue
+            if not k.startswith(self.root + "/"):
+                raise KdpipeError(f"{self.url}: the store lists {k!r}, outside the folder asked for; "
+                                  "refusing to read from a damaged or hostile store")
+            out[self.checked(k[n:])] = int(v.get("size") or 0)
+        return out
 
     def cat(self, rel: str) -> bytes:
         with store_errors(self.url):
@@ -156,8 +188,13 @@ class Store:
         with store_errors(self.url):
             self.fs.put_file(str(local), self.key(rel))
 
-    def get(self, rel: str, local: Path) -> None:
-        """Download to a temporary sibling, then rename: a local file is whole or absent."""
+    def get(self, rel: str, folder: Path, strip: str = "") -> Path:
+        """Download the object `rel` to `folder`/`rel` (less the prefix `strip`; through `join`) by
+        a temporary sibling, then rename: a local file is whole or absent. Returns the local path."""
+        if not rel.startswith(strip):
+            raise ValueError(f"{rel!r} does not start with {strip!r}")
+        self.checked(rel)
+        local = self.join(folder, rel[len(strip):])
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
@@ -166,6 +203,7 @@ class Store:
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+        return local
 
     def delete(self, rel: str) -> None:
         with store_errors(self.url):
@@ -183,7 +221,7 @@ class Store:
         """Download several objects at once (concurrent requests) into `folder`, keeping their
         relative paths; the caller checks and renames them into place."""
         if rels:
-            locals_ = [str(folder / r) for r in rels]
+            locals_ = [str(self.join(folder, r)) for r in rels]
             for p in locals_:
                 Path(p).parent.mkdir(parents=True, exist_ok=True)
             with store_errors(self.url):
@@ -338,10 +376,11 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
     sent: dict[str, tuple[int, int]] = {}
 
     def pull(rel: str) -> None:
-        if not (staging / rel).is_file():
-            store.get(rel, staging / rel)
-        if (staging / rel).stat().st_size == remote[rel]:
-            sent[rel] = _stamp(staging / rel)
+        local = store.join(staging, rel)
+        if not local.is_file():
+            store.get(rel, staging)
+        if local.stat().st_size == remote[rel]:
+            sent[rel] = _stamp(local)
 
     for rel in (FINGERPRINT_NAME, PROJECTION_NAME, HEAD_NAME, MANIFEST_NAME):
         if rel in remote:
@@ -354,7 +393,7 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
         raise KdpipeError(f"{store.url}/{FINGERPRINT_NAME} is not valid JSON; not a kdpipe cache") from None
     # shards finished elsewhere: fetched whole (they are needed whole to hash into the manifest), kept
     # only if their footer carries this fingerprint; any other object is redone and overwritten
-    wanted = sorted(r for r in remote if _SHARD.match(r) and not (staging / r).is_file())
+    wanted = sorted(r for r in remote if _SHARD.match(r) and not store.join(staging, r).is_file())
     pulled = staging / f".pull.{os.getpid()}.tmp"
     (staging / "shards").mkdir(exist_ok=True)
     shutil.rmtree(pulled, ignore_errors=True)
@@ -363,12 +402,12 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
         store.get_many(wanted, pulled)
         for rel in wanted:
             try:
-                ok = read_fingerprint(pulled / rel) == fp_sha
+                ok = read_fingerprint(store.join(pulled, rel)) == fp_sha
             except Exception:  # a damaged or foreign object
                 ok = False
             if ok:
-                os.replace(pulled / rel, staging / rel)
-                sent[rel] = _stamp(staging / rel)
+                os.replace(store.join(pulled, rel), store.join(staging, rel))
+                sent[rel] = _stamp(store.join(staging, rel))
                 reused += 1
     finally:
         shutil.rmtree(pulled, ignore_errors=True)
@@ -400,9 +439,10 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
     sent: dict[str, tuple[int, int]] = {}
 
     def pull(rel: str) -> None:
-        if not (staging / rel).is_file() or (staging / rel).stat().st_size != remote[rel]:
-            store.get(rel, staging / rel)
-        sent[rel] = _stamp(staging / rel)
+        local = store.join(staging, rel)
+        if not local.is_file() or local.stat().st_size != remote[rel]:
+            store.get(rel, staging)
+        sent[rel] = _stamp(local)
 
     pull(RUN_NAME)
     if FINAL_MARKER in remote:
@@ -419,14 +459,14 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
     shutil.rmtree(tmp, ignore_errors=True)
     prefix = f"checkpoints/{name}/"
     for rel in sorted(r for r in remote if r.startswith(prefix)):
-        store.get(rel, tmp / rel[len(prefix):])
+        store.get(rel, tmp, strip=prefix)
     final = staging / "checkpoints" / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     (staging / "checkpoints" / "latest").write_text(name + "\n")
     for rel in remote:
         if rel.startswith(prefix):
-            sent[rel] = _stamp(staging / rel)
+            sent[rel] = _stamp(store.join(staging, rel))
     return sent, steps[-1]
 
 
@@ -443,17 +483,18 @@ def prepare_report(store: Store, staging: Path) -> tuple[dict[str, tuple[int, in
     if (staging / SETTINGS_NAME).is_file() and (staging / SETTINGS_NAME).read_bytes() != store.cat(
             SETTINGS_NAME):
         _clear(staging)
-    wanted = sorted(r for r in remote if not (staging / r).is_file() or (staging / r).stat().st_size != remote[r])
+    local = {r: store.join(staging, r) for r in remote}
+    wanted = sorted(r for r, p in local.items() if not p.is_file() or p.stat().st_size != remote[r])
     pulled = staging / f".pull.{os.getpid()}.tmp"
     shutil.rmtree(pulled, ignore_errors=True)
     try:
         store.get_many(wanted, pulled)
         for rel in wanted:
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(pulled / rel, staging / rel)
+            local[rel].parent.mkdir(parents=True, exist_ok=True)
+            os.replace(store.join(pulled, rel), local[rel])
     finally:
         shutil.rmtree(pulled, ignore_errors=True)
-    return {r: _stamp(staging / r) for r in remote}, 0
+    return {r: _stamp(p) for r, p in local.items()}, 0
 
 
 # kind of output -> how its staging folder is prepared, and its commit object (uploaded last)
@@ -476,16 +517,16 @@ class RemoteShards:
 
     def fetch(self, rel: str) -> None:
         with self.lock:
-            path = self.root / rel
+            path = self.store.join(self.root, rel)
             if path.is_file() or rel not in self.sizes:
                 return  # a shard the store lacks is reported missing by the caller
             need = self.sizes[rel]
             used = sum(self.sizes.get(r, 0) for r in self.fetched)
             while self.fetched and used + need > self.budget:
                 old = self.fetched.pop(0)
-                (self.root / old).unlink(missing_ok=True)
+                self.store.join(self.root, old).unlink(missing_ok=True)
                 used -= self.sizes.get(old, 0)
-            self.store.get(rel, path)
+            self.store.get(rel, self.root)
             self.fetched.append(rel)
 
     def shard_files(self) -> list[str]:
