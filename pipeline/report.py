@@ -245,9 +245,9 @@ def render_markdown(report: Report) -> str:
             out += [f"![{titles.get(p, p)}]({p})", ""]
 
     out += ["## Models", ""]
-    out.append(table(["model", "role", "path", "weights SHA-256"],
-                     [[m.name, m.role, f"`{m.path}`", f"`{m.weights_sha256[:16]}`"] for m in report.models],
-                     "llll"))
+    out.append(table(["model", "role", "architecture", "path", "weights SHA-256"],
+                     [[m.name, m.role, m.architecture or "–", f"`{m.path}`", f"`{m.weights_sha256[:16]}`"]
+                      for m in report.models], "lllll"))
     out += ["", "## Settings", ""]
     skip = {"teacher", "students", "tasks", "heldout", "out"}
     out.append(", ".join(f"`{k}={v}`" for k, v in sorted(cfg.items()) if k not in skip))

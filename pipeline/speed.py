@@ -31,7 +31,8 @@ class Bench:
 
 def size(model: torch.nn.Module, files: list[Path]) -> dict[str, Any]:
     """Weights files, bytes and hash (one file's SHA-256, or a hash of the shards' hashes),
-    parameters (encoder, as the paper counts, and with the head), layers, width, vocabulary."""
+    parameters (encoder, as the paper counts, and with the head), layers, width, vocabulary,
+    architecture (the masked LM's class)."""
     if len(files) == 1:
         digest = sha256_file(files[0])
     else:
@@ -44,7 +45,7 @@ def size(model: torch.nn.Module, files: list[Path]) -> dict[str, Any]:
         "parameters_with_head": sum(p.numel() for p in model.parameters()),
         "layers": getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", None),
         "hidden_size": getattr(c, "hidden_size", None) or getattr(c, "dim", None),
-        "vocab_size": int(c.vocab_size),
+        "vocab_size": int(c.vocab_size), "architecture": type(model).__name__,
     }
 
 

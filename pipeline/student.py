@@ -5,22 +5,29 @@ The architecture starts from the teacher's config stored in the cache (so a stud
 without the teacher), optionally replaced by a config file, then overridden by the layer, width
 and head counts asked for; the default is the teacher with half its layers.
 
+The student is the teacher's architecture (BERT, RoBERTa, ...) or, from a BERT teacher, a
+DistilBERT (`arch="distilbert"`, or a --student-config whose model_type is distilbert): the
+teacher's config in DistilBERT's names (pipeline/distilbert.py).
+
 Initialisation from the teacher (DistilBERT-style) copies student layer j from teacher layer
 layer_map[j] (default: every other layer, floor(j * L_teacher / L_student): 0,2,4 of 6), and every
-other tensor (embeddings, MLM head) whose name and shape match; the rest keeps its seeded random
-init. Layers are only copied whole: a layer map needs the student's layer shapes to be the
-teacher's.
+other tensor (embeddings, MLM head) whose name (through the DistilBERT name map for a DistilBERT
+student) and shape match; the rest keeps its seeded random init. Layers are only copied whole: a
+layer map needs the student's layer shapes to be the teacher's.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdpipe.pipeline import distilbert
 from kdpipe.pipeline.errors import KdpipeError
 
 _LAYER_KEY = re.compile(r"^(.*?\.layer\.)(\d+)\.(.+)$")  # bert.encoder.layer.3.attention...
@@ -43,13 +50,24 @@ def check_layer_map(layer_map: list[int], teacher_layers: int, student_layers: i
     return problems
 
 
+ARCHITECTURES = ("teacher", distilbert.MODEL_TYPE)  # the teacher's own, or DistilBERT
+
+
 def student_config(teacher_config: dict[str, Any], override: dict[str, Any] | None = None,
                    layers: int | None = None, hidden: int | None = None, heads: int | None = None,
-                   intermediate: int | None = None) -> Any:
-    """A transformers config for the student, from the teacher's config dict."""
+                   intermediate: int | None = None, arch: str = "teacher") -> Any:
+    """A transformers config for the student, from the teacher's config dict: the teacher's
+    architecture, or DistilBERT (arch, or the override's model_type) in DistilBERT's names."""
     from transformers import AutoConfig
 
-    base = dict(teacher_config)
+    if arch not in ARCHITECTURES:
+        raise KdpipeError(f"unknown student architecture {arch!r} (choose from {', '.join(ARCHITECTURES)})")
+    wants = (override or {}).get("model_type")
+    if arch == distilbert.MODEL_TYPE and wants not in (None, distilbert.MODEL_TYPE):
+        raise KdpipeError(f"the student architecture is distilbert but --student-config says "
+                          f"model_type {wants!r}")
+    as_distilbert = distilbert.MODEL_TYPE in (arch, wants) and teacher_config.get("model_type") != wants
+    base = distilbert.config_from_bert(teacher_config) if as_distilbert else dict(teacher_config)
     base.update(override or {})
     model_type = base.pop("model_type", None)
     if not model_type:
@@ -59,18 +77,23 @@ def student_config(teacher_config: dict[str, Any], override: dict[str, Any] | No
     except (ValueError, KeyError) as e:
         raise KdpipeError(f"cannot build a {model_type!r} student config: {e}") from None
     t_hidden, t_inter = int(teacher_config["hidden_size"]), int(teacher_config["intermediate_size"])
-    if layers is None and not (override and "num_hidden_layers" in override):
+    inter_field = "hidden_dim" if cfg.model_type == distilbert.MODEL_TYPE else "intermediate_size"
+
+    def given(name: str) -> bool:  # the override sets it, in the generic or the model's own name
+        return bool(override) and (name in override or cfg.attribute_map.get(name) in override)
+
+    if layers is None and not given("num_hidden_layers"):
         layers = max(1, int(teacher_config["num_hidden_layers"]) // 2)
     if layers is not None:
         cfg.num_hidden_layers = layers
     if hidden is not None:
         cfg.hidden_size = hidden
-        if intermediate is None and not (override and "intermediate_size" in override):
-            cfg.intermediate_size = max(1, round(hidden * t_inter / t_hidden))
+        if intermediate is None and not given(inter_field):
+            setattr(cfg, inter_field, max(1, round(hidden * t_inter / t_hidden)))
     if heads is not None:
         cfg.num_attention_heads = heads
     if intermediate is not None:
-        cfg.intermediate_size = intermediate
+        setattr(cfg, inter_field, intermediate)
     if cfg.hidden_size % cfg.num_attention_heads:
         raise KdpipeError(f"student hidden size {cfg.hidden_size} is not a multiple of its "
                           f"{cfg.num_attention_heads} attention heads")
@@ -102,8 +125,20 @@ def mlm_head(model: nn.Module) -> nn.Module:
         head = getattr(model, name, None)
         if isinstance(head, nn.Module):
             return head
-    raise KdpipeError(f"student {type(model).__name__} has no BERT/RoBERTa-style MLM head; "
-                      "kdpipe trains BERT-style students")
+    if distilbert.is_distilbert(model) and hasattr(model, "vocab_projector"):
+        return distilbert.Head(model)
+    raise KdpipeError(f"student {type(model).__name__} has no BERT/RoBERTa/DistilBERT-style MLM head; "
+                      "kdpipe trains BERT-style and DistilBERT students")
+
+
+def save_tokenizer(tokenizer: Any, folder: Path, model: nn.Module) -> None:
+    """The tokenizer beside a saved student; a DistilBERT's returns no token_type_ids (the
+    model takes none), recorded in its tokenizer_config.json as model_input_names."""
+    if distilbert.is_distilbert(model):
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.init_kwargs = {**tokenizer.init_kwargs, "model_input_names": list(distilbert.TOKENIZER_INPUTS)}
+        tokenizer.model_input_names = list(distilbert.TOKENIZER_INPUTS)
+    tokenizer.save_pretrained(str(folder))
 
 
 def body(model: nn.Module) -> nn.Module:
@@ -130,10 +165,16 @@ def init_from_teacher(student: nn.Module, teacher_state: dict[str, torch.Tensor]
     report = InitReport(list(layer_map))
     sd = student.state_dict()
     new: dict[str, torch.Tensor] = {}
+    renamed = distilbert.is_distilbert(student)
     for name, t in sd.items():
         m = _LAYER_KEY.match(name)
-        src = f"{m.group(1)}{layer_map[int(m.group(2))]}.{m.group(3)}" if m else name
-        src_t = teacher_state.get(src)
+        if renamed:  # DistilBERT from BERT: through the name map
+            src = distilbert.teacher_name(name, layer_map[int(m.group(2))] if m else None,
+                                          m.group(3) if m else "") or name
+            src_t = distilbert.teacher_tensor(name, src, teacher_state)
+        else:
+            src = f"{m.group(1)}{layer_map[int(m.group(2))]}.{m.group(3)}" if m else name
+            src_t = teacher_state.get(src)
         if src_t is not None and src_t.shape == t.shape:
             new[name] = src_t.detach().to(t.dtype).clone()
             report.copied.append(name)

@@ -55,6 +55,7 @@ class ModelEntry(_Frozen):
     layers: int | None = None
     hidden_size: int | None = None
     vocab_size: int
+    architecture: str | None = None  # the transformers class (BertForMaskedLM, DistilBertForMaskedLM)
 
 
 # --------------------------------------------------------------------------------- masked LM

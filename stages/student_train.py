@@ -84,6 +84,7 @@ class StudentConfig(StageConfig):
     teacher: str | None = None
     init: Literal["teacher", "random"] = "teacher"
     layer_map: list[int] | None = None
+    student_arch: Literal["teacher", "distilbert"] = "teacher"
     student_config: str | None = None
     student_layers: int | None = Field(None, ge=1)
     student_hidden: int | None = Field(None, ge=1)
@@ -251,7 +252,7 @@ def set_up(cfg: StudentConfig) -> Setup:
         if not isinstance(override, dict):
             raise KdpipeError(f"--student-config {p} must hold a JSON object")
     scfg = stu.student_config(teacher_config, override, cfg.student_layers, cfg.student_hidden,
-                              cfg.student_heads, cfg.student_intermediate)
+                              cfg.student_heads, cfg.student_intermediate, cfg.student_arch)
     if int(scfg.vocab_size) != manifest.vocab_size:
         problems.append(f"the student's vocabulary has {scfg.vocab_size} tokens but the cache's has "
                         f"{manifest.vocab_size}: its logits cannot be compared with the teacher's")
@@ -493,7 +494,7 @@ def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, resu
         with disk_errors(final):
             tr.student.save_pretrained(tmp)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                stu.save_tokenizer(tokenizer, tmp, tr.student)
             save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
                       str(tmp / "kdpipe_hidden_map.safetensors"))
             atomic_write_json(tmp / STUDENT_RECORD_NAME, {
@@ -640,8 +641,12 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--init", type=click.Choice(["teacher", "random"]), help="Student initialisation. [teacher]")
 @click.option("--layer-map", callback=ints_option, help="Teacher layer copied into each student layer, e.g. "
               "0,2,4. [every other layer]")
-@click.option("--student-config", help="JSON config of the student architecture (transformers format). "
-              "[the teacher's]")
+@click.option("--student-arch", type=click.Choice(["teacher", "distilbert"]),
+              help="Student architecture: the teacher's own, or DistilBertForMaskedLM (from a BERT "
+              "teacher: token-type embeddings folded into the positions, layers copied by --layer-map). "
+              "[teacher]")
+@click.option("--student-config", help="JSON config of the student architecture (transformers format; "
+              "model_type distilbert for a DistilBERT). [the teacher's]")
 @click.option("--student-layers", type=int, help="Student layers. [half the teacher's]")
 @click.option("--student-hidden", type=int, help="Student hidden width. [the teacher's]")
 @click.option("--student-heads", type=int, help="Student attention heads. [the teacher's]")
