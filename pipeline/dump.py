@@ -2,9 +2,10 @@
 
 teacher-dump (stages/teacher_dump.py) decides which shards to make and writes them; this module
 makes one. Every row is a pure function of (its sequence, sequence id, view) and the settings in
-`RowSpec`: masks are drawn by `masking.mask_sequence`, sampled-mode draws by
-`targets.position_uniforms`, and batching (by length, to keep padding small) never changes a
-row's values. So any shard can be recomputed alone, by any rank, identically.
+`RowSpec`: masks are drawn by `masking.mask_sequence`, the random numbers of a target mode's
+reduction by the mode (`TargetMode.uniforms`, keyed by sequence, view and position), and
+batching (by length, to keep padding small) never changes a row's values. So any shard can be
+recomputed alone, by any rank, identically.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence
-from kdpipe.pipeline.shards import ShardData
-from kdpipe.pipeline.targets import position_uniforms
+from kdpipe.pipeline.modes import TargetMode, get_mode
+from kdpipe.pipeline.shards import PER_TARGET, ShardData
 from kdpipe.pipeline.teacher import TeacherOutputs, TeacherRunner
 
 
@@ -29,11 +30,15 @@ class RowSpec:
     vocab: Vocabulary
     pool: np.ndarray  # ids a masked position may be replaced with
     weights: np.ndarray | None  # frequency-smoothed choice of masked positions, or uniform
-    targets: str  # topk | sampled | exact | none
+    targets: str  # the target mode's name (pipeline/modes)
     target_positions: str  # all | masked
     samples: int  # draws per position (sampled mode)
     batch_size: int  # sequences per teacher forward
     pad_id: int
+
+    @property
+    def mode(self) -> TargetMode:
+        return get_mode(self.targets)
 
 
 def mask_rows(spec: RowSpec, seq_id: int, seq: np.ndarray) -> list[MaskedSequence]:
@@ -77,7 +82,8 @@ def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs
             target_mask = torch.zeros(ids.shape, dtype=torch.bool)  # (B, T)
             for j, i in enumerate(batch):
                 target_mask[j, torch.from_numpy(rows[i].positions)] = True
-        uniforms = _uniforms(spec, rows, meta, batch, masked) if spec.targets == "sampled" else None
+        uniforms = spec.mode.uniforms(spec.masking.seed, spec.samples, [
+            (*meta[i], len(rows[i].input_ids), rows[i].positions if masked else None) for i in batch])
         _split_rows(runner.run(ids, att, target_mask, uniforms), batch, rows, n_target, per_row)
     cat = lambda xs: np.concatenate(xs)  # noqa: E731
     targets = {name: cat([d[name] for d in per_row]) for name in per_row[0]} if per_row[0] else {}
@@ -87,19 +93,8 @@ def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs
         input_ids=cat([r.input_ids for r in rows]),
         mlm_count=np.array([len(r.positions) for r in rows]),
         mlm_positions=cat([r.positions for r in rows]), mlm_labels=cat([r.labels for r in rows]),
-        target_count=n_target if spec.targets != "none" else None, **targets,
+        target_count=n_target if spec.mode.uses_teacher else None, **targets,
     )
-
-
-def _uniforms(spec: RowSpec, rows: list[MaskedSequence], meta: list[tuple[int, int]], batch: list[int],
-              masked: bool) -> torch.Tensor:
-    """(P, N) uniforms of the batch's target positions: position t of (seq, view) always gets
-    row t of `position_uniforms(seed, seq, view)`, whatever batch or position set it is in."""
-    out = []
-    for i in batch:
-        u = position_uniforms(spec.masking.seed, meta[i][0], meta[i][1], len(rows[i].input_ids), spec.samples)
-        out.append(u[rows[i].positions] if masked else u)
-    return torch.from_numpy(np.concatenate(out))
 
 
 def _split_rows(o: TeacherOutputs, batch: list[int], rows: list[MaskedSequence], n_target: np.ndarray,
@@ -111,7 +106,7 @@ def _split_rows(o: TeacherOutputs, batch: list[int], rows: list[MaskedSequence],
     for j, i in enumerate(batch):
         d = per_row[i]
         d["hidden"] = o.hidden[tok[j]:tok[j + 1]]
-        for name in ("topk_ids", "topk_logits", "log_z", "teacher_state", "sample_len"):
+        for name in (*PER_TARGET, "sample_len"):  # per target position
             v = getattr(o, name)
             if v is not None:
                 d[name] = v[tgt[j]:tgt[j + 1]]

@@ -47,11 +47,12 @@ from kdpipe.pipeline.config import MAX_SEED
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
 from kdpipe.pipeline.losses import exact_kl_from_state, sampled_ce, topk_kl
+from kdpipe.pipeline.modes import get_mode
 from kdpipe.pipeline.shards import ShardData, column_bytes, from_table, to_table, write_shard
 from kdpipe.pipeline.targets import gradient_fidelity, position_uniforms, sample_counts
 from kdpipe.pipeline.teacher import TeacherRunner, load_teacher, reduce_logits, resolve_model_path, weights_sha256
 from kdpipe.schemas.manifest import Manifest
-from kdpipe.schemas.shard import TARGET_COLUMNS, shard_schema
+from kdpipe.schemas.shard import shard_schema
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def select_rows(cache_dir: Path, m: Manifest, n_positions: int, seed: int) -> Ro
     starts = np.concatenate([[0], np.cumsum([e.rows for e in m.shards])])
     per_row = (m.tokens / max(m.rows, 1)) * (m.fingerprint.get("masking", {}).get("mask_prob", 0.15)
                                               if m.target_positions == "masked" else 1.0)
-    stored_cols = [c for c in TARGET_COLUMNS[m.targets]]
+    stored_cols = list(get_mode(m.targets).columns)
     columns = ["seq_id", "view", "length", "input_ids", "mlm_positions", "mlm_labels", *stored_cols]
     picked: list[tuple[ShardData, int, np.ndarray]] = []
     got, taken = 0, 0
@@ -326,7 +327,7 @@ def _column_bytes(rows: Rows, mode: str, targets: dict[str, np.ndarray], m: Mani
     k = targets["topk_ids"].shape[1] if "topk_ids" in targets else 0
     state_dim = targets["teacher_state"].shape[1] if "teacher_state" in targets else 0
     schema = shard_schema(m.vocab_size, k, n_temps, 1, mode, state_dim)
-    names = TARGET_COLUMNS[mode]
+    names = get_mode(mode).columns
     sub = pa.schema([schema.field(c) for c in names])
     data = ShardData(seq_id=d.seq_id, view=d.view, length=d.length, input_ids=d.input_ids,
                      mlm_count=d.mlm_count, mlm_positions=d.mlm_positions, mlm_labels=d.mlm_labels,

@@ -36,9 +36,9 @@ import torch
 
 from kdpipe.pipeline.cache import open_shard
 from kdpipe.pipeline.errors import CorruptCacheError, KdpipeError
-from kdpipe.pipeline.shards import ShardData, iter_row_groups
+from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
+from kdpipe.pipeline.shards import ShardData, iter_row_groups, ranges
 from kdpipe.schemas.manifest import Manifest, ShardEntry
-from kdpipe.schemas.shard import TARGET_COLUMNS
 
 _ORDER_SALT, _WINDOW_SALT = 0x5EED0, 0x5EED1
 
@@ -140,20 +140,25 @@ def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardD
     path = open_shard(cache_dir, entry)
     parts = list(iter_row_groups(path))
     data = concat(parts)
+    mode = get_mode(manifest.targets)
     what = None
     if data.rows != entry.rows:
         what = f"{data.rows} rows, manifest says {entry.rows}"
-    elif missing := [c for c in TARGET_COLUMNS[manifest.targets] if getattr(data, c) is None]:
+    elif missing := [c for c in mode.columns if getattr(data, c) is None]:
         what = f"no {', '.join(missing)} column for the manifest's {manifest.targets} targets"
     elif data.hidden is not None and data.hidden.shape[1] != manifest.hidden_dim:
         what = "its hidden width differs from the manifest's"
-    elif data.topk_ids is not None and data.topk_ids.shape[1] != manifest.top_k:
-        what = "its top-k differs from the manifest's"
-    elif data.log_z is not None and data.log_z.shape[1] != len(manifest.temperatures):
-        what = "its temperature grid differs from the manifest's"
+    else:
+        what = mode.shard_problem(data, target_settings(manifest))
     if what:
         raise CorruptCacheError(f"corrupt cache: {path}: {what}")
     return data
+
+
+def target_settings(m: Manifest) -> TargetSettings:
+    """The target settings a manifest records, as the modes take them."""
+    return TargetSettings(top_k=m.top_k, temperatures=tuple(m.temperatures), samples=m.samples or 0,
+                          state_dim=m.state_dim or 0)
 
 
 def concat(parts: list[ShardData]) -> ShardData:
@@ -165,30 +170,24 @@ def concat(parts: list[ShardData]) -> ShardData:
 
 
 class _Window:
-    """The decoded rows of one window, with per-row offsets into the per-token arrays."""
+    """The decoded rows of one window, with per-row offsets into the per-token arrays, and the
+    cache's target mode (which gathers its own columns)."""
 
-    def __init__(self, data: ShardData) -> None:
-        self.data = data
+    def __init__(self, data: ShardData, mode: TargetMode) -> None:
+        self.data, self.mode = data, mode
         self.off = data.offsets()  # (R + 1,)
         self.moff = data.mlm_offsets()  # (R + 1,)
         self.toff = data.target_offsets()  # (R + 1,) or None
         self.soff = data.sample_offsets()  # (P + 1,) or None
 
 
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + c) for each (s, c), without a Python loop per element."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    rep = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    return rep + np.arange(total, dtype=np.int64)
-
-
 def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPosition, progress: float
             ) -> Batch:
     """Pad a list of (window, row) into a Batch; per-position arrays keep row-major order."""
     pieces: dict[str, list[np.ndarray]] = {}
+    targets: dict[str, list[np.ndarray]] = {}  # the mode's columns
     lengths, mcounts, seq, view = [], [], [], []
+    mode = rows[0][0].mode
 
     def add(name: str, values: np.ndarray | None) -> None:
         if values is not None:
@@ -204,24 +203,16 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPos
         r = np.array([x[1] for x in rows[i:j]], dtype=np.int64)
         d = win.data
         ln, mc = d.length[r].astype(np.int64), d.mlm_count[r].astype(np.int64)
-        tok = _ranges(win.off[r], ln)
-        msk = _ranges(win.moff[r], mc)
+        tok = ranges(win.off[r], ln)
+        msk = ranges(win.moff[r], mc)
         add("ids", d.input_ids[tok])
         add("mpos", d.mlm_positions[msk])
         add("mlab", d.mlm_labels[msk])
         add("hidden", None if d.hidden is None else d.hidden[tok])
         if win.toff is not None:
-            tgt = _ranges(win.toff[r], d.target_count[r].astype(np.int64))
-            add("topk_ids", None if d.topk_ids is None else d.topk_ids[tgt])
-            add("topk_logits", None if d.topk_logits is None else d.topk_logits[tgt])
-            add("log_z", None if d.log_z is None else d.log_z[tgt, spec.temperature_index])
-            add("teacher_state", None if d.teacher_state is None else d.teacher_state[tgt])
-            if win.soff is not None:
-                slen = d.sample_len[tgt].astype(np.int64)
-                smp = _ranges(win.soff[tgt], slen)
-                add("sample_len", slen)
-                add("sample_ids", d.sample_ids[smp])
-                add("sample_counts", d.sample_counts[smp])
+            tgt = ranges(win.toff[r], d.target_count[r].astype(np.int64))
+            for name, v in mode.gather(d, tgt, win.soff, spec.temperature_index).items():
+                targets.setdefault(name, []).append(v)
         lengths.append(ln)
         mcounts.append(mc)
         seq.append(d.seq_id[r])
@@ -236,43 +227,28 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPos
     row_start = np.concatenate([[0], np.cumsum(length)[:-1]])  # (B,) first position of each row
     mlm_index = np.repeat(row_start, mcount) + cat(pieces["mpos"]).astype(np.int64)  # (M,)
     t = torch.from_numpy
-    dtypes = {"hidden": np.float32, "topk_ids": np.int64, "topk_logits": np.float32, "log_z": np.float32,
-              "teacher_state": np.float32}
-    targets = {name: t(cat(pieces[name]).astype(dt)) for name, dt in dtypes.items() if name in pieces}
-    if "sample_len" in pieces:
-        targets["sample_ids"], targets["sample_counts"] = _pad_samples(
-            cat(pieces["sample_len"]), cat(pieces["sample_ids"]), cat(pieces["sample_counts"]))
+    hidden = t(cat(pieces["hidden"]).astype(np.float32)) if "hidden" in pieces else None  # (N, d)
     return Batch(
         input_ids=t(ids), attention_mask=t(att.astype(np.int64)),
         mlm_index=t(mlm_index), mlm_labels=t(cat(pieces["mlab"]).astype(np.int64)),
         seq_id=cat(seq), view=cat(view), tokens=int(length.sum()), position=position,
-        epoch_progress=progress, **targets,
+        epoch_progress=progress, hidden=hidden,
+        **mode.batch_tensors({name: cat(v) for name, v in targets.items()}),
     )
-
-
-def _pad_samples(slen: np.ndarray, ids: np.ndarray, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, S) ids and counts, each position's distinct draws left-aligned, padding with count 0."""
-    width = int(slen.max()) if len(slen) else 0
-    out_ids = np.zeros((len(slen), width), dtype=np.int64)
-    out_counts = np.zeros((len(slen), width), dtype=np.int64)
-    row = np.repeat(np.arange(len(slen)), slen)
-    col = _ranges(np.zeros(len(slen), dtype=np.int64), slen)
-    out_ids[row, col] = ids
-    out_counts[row, col] = counts
-    return torch.from_numpy(out_ids), torch.from_numpy(out_counts)
 
 
 def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: DataPosition,
                 epochs: int | None) -> Iterator[tuple[_Window, int, int, int, EpochPlan]]:
     """(window, row in window, epoch, index of the row in the epoch, plan) from `start` on."""
     epoch, index = start.epoch, start.index
+    mode = get_mode(manifest.targets)
     while epochs is None or epoch < epochs:
         plan = EpochPlan(manifest.shards, spec.seed, epoch, spec.window)
         if plan.rows == 0:
             raise KdpipeError("the cache lists no rows to train on")
         while index < plan.rows:
             w = plan.window_of(index)
-            win = _Window(concat([read_shard(cache_dir, e, manifest) for e in plan.windows[w]]))
+            win = _Window(concat([read_shard(cache_dir, e, manifest) for e in plan.windows[w]]), mode)
             order = plan.window_order(w)
             base = int(plan.starts[w])
             for i in range(index - base, len(order)):

@@ -52,7 +52,7 @@ class LossSpec:
     alpha_cos: float = 1.0
     temperature: float = 2.0
     ce_masked_only: bool = False
-    targets: str = "topk"  # the cache's target mode: topk | sampled | exact | none
+    targets: str = "topk"  # the cache's target mode (pipeline/modes), which computes L_ce
     cache_positions: str = "all"  # where the cache holds targets: all | masked
 
 
@@ -131,17 +131,11 @@ def exact_kl_from_state(student_logits: torch.Tensor, teacher_state: torch.Tenso
 
 def ce_term(logits: torch.Tensor, batch, rows: torch.Tensor | None, spec: LossSpec,
             head: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
-    """(P,) per-position L_ce (before T^2) for the cache's target mode; `rows` selects target rows
-    when the cache holds targets at every position but the loss covers masked ones only."""
-    pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
-    t = spec.temperature
-    if spec.targets == "topk":
-        return topk_kl(logits, pick(batch.topk_ids), pick(batch.topk_logits), pick(batch.log_z), t)
-    if spec.targets == "sampled":
-        return sampled_ce(logits, pick(batch.sample_ids), pick(batch.sample_counts), t)
-    if spec.targets == "exact":
-        return exact_kl_from_state(logits, pick(batch.teacher_state), head, t)
-    raise ValueError(f"a cache of mode {spec.targets!r} holds no L_ce targets")
+    """(P,) per-position L_ce (before T^2), computed by the cache's target mode; `rows` selects
+    target rows when the cache holds targets at every position but the loss covers masked ones only."""
+    from kdpipe.pipeline.modes import get_mode  # the modes import their L_ce from this module
+
+    return get_mode(spec.targets).ce(logits, batch, rows, spec.temperature, head)
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,20 +15,23 @@ from typing import Literal
 import torch
 
 from kdpipe.pipeline.loader import Batch
+from kdpipe.pipeline.modes import get_mode
 from kdpipe.pipeline.teacher import TeacherRunner
 
 
 def online_targets(model: torch.nn.Module, device: torch.device,
-                   positions: Literal["all", "masked"]) -> Callable[[Batch], Batch]:
-    """A function replacing a batch's hidden (N, H) and teacher_state (P, H') with the teacher's
-    float32 values computed now from the batch's masked input ids; `positions` is the cache's
-    target positions (P = N, or the M masked ones in mlm_index order)."""
-    runner = TeacherRunner(model, 1, (1.0,), torch.eye(int(model.config.hidden_size)), device, mode="exact")
+                   positions: Literal["all", "masked"], targets: str = "exact") -> Callable[[Batch], Batch]:
+    """A function replacing a batch's hidden (N, H) and its target mode's fields (exact:
+    teacher_state (P, H')) with the teacher's float32 values computed now from the batch's masked
+    input ids; `positions` is the cache's target positions (P = N, or the M masked ones in
+    mlm_index order)."""
+    mode = get_mode(targets)
+    runner = TeacherRunner(model, 1, (1.0,), torch.eye(int(model.config.hidden_size)), device, mode=targets)
 
-    def targets(batch: Batch) -> Batch:
+    def replace(batch: Batch) -> Batch:
         h, x = runner.hidden_and_decoder_input(batch.input_ids, batch.attention_mask)  # (N, H), (N, H')
         state = x if positions == "all" else x[batch.mlm_index.to(x.device)]  # (P, H')
         # clones made outside inference mode: autograd may save them for the student's backward
-        return dataclasses.replace(batch, hidden=h.clone(), teacher_state=state.clone())
+        return dataclasses.replace(batch, hidden=h.clone(), **mode.online(batch, state.clone()))
 
-    return targets
+    return replace

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.pipeline.fsutil import atomic_write
-from kdpipe.schemas.shard import BYTE_STREAM_SPLIT_COLUMNS, FINGERPRINT_KEY
+from kdpipe.schemas.shard import FINGERPRINT_KEY
 
 ROW_GROUP_ROWS = 256
 SHARD_PATTERN = "shards/shard-{index:05d}.parquet"
@@ -79,6 +79,15 @@ def _starts(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
+def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c), without a Python loop per element."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    rep = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    return rep + np.arange(total, dtype=np.int64)
+
+
 PER_TOKEN = ("input_ids", "hidden")
 PER_MASK = ("mlm_positions", "mlm_labels")
 PER_TARGET = ("topk_ids", "topk_logits", "log_z", "teacher_state")
@@ -118,20 +127,21 @@ def to_table(data: ShardData, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _leaf_path(field: pa.Field) -> str:
-    """The Parquet leaf column of a (nested) list field: pyarrow silently ignores an encoding
-    given under the top-level name of a nested column."""
+def _leaf(field: pa.Field) -> tuple[str, pa.DataType]:
+    """The Parquet leaf column of a (nested) list field and its type: pyarrow silently ignores an
+    encoding given under the top-level name of a nested column."""
     path, t = field.name, field.type
     while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
         path, t = path + ".list.element", t.value_type
-    return path
+    return path, t
 
 
 def encode_shard(table: pa.Table, sink: Any, zstd_level: int) -> None:
-    """The shard's Parquet encoding (zstd, byte-stream split floats, no dictionary), into a file
-    or a buffer: one place, so a dry run's size estimate is the size a dump writes."""
-    encodings = {_leaf_path(table.schema.field(c)): "BYTE_STREAM_SPLIT"
-                 for c in BYTE_STREAM_SPLIT_COLUMNS if c in table.column_names}
+    """The shard's Parquet encoding (zstd, no dictionary, float columns byte-stream split: their
+    sign/exponent bytes compress apart from their mantissa bytes), into a file or a buffer: one
+    place, so a dry run's size estimate is the size a dump writes."""
+    leaves = [_leaf(f) for f in table.schema]
+    encodings = {path: "BYTE_STREAM_SPLIT" for path, t in leaves if pa.types.is_floating(t)}
     pq.write_table(
         table, sink, row_group_size=ROW_GROUP_ROWS, compression="zstd",
         compression_level=zstd_level, use_dictionary=False, write_statistics=False,

@@ -224,19 +224,20 @@ class TeacherRunner:
     def __init__(self, model: nn.Module, top_k: int, temperatures: tuple[float, ...],
                  projection: torch.Tensor, device: torch.device, chunk: int | None = None,
                  mode: str = "topk") -> None:
+        from kdpipe.pipeline.modes import get_mode  # the modes' reductions import this module
+
         self.model = model.to(device)
         self.device = device
-        self.mode = mode
+        self.mode = get_mode(mode)
         self.k = top_k
         self.temperatures = tuple(sorted(temperatures))
         self.projection = projection.to(device=device, dtype=torch.float32)  # (H, d)
-        # rows per decoder matmul and reduction. On CPU, 1024 x 30k float32 = 125 MB: large ops, few
-        # of them. Cache-sized row blocks (16 rows) saved at most ~10% on an idle 2-core machine,
-        # and were 4-7x slower than the bare forward pass once another process competed for the
-        # cores (each small op's thread barrier waits for a descheduled thread). Sampled mode
-        # keeps 256 rows (its float64 CDFs are twice the size).
-        cpu_rows = 1024 if mode == "topk" else 256
-        self.chunk = chunk or (4096 if device.type == "cuda" else cpu_rows)
+        # rows per decoder matmul and reduction. On CPU, the mode's cpu_chunk_rows (topk: 1024 x 30k
+        # float32 = 125 MB): large ops, few of them. Cache-sized row blocks (16 rows) saved at most
+        # ~10% on an idle 2-core machine, and were 4-7x slower than the bare forward pass once
+        # another process competed for the cores (each small op's thread barrier waits for a
+        # descheduled thread).
+        self.chunk = chunk or (4096 if device.type == "cuda" else self.mode.cpu_chunk_rows)
         dec = decoder_of(model)
         self.weight_t = dec.weight.detach().float().t()  # (H', V)
         self.bias = None if dec.bias is None else dec.bias.detach().float()
@@ -273,20 +274,13 @@ class TeacherRunner:
         targets = valid if target_mask is None else target_mask.to(self.device)
         hidden = (h[valid] @ self.projection).cpu().numpy()  # (N, d)
         x = x[targets]  # (P, H')
-        if self.mode == "exact":
-            return TeacherOutputs(hidden, teacher_state=x.cpu().numpy())
-        parts: dict[str, list[torch.Tensor]] = {}
+        return TeacherOutputs(hidden, **self.mode.reduce(self, x, uniforms))
+
+    def logit_chunks(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, (C, V) float32 logits) of each chunk of `self.chunk` decoder inputs; the
+        logits live in one buffer, overwritten by the next chunk."""
         for i in range(0, x.shape[0], self.chunk):
-            xc = x[i:i + self.chunk]  # (C, H')
-            z = self._logits_into_buffer(xc)  # (C, V), overwritten by the next chunk
-            if self.mode == "sampled":
-                self._sample(z, uniforms[i:i + self.chunk], parts)
-                continue
-            a, b, c = reduce_logits(z, self.k, self.temperatures)
-            for name, t in (("topk_ids", a), ("topk_logits", b), ("log_z", c)):
-                parts.setdefault(name, []).append(t)  # (C, k), (C, k), (C, n_T)
-        out = {name: torch.cat(ts).cpu().numpy() for name, ts in parts.items()}
-        return TeacherOutputs(hidden, **out)
+            yield i, self._logits_into_buffer(x[i:i + self.chunk])  # (C, V)
 
     def _logits_into_buffer(self, xc: torch.Tensor) -> torch.Tensor:
         """The chunk's (C, V) logits, written into one buffer reused from chunk to chunk: a fresh
@@ -299,17 +293,6 @@ class TeacherRunner:
         if self.bias is None:
             return torch.mm(xc, self.weight_t, out=out)
         return torch.addmm(self.bias, xc, self.weight_t, out=out)
-
-    def _sample(self, z: torch.Tensor, uniforms: torch.Tensor, parts: dict[str, list[torch.Tensor]]) -> None:
-        """N draws per row of a (C, V) logit chunk at the dump temperature, kept as distinct
-        (id, count) pairs."""
-        from kdpipe.pipeline.targets import sample_counts
-
-        ids, counts = sample_counts(z, self.temperatures[0], uniforms.to(z.device))  # (C, N), (C, N)
-        keep = counts > 0
-        parts.setdefault("sample_ids", []).append(ids[keep])
-        parts.setdefault("sample_counts", []).append(counts[keep])
-        parts.setdefault("sample_len", []).append(keep.sum(-1))
 
     @torch.inference_mode()
     def check_head_split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:

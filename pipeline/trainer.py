@@ -27,12 +27,11 @@ from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.loader import Batch
 from kdpipe.pipeline.losses import LossSpec, distillation_loss
+from kdpipe.pipeline.modes import TeacherHead
 
 REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the DistilBERT reference never decays
 WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos")  # the metrics window, saved in checkpoints
 _DROPOUT_SALT = 0xD209
-
-TeacherHead = tuple[torch.Tensor, torch.Tensor | None]  # exact mode: decoder weight (V, H'), bias (V,)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES
+
 MANIFEST_FORMAT = "kdpipe-cache"
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -44,8 +46,9 @@ class Manifest(_Frozen):
     fingerprint_sha256: str
     vocab_size: int
     seq_len: int
-    targets: Literal["topk", "sampled", "exact", "none"] = "topk"
+    targets: Literal[MODE_NAMES] = DEFAULT_MODE  # type: ignore[valid-type]  # pipeline/modes
     target_positions: Literal["all", "masked"] = "all"
+    # top_k, temperatures, samples and state_dim are the mode's own (TargetMode.manifest_fields)
     top_k: int  # topk mode; 0 otherwise
     temperatures: list[float]  # topk: the grid; sampled: the one draw temperature; else []
     samples: int | None = None  # sampled: draws per position

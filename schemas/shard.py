@@ -36,10 +36,6 @@ SCHEMA_VERSION = 2
 SCHEMA_VERSION_KEY = b"kdpipe.schema_version"
 FINGERPRINT_KEY = b"kdpipe.fingerprint_sha256"
 
-TARGET_MODES = ("topk", "sampled", "exact", "none")
-TARGET_COLUMNS = {"topk": ("topk_ids", "topk_logits", "log_z"), "sampled": ("sample_ids", "sample_counts"),
-                  "exact": ("teacher_state",), "none": ()}
-
 
 def id_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
@@ -47,7 +43,11 @@ def id_type(vocab_size: int) -> pa.DataType:
 
 def shard_schema(vocab_size: int, k: int = 0, n_temperatures: int = 0, hidden_dim: int = 0,
                  mode: str = "topk", state_dim: int = 0) -> pa.Schema:
-    """The one explicit schema of a cache's shards, from the settings in its manifest."""
+    """The one explicit schema of a cache's shards, from the settings in its manifest: the fields
+    every mode has, then the target mode's own (pipeline/modes declares them)."""
+    from kdpipe.pipeline.modes import get_mode
+
+    target = get_mode(mode)
     ids = id_type(vocab_size)
     fields = [
         pa.field("seq_id", pa.uint64(), nullable=False),
@@ -57,25 +57,7 @@ def shard_schema(vocab_size: int, k: int = 0, n_temperatures: int = 0, hidden_di
         pa.field("mlm_positions", pa.list_(pa.uint16()), nullable=False),
         pa.field("mlm_labels", pa.list_(ids), nullable=False),
     ]
-    if mode != "none":
+    if target.uses_teacher:
         fields.append(pa.field("hidden", pa.list_(pa.list_(pa.float16(), hidden_dim)), nullable=False))
-    if mode == "topk":
-        fields += [
-            pa.field("topk_ids", pa.list_(pa.list_(ids, k)), nullable=False),
-            pa.field("topk_logits", pa.list_(pa.list_(pa.float16(), k)), nullable=False),
-            pa.field("log_z", pa.list_(pa.list_(pa.float32(), n_temperatures)), nullable=False),
-        ]
-    elif mode == "sampled":
-        fields += [
-            pa.field("sample_ids", pa.list_(pa.list_(ids)), nullable=False),
-            pa.field("sample_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
-        ]
-    elif mode == "exact":
-        fields.append(pa.field("teacher_state", pa.list_(pa.list_(pa.float16(), state_dim)), nullable=False))
-    elif mode != "none":
-        raise ValueError(f"unknown target mode {mode!r}")
+    fields += target.fields(ids, k, n_temperatures, state_dim)
     return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
-
-
-# Float columns compress better split by byte (sign/exponent bytes apart from mantissa bytes).
-BYTE_STREAM_SPLIT_COLUMNS = ("topk_logits", "hidden", "log_z", "teacher_state")

@@ -50,6 +50,7 @@ from kdpipe.pipeline.fsutil import (
 )
 from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
 from kdpipe.pipeline.losses import LossSpec
+from kdpipe.pipeline.modes import get_mode
 from kdpipe.pipeline.projection import load_projection
 from kdpipe.pipeline.provenance import code_revision, package_versions
 from kdpipe.pipeline.schedule import lr_at, warmup_steps
@@ -192,25 +193,12 @@ def _checked(cache: Path, entry: Any) -> Path:
 
 def _mode_problems(cfg: StudentConfig, m: Manifest) -> list[str]:
     """Settings this cache's target mode cannot serve, each with what to do instead."""
-    grid = ", ".join(f"{t:g}" for t in m.temperatures)
-    out = []
-    if m.targets == "none":
-        if cfg.alpha_ce > 0:
-            out.append("this cache holds no teacher targets (mode none, labels only): set alpha_ce to 0, "
-                       "or dump a cache with --targets topk|sampled|exact")
-        if cfg.alpha_cos > 0:
-            out.append("this cache holds no teacher hidden states (mode none): set alpha_cos to 0")
-        return out
-    if cfg.alpha_ce > 0:
-        if m.targets == "topk" and not any(math.isclose(t, cfg.temperature) for t in m.temperatures):
-            out.append(f"--temperature {cfg.temperature:g} is not in the cache's temperature grid ({grid}): "
-                       "pick one of those, or dump a cache with it (an exact cache serves any temperature)")
-        if m.targets == "sampled" and not math.isclose(m.temperatures[0], cfg.temperature):
-            out.append(f"--temperature {cfg.temperature:g}: this cache's targets were drawn at T = {grid}, "
-                       "fixed at dump time; train at that temperature, or dump another cache")
-        if m.target_positions == "masked" and not cfg.ce_masked_only:
-            out.append("this cache holds targets at masked positions only: pass --ce-masked-only "
-                       "(or dump with --target-positions all)")
+    mode = get_mode(m.targets)
+    out = mode.train_problems(alpha_ce=cfg.alpha_ce, alpha_cos=cfg.alpha_cos, temperature=cfg.temperature,
+                              temperatures=tuple(m.temperatures))
+    if mode.columns and cfg.alpha_ce > 0 and m.target_positions == "masked" and not cfg.ce_masked_only:
+        out.append("this cache holds targets at masked positions only: pass --ce-masked-only "
+                   "(or dump with --target-positions all)")
     return out
 
 

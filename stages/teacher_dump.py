@@ -47,6 +47,7 @@ from kdpipe.pipeline.fsutil import (
 )
 from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows, pad
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, token_weights
+from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES, MODES, TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.provenance import provenance
 from kdpipe.pipeline.shards import (
     column_bytes, encode_shard, read_fingerprint, shard_path, to_table, write_shard,
@@ -74,7 +75,7 @@ class DumpConfig(StageConfig):
     mask_smoothing: float = Field(0.0, ge=0, le=2)
     mask_views: int = Field(1, ge=1, le=1024)
     seed: int = Field(0, ge=0)
-    targets: Literal["topk", "sampled", "exact", "none"] = "topk"
+    targets: Literal[MODE_NAMES] = DEFAULT_MODE  # type: ignore[valid-type]
     target_positions: Literal["all", "masked"] = "all"
     top_k: int = Field(32, ge=1)
     temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1)
@@ -100,13 +101,9 @@ class DumpConfig(StageConfig):
     @model_validator(mode="before")
     @classmethod
     def _mode_defaults(cls, data: Any) -> Any:
-        """sampled draws at one temperature (the reference's 2); exact keeps the full hidden width."""
-        if isinstance(data, dict):
-            data = dict(data)
-            if data.get("targets") == "sampled" and data.get("temperatures") is None:
-                data["temperatures"] = [2.0]
-            if data.get("targets") == "exact" and data.get("hidden_proj") is None:
-                data["hidden_proj"] = "identity"
+        """The target mode's own defaults (sampled: one temperature; exact: the full hidden width)."""
+        if isinstance(data, dict) and data.get("targets", DEFAULT_MODE) in MODES:
+            data = MODES[data.get("targets", DEFAULT_MODE)].dump_defaults(dict(data))
         return data
 
     @model_validator(mode="after")
@@ -114,15 +111,14 @@ class DumpConfig(StageConfig):
         problems = []
         if self.mask_token_prob + self.random_token_prob > 1:
             problems.append("mask_token_prob + random_token_prob must not exceed 1")
-        if self.targets == "sampled" and len(self.temperatures) != 1:
-            problems.append("sampled targets are drawn at one temperature, fixed at dump time: give "
-                            "one value in temperatures (e.g. --temperatures 2)")
-        if self.targets == "exact" and self.hidden_proj != "identity":
-            problems.append("exact targets keep the teacher's hidden state unprojected: use "
-                            "hidden_proj identity")
+        problems += self.mode.dump_problems(temperatures=self.temperatures, hidden_proj=self.hidden_proj)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def mode(self) -> TargetMode:
+        return get_mode(self.targets)
 
     def masking(self) -> MaskingSpec:
         return MaskingSpec(self.mask_prob, self.mask_token_prob, self.random_token_prob,
@@ -180,18 +176,18 @@ def set_up(cfg: DumpConfig) -> Setup:
     teacher_path = resolve_model_path(cfg.teacher)
     corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split)  # a bad --data fails fast
     tokenizer = load_tokenizer(teacher_path)
-    model = load_teacher(teacher_path) if cfg.targets != "none" else None
+    model = load_teacher(teacher_path) if cfg.mode.uses_teacher else None
     mcfg = model.config if model is not None else load_model_config(teacher_path)
     vocab_size = int(mcfg.vocab_size)
     if len(tokenizer) > vocab_size:
         raise KdpipeError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocabulary is {vocab_size}")
-    if cfg.targets == "topk" and cfg.top_k > vocab_size:
-        raise KdpipeError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size})")
+    if problems := cfg.mode.teacher_problems(top_k=cfg.top_k, vocab_size=vocab_size):
+        raise KdpipeError("; ".join(problems))
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise KdpipeError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {max_pos} positions")
     hidden_dim = proj.check_dim(cfg.hidden_proj, int(mcfg.hidden_size), cfg.hidden_dim) \
-        if cfg.targets != "none" else 0
+        if cfg.mode.uses_teacher else 0
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     vocab = Vocabulary(vocab_size, tokenizer.mask_token_id, special)
     n_seq, n_tok, counts = _count(cfg, corpus, tokenizer, vocab_size)
@@ -209,8 +205,9 @@ def set_up(cfg: DumpConfig) -> Setup:
         "masking": {"mask_prob": cfg.mask_prob, "mask_token_prob": cfg.mask_token_prob,
                     "random_token_prob": cfg.random_token_prob, "smoothing": cfg.mask_smoothing,
                     "seed": cfg.seed, "views": cfg.mask_views},
-        "targets": _targets_fingerprint(cfg),
-        "hidden": None if cfg.targets == "none" else {
+        "targets": {"mode": cfg.targets, "positions": cfg.target_positions,
+                    **cfg.mode.fingerprint(_target_settings(cfg, model))},
+        "hidden": None if not cfg.mode.uses_teacher else {
             "projection": cfg.hidden_proj, "dim": hidden_dim, "seed": cfg.seed,
             "pca_sequences": cfg.pca_sequences if cfg.hidden_proj == "pca" else None},
         "storage": {"shard_size": cfg.shard_size, "zstd_level": cfg.zstd_level},
@@ -219,14 +216,11 @@ def set_up(cfg: DumpConfig) -> Setup:
                  n_tok, weights, fingerprint, hidden_dim)
 
 
-def _targets_fingerprint(cfg: DumpConfig) -> dict[str, Any]:
-    """What the stored targets depend on, and nothing a mode does not use."""
-    fp: dict[str, Any] = {"mode": cfg.targets, "positions": cfg.target_positions}
-    if cfg.targets == "topk":
-        fp.update(k=cfg.top_k, temperatures=cfg.temperatures)
-    elif cfg.targets == "sampled":
-        fp.update(temperatures=cfg.temperatures, samples=cfg.samples)
-    return fp
+def _target_settings(cfg: DumpConfig, model: torch.nn.Module | None) -> TargetSettings:
+    """The settings the target mode reads (each mode's fingerprint holds only the ones it uses)."""
+    state_dim = int(decoder_of(model).weight.shape[1]) if model is not None else 0
+    return TargetSettings(top_k=cfg.top_k, temperatures=tuple(cfg.temperatures), samples=cfg.samples,
+                          state_dim=state_dim)
 
 
 def _build_projection(s: Setup, runner_for: Any) -> torch.Tensor:
@@ -313,8 +307,8 @@ def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, f
 
 
 def _schema(s: Setup) -> pa.Schema:
-    return shard_schema(s.vocab.size, s.cfg.top_k, len(s.cfg.temperatures), s.hidden_dim, s.cfg.targets,
-                        int(decoder_of(s.model).weight.shape[1]) if s.cfg.targets == "exact" else 0)
+    t = _target_settings(s.cfg, s.model)
+    return shard_schema(s.vocab.size, t.top_k, len(t.temperatures), s.hidden_dim, s.cfg.targets, t.state_dim)
 
 
 def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
@@ -333,7 +327,7 @@ def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
     else:
         projection = _build_projection(s, runner_for)
         proj.save_projection(proj_path, projection)
-    if s.cfg.targets == "exact" and not (s.out / cachedir.HEAD_NAME).exists():
+    if s.cfg.mode.needs_head and not (s.out / cachedir.HEAD_NAME).exists():
         save_head(s.out / cachedir.HEAD_NAME, decoder_of(s.model))
     runner = runner_for(projection)
     first = next(iter(_sequences(s)))
@@ -364,7 +358,7 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
     """Hash every shard and write the manifest: the commit point of the cache."""
     import pyarrow.parquet as pq
 
-    out, size, mode = s.out, s.cfg.shard_size, s.cfg.targets
+    out, size, mode = s.out, s.cfg.shard_size, s.cfg.mode
     entries, by_column = [], Counter()
     for index in range(n_shards):
         rel = shard_path(index)
@@ -380,13 +374,11 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
     total = sum(e.bytes for e in entries)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, fingerprint=s.fingerprint, fingerprint_sha256=fp_sha,
-        vocab_size=s.vocab.size, seq_len=s.cfg.seq_len, targets=mode,
-        target_positions=s.cfg.target_positions, top_k=s.cfg.top_k if mode == "topk" else 0,
-        temperatures=s.cfg.temperatures if mode in ("topk", "sampled") else [],
-        samples=s.cfg.samples if mode == "sampled" else None, hidden_dim=s.hidden_dim,
-        state_dim=int(decoder_of(s.model).weight.shape[1]) if mode == "exact" else None,
-        projection=cachedir.file_entry(out, cachedir.PROJECTION_NAME) if mode != "none" else None,
-        head=cachedir.file_entry(out, cachedir.HEAD_NAME) if mode == "exact" else None,
+        vocab_size=s.vocab.size, seq_len=s.cfg.seq_len, targets=mode.name,
+        target_positions=s.cfg.target_positions, **mode.manifest_fields(_target_settings(s.cfg, s.model)),
+        hidden_dim=s.hidden_dim,
+        projection=cachedir.file_entry(out, cachedir.PROJECTION_NAME) if mode.uses_teacher else None,
+        head=cachedir.file_entry(out, cachedir.HEAD_NAME) if mode.needs_head else None,
         teacher_config=cachedir.file_entry(out, cachedir.TEACHER_CONFIG_NAME),
         tokenizer=_save_tokenizer(s),
         shards=entries, sequences=s.n_sequences,
@@ -511,10 +503,8 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
               "the reference uses 0.7. [0: uniform]")
 @click.option("--mask-views", type=int, help="Independent mask draws per sequence. [1]")
 @click.option("--seed", type=int, help="Seed of masks and projection. [0]")
-@click.option("--targets", type=click.Choice(["topk", "sampled", "exact", "none"]), help="What L_ce "
-              "is made from: top-k logits + log-partition (topk), N draws from the softened teacher "
-              "(sampled), the teacher's decoder input for exact full logits (exact), or nothing "
-              "(none: masked inputs and labels only). [topk]")
+@click.option("--targets", type=click.Choice(MODE_NAMES), help="What L_ce is made from: "
+              f"{', '.join(m.summary for m in MODES.values())}. [{DEFAULT_MODE}]")
 @click.option("--target-positions", type=click.Choice(["all", "masked"]), help="Store targets at "
               "every token or only at masked ones (restrict_ce_to_mask). [all]")
 @click.option("--samples", type=int, help="Draws per position in the sampled mode. [32]")

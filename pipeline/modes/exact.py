@@ -1,0 +1,61 @@
+"""exact: the teacher's decoder input and its frozen decoder (head.safetensors).
+
+The full logits are recomputed in chunks at training time, so L_ce is the full-vocabulary KL
+at any temperature (losses.exact_kl_from_state). The hidden state is kept unprojected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from kdpipe.pipeline.losses import exact_kl_from_state
+from kdpipe.pipeline.modes.base import TargetMode, TargetSettings, TeacherHead, pick
+from kdpipe.pipeline.teacher import TeacherRunner
+
+
+class Exact(TargetMode):
+    name = "exact"
+    summary = "the teacher's decoder input for exact full logits (exact)"
+    columns = ("teacher_state",)
+    needs_head = True
+
+    def dump_defaults(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("hidden_proj") is None:
+            data["hidden_proj"] = "identity"
+        return data
+
+    def dump_problems(self, *, temperatures: list[float], hidden_proj: str) -> list[str]:
+        if hidden_proj != "identity":
+            return ["exact targets keep the teacher's hidden state unprojected: use hidden_proj identity"]
+        return []
+
+    def fields(self, ids: pa.DataType, k: int, n_temperatures: int, state_dim: int) -> list[pa.Field]:
+        return [pa.field("teacher_state", pa.list_(pa.list_(pa.float16(), state_dim)), nullable=False)]
+
+    def manifest_fields(self, s: TargetSettings) -> dict[str, Any]:
+        return {"top_k": 0, "temperatures": [], "samples": None, "state_dim": s.state_dim}
+
+    def reduce(self, runner: TeacherRunner, x: torch.Tensor, uniforms: torch.Tensor | None
+               ) -> dict[str, np.ndarray]:
+        return {"teacher_state": x.cpu().numpy()}  # (P, H')
+
+    def gather(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
+               temperature_index: int) -> dict[str, np.ndarray]:
+        return {"teacher_state": data.teacher_state[tgt]}
+
+    def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {"teacher_state": torch.from_numpy(pieces["teacher_state"].astype(np.float32))}  # (P, H')
+
+    def ce(self, logits: torch.Tensor, batch: Any, rows: torch.Tensor | None, temperature: float,
+           head: TeacherHead | None) -> torch.Tensor:
+        return exact_kl_from_state(logits, pick(batch.teacher_state, rows), head, temperature)
+
+    def online(self, batch: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"teacher_state": x}
+
+
+MODE = Exact()

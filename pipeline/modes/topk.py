@@ -1,0 +1,84 @@
+"""topk: the teacher's k largest raw logits and log Z_T at each temperature of a grid.
+
+The teacher's probabilities of the k tokens are exact at any T of the grid, and the tail mass
+is known (losses.topk_kl coarse-grains both distributions to k tokens + one tail bucket).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from kdpipe.pipeline.losses import topk_kl
+from kdpipe.pipeline.modes.base import TargetMode, TargetSettings, TeacherHead, pick
+from kdpipe.pipeline.teacher import TeacherRunner, reduce_logits
+
+
+class TopK(TargetMode):
+    name = "topk"
+    summary = "top-k logits + log-partition (topk)"
+    columns = ("topk_ids", "topk_logits", "log_z")
+    # 1024 x 30k float32 = 125 MB a chunk: large ops, few of them (teacher.TeacherRunner says why)
+    cpu_chunk_rows = 1024
+
+    def teacher_problems(self, *, top_k: int, vocab_size: int) -> list[str]:
+        return [f"--top-k {top_k} is larger than the vocabulary ({vocab_size})"] if top_k > vocab_size else []
+
+    def fields(self, ids: pa.DataType, k: int, n_temperatures: int, state_dim: int) -> list[pa.Field]:
+        return [
+            pa.field("topk_ids", pa.list_(pa.list_(ids, k)), nullable=False),
+            pa.field("topk_logits", pa.list_(pa.list_(pa.float16(), k)), nullable=False),
+            pa.field("log_z", pa.list_(pa.list_(pa.float32(), n_temperatures)), nullable=False),
+        ]
+
+    def fingerprint(self, s: TargetSettings) -> dict[str, Any]:
+        return {"k": s.top_k, "temperatures": list(s.temperatures)}
+
+    def manifest_fields(self, s: TargetSettings) -> dict[str, Any]:
+        return {"top_k": s.top_k, "temperatures": list(s.temperatures), "samples": None, "state_dim": None}
+
+    def reduce(self, runner: TeacherRunner, x: torch.Tensor, uniforms: torch.Tensor | None
+               ) -> dict[str, np.ndarray]:
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for _, z in runner.logit_chunks(x):  # (C, V), overwritten by the next chunk
+            for name, t in zip(self.columns, reduce_logits(z, runner.k, runner.temperatures)):
+                parts[name].append(t)  # (C, k), (C, k), (C, n_T)
+        return {name: torch.cat(ts).cpu().numpy() for name, ts in parts.items()}
+
+    def shard_problem(self, data: Any, s: TargetSettings) -> str | None:
+        if data.topk_ids.shape[1] != s.top_k:
+            return "its top-k differs from the manifest's"
+        if data.log_z.shape[1] != len(s.temperatures):
+            return "its temperature grid differs from the manifest's"
+        return None
+
+    def gather(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
+               temperature_index: int) -> dict[str, np.ndarray]:
+        return {"topk_ids": data.topk_ids[tgt], "topk_logits": data.topk_logits[tgt],
+                "log_z": data.log_z[tgt, temperature_index]}
+
+    def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {"topk_ids": torch.from_numpy(pieces["topk_ids"].astype(np.int64)),  # (P, k)
+                "topk_logits": torch.from_numpy(pieces["topk_logits"].astype(np.float32)),  # (P, k)
+                "log_z": torch.from_numpy(pieces["log_z"].astype(np.float32))}  # (P,) at the chosen T
+
+    def train_problems(self, *, alpha_ce: float, alpha_cos: float, temperature: float,
+                       temperatures: tuple[float, ...]) -> list[str]:
+        if alpha_ce > 0 and not any(math.isclose(t, temperature) for t in temperatures):
+            grid = ", ".join(f"{t:g}" for t in temperatures)
+            return [f"--temperature {temperature:g} is not in the cache's temperature grid ({grid}): "
+                    "pick one of those, or dump a cache with it (an exact cache serves any temperature)"]
+        return []
+
+    def ce(self, logits: torch.Tensor, batch: Any, rows: torch.Tensor | None, temperature: float,
+           head: TeacherHead | None) -> torch.Tensor:
+        return topk_kl(logits, pick(batch.topk_ids, rows), pick(batch.topk_logits, rows),
+                       pick(batch.log_z, rows), temperature)
+
+
+MODE = TopK()
