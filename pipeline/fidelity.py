@@ -46,11 +46,11 @@ from kdpipe.pipeline.cache import load_manifest, open_shard
 from kdpipe.pipeline.config import MAX_SEED
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
-from kdpipe.pipeline.losses import exact_kl_from_state, sampled_ce, topk_kl
-from kdpipe.pipeline.modes import get_mode
-from kdpipe.pipeline.shards import ShardData, column_bytes, from_table, to_table, write_shard
-from kdpipe.pipeline.targets import gradient_fidelity, position_uniforms, sample_counts
-from kdpipe.pipeline.teacher import TeacherRunner, load_teacher, reduce_logits, resolve_model_path, weights_sha256
+from kdpipe.pipeline.modes import MODE_NAMES, MODES, TargetSettings, get_mode
+from kdpipe.pipeline.modes.base import FidelityChunk
+from kdpipe.pipeline.shards import PER_SAMPLE, ShardData, column_bytes, from_table, to_table, write_shard
+from kdpipe.pipeline.targets import gradient_fidelity
+from kdpipe.pipeline.teacher import TeacherRunner, load_teacher, resolve_model_path, weights_sha256
 from kdpipe.schemas.manifest import Manifest
 from kdpipe.schemas.shard import shard_schema
 
@@ -158,11 +158,11 @@ def _gather(picked: list[tuple[ShardData, int, np.ndarray]], stored_cols: list[s
         parts["mlm_labels"].append(d.mlm_labels[mo[i]:mo[i + 1]])
         to = d.target_offsets()
         for c in stored_cols:
-            if c in ("sample_ids", "sample_counts"):
+            if c in PER_SAMPLE:  # per draw, sample_len draws per target position
                 so = d.sample_offsets()
                 lo, hi = so[to[i]], so[to[i + 1]]
                 stored[c].append(getattr(d, c)[lo:hi])
-                if c == "sample_ids":
+                if c == PER_SAMPLE[0]:
                     stored["sample_len"].append(d.sample_len[to[i]:to[i + 1]])
             elif getattr(d, c) is not None:
                 stored[c].append(getattr(d, c)[to[i]:to[i + 1]])
@@ -264,29 +264,27 @@ def _kl64(log_p: torch.Tensor, zs: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def measure(rows: Rows, x: torch.Tensor, hs: torch.Tensor, runner: TeacherRunner, head: torch.nn.Module,
-            spec: FidelitySpec, seed: int) -> tuple[dict[tuple[str, int, float], _Acc], dict[str, Any]]:
-    """Accumulators per (mode, setting, T), and every mode's stored target columns for the rows."""
+            spec: FidelitySpec, seed: int) -> tuple[dict[tuple[str, int, float], _Acc], dict[tuple[str, int, float], dict]]:
+    """Accumulators per (mode, setting, T), and the target columns each would store for the rows
+    (per chunk), every mode's targets made by the mode as the dump makes them."""
     temps = tuple(sorted(spec.temperatures))
-    kmax = max(spec.ks) if spec.ks else 0
     weight, bias = runner.weight_t.t(), runner.bias  # (V, H'), (V,)
     d, lengths = rows.data, rows.data.length.astype(np.int64)
-    uniforms = {n: np.concatenate([position_uniforms(seed, int(d.seq_id[i]), int(d.view[i]), int(lengths[i]), n)
-                                   [rows.targets[i]] for i in range(d.rows)]) for n in spec.samples}  # (P, N)
+    keys = [(int(d.seq_id[i]), int(d.view[i]), int(lengths[i]), rows.targets[i]) for i in range(d.rows)]
+    plan = {mode: mode.fidelity_settings(spec.ks, spec.samples) for mode in MODES.values()}
+    plan = {mode: settings for mode, settings in plan.items() if settings}
+    uniforms = {(mode, n): mode.uniforms(seed, n, keys) for mode, settings in plan.items() for n in settings}  # (P, N)
     accs: dict[tuple[str, int, float], _Acc] = defaultdict(_Acc)
-    cols: dict[str, list] = defaultdict(list)
+    cols: dict[tuple[str, int, float], dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     for lo in range(0, x.shape[0], spec.chunk):
         xc = x[lo:lo + spec.chunk]  # (C, H')
         with torch.no_grad():
             z = runner.logits(xc)  # (C, V) float32, the teacher's full logits
             s = head(hs[lo:lo + spec.chunk]).float()  # (C, V) the student's
-            state16 = xc.half()  # (C, H') as the exact mode stores it
-            if kmax:
-                ids, vals, log_z = reduce_logits(z.clone(), kmax, temps)  # (C, k), (C, k), (C, n_T)
-                vals16 = vals.half().float()
-                cols["topk_ids"].append(ids)
-                cols["topk_logits"].append(vals16)
-                cols["log_z"].append(log_z)
-            cols["teacher_state"].append(state16)
+            chunk = {mode: FidelityChunk(z, xc, (weight, bias), temps, {
+                n: None if uniforms[mode, n] is None else uniforms[mode, n][lo:lo + spec.chunk] for n in settings})
+                for mode, settings in plan.items()}
+            prepared = {mode: mode.fidelity_prepare(chunk[mode], settings) for mode, settings in plan.items()}
         for ti, t in enumerate(temps):
             with torch.no_grad():
                 log_p = F.log_softmax(z.double() / t, dim=-1)  # (C, V) float64
@@ -296,37 +294,26 @@ def measure(rows: Rows, x: torch.Tensor, hs: torch.Tensor, runner: TeacherRunner
             def exact_fn(zs: torch.Tensor, log_p: torch.Tensor = log_p, t: float = t) -> torch.Tensor:
                 return _kl64(log_p, zs, t)
 
-            def run(key: tuple[str, int, float], fn: Any, extra: float = 0.0) -> None:
-                with torch.no_grad():
-                    value = fn(s)
-                accs[key].add(value, exact, gradient_fidelity(fn, exact_fn, s), extra)
-
-            head_w = (weight, bias)
-            run(("exact", 0, t), lambda zs: exact_kl_from_state(zs, state16, head_w, t))
-            for k in spec.ks:
-                idk, vk, lz = ids[:, :k], vals16[:, :k], log_z[:, ti]
-                mass = (vk / t - lz[:, None]).exp().sum(-1).clamp(max=1).mean().item()
-                run(("topk", k, t), lambda zs, idk=idk, vk=vk, lz=lz: topk_kl(zs, idk, vk, lz, t), mass)
-            for n in spec.samples:
-                u = torch.from_numpy(uniforms[n][lo:lo + spec.chunk])
-                sid, cnt = sample_counts(z, t, u)  # (C, N) ids with repeats, counts at first occurrences
-                keep = cnt > 0
-                cols[f"sampled/{n}/{t:g}"].append((sid[keep], cnt[keep], keep.sum(-1)))
-                run(("sampled", n, t), lambda zs, sid=sid, cnt=cnt, h=entropy: sampled_ce(zs, sid, cnt, t) - h,
-                    keep.sum(-1).double().mean().item())
+            for mode, settings in plan.items():
+                for n in settings:
+                    case = mode.fidelity_case(chunk[mode], prepared[mode], n, ti, entropy)
+                    with torch.no_grad():
+                        value = case.loss(s)
+                    key = (mode.name, n, t)
+                    accs[key].add(value, exact, gradient_fidelity(case.loss, exact_fn, s), case.extra)
+                    for name, v in case.columns.items():
+                        cols[key][name].append(v)
     return accs, cols
 
 
 # ------------------------------------------------------------------------------------- bytes
 
-def _column_bytes(rows: Rows, mode: str, targets: dict[str, np.ndarray], m: Manifest, n_temps: int,
-                  workdir: Path) -> int:
+def _column_bytes(rows: Rows, mode: str, targets: dict[str, np.ndarray], m: Manifest, setting: int,
+                  n_temps: int, state_dim: int, workdir: Path) -> int:
     """Compressed bytes of a mode's target columns for the sampled rows, written by the shard
     writer with the cache's zstd level."""
     d = rows.data
-    k = targets["topk_ids"].shape[1] if "topk_ids" in targets else 0
-    state_dim = targets["teacher_state"].shape[1] if "teacher_state" in targets else 0
-    schema = shard_schema(m.vocab_size, k, n_temps, 1, mode, state_dim)
+    schema = shard_schema(m.vocab_size, setting, n_temps, 1, mode, state_dim)
     names = get_mode(mode).columns
     sub = pa.schema([schema.field(c) for c in names])
     data = ShardData(seq_id=d.seq_id, view=d.view, length=d.length, input_ids=d.input_ids,
@@ -365,33 +352,19 @@ def run_fidelity(cache_dir: Path, teacher: str, student: str | None, spec: Fidel
     x, hs = forward_rows(rows, runner, smodel, spec, pad_id)
     seed = int(m.fingerprint.get("masking", {}).get("seed", 0))
     temps = tuple(sorted(spec.temperatures))
-    accs, cols = measure(rows, x, hs, runner, stu.mlm_head(smodel), spec, seed)
+    accs, chunks = measure(rows, x, hs, runner, stu.mlm_head(smodel), spec, seed)
+    made = {key: {name: torch.cat(parts).cpu().numpy() for name, parts in c.items()} for key, c in chunks.items()}
 
     tokens = int(rows.data.length.sum())
     n_targets = rows.n_targets
     bytes_of: dict[tuple[str, int, float], int] = {}
     with tempfile.TemporaryDirectory(prefix="kdpipe-fidelity-") as tmp:
-        work = Path(tmp)
-        state = torch.cat(cols["teacher_state"]).cpu().numpy()
-        b = _column_bytes(rows, "exact", {"teacher_state": state}, m, 0, work)
-        for t in temps:
-            bytes_of[("exact", 0, t)] = b
-        if spec.ks:
-            ids, vals, lz = (torch.cat(cols[c]).cpu().numpy() for c in ("topk_ids", "topk_logits", "log_z"))
-            for k in spec.ks:
-                b = _column_bytes(rows, "topk", {"topk_ids": ids[:, :k], "topk_logits": vals[:, :k],
-                                                 "log_z": lz}, m, len(temps), work)
-                for t in temps:
-                    bytes_of[("topk", k, t)] = b
-        for n in spec.samples:
-            for t in temps:
-                parts = cols[f"sampled/{n}/{t:g}"]
-                sid, cnt, slen = (torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(3))
-                bytes_of[("sampled", n, t)] = _column_bytes(
-                    rows, "sampled", {"sample_ids": sid, "sample_counts": cnt, "sample_len": slen}, m, 0, work)
+        for (mode, setting, t), columns in made.items():
+            bytes_of[(mode, setting, t)] = _column_bytes(rows, mode, columns, m, setting, len(temps),
+                                                         int(x.shape[1]), Path(tmp))
 
     results = []
-    for (mode, setting, t), a in sorted(accs.items(), key=lambda kv: (kv[0][2], _MODE_ORDER[kv[0][0]], kv[0][1])):
+    for (mode, setting, t), a in sorted(accs.items(), key=lambda kv: (kv[0][2], MODE_NAMES.index(kv[0][0]), kv[0][1])):
         mean_mode, mean_exact = a.mode / a.n, a.exact / a.n
         var = max(a.diff2 / a.n - ((a.mode - a.exact) / a.n) ** 2, 0.0)
         results.append({
@@ -402,8 +375,7 @@ def run_fidelity(cache_dir: Path, teacher: str, student: str | None, spec: Fidel
             "grad_cosine": a.cos / a.n, "grad_angle_deg": a.angle / a.n, "grad_norm_ratio": a.ratio / a.n,
             "bytes_per_token": bytes_of[(mode, setting, t)] / tokens,
             "bytes_per_target": bytes_of[(mode, setting, t)] / n_targets,
-            **({"teacher_topk_mass": a.extra / a.n} if mode == "topk" else {}),
-            **({"distinct_draws": a.extra / a.n} if mode == "sampled" else {}),
+            **({extra: a.extra / a.n} if (extra := get_mode(mode).fidelity_extra) else {}),
         })
     return {
         "cache": str(cache_dir), "cache_fingerprint_sha256": m.fingerprint_sha256,
@@ -416,35 +388,16 @@ def run_fidelity(cache_dir: Path, teacher: str, student: str | None, spec: Fidel
                            f"{m.fingerprint.get('storage', {}).get('zstd_level', 3)}, byte-stream split) "
                            f"for the {rows.data.rows} sampled rows, divided by their {tokens} tokens"),
         "cache_bytes_per_token_by_column": m.bytes_per_token_by_column,
-        "cache_check": cache_check(rows, m, cols, x, temps),
+        "cache_check": cache_check(rows, m, made),
         "results": results,
     }
 
 
-_MODE_ORDER = {"topk": 0, "sampled": 1, "exact": 2}
-
-
-def cache_check(rows: Rows, m: Manifest, cols: dict[str, list], x: torch.Tensor,
-                temps: tuple[float, ...]) -> dict[str, Any] | None:
-    """The cache's stored targets at the sampled positions against the ones recomputed here."""
-    st = rows.stored
-    if m.targets == "topk" and "topk_ids" in st and cols.get("topk_ids"):
-        ids = torch.cat(cols["topk_ids"]).cpu().numpy()
-        if ids.shape[1] < m.top_k:
-            return None
-        ids, vals = ids[:, :m.top_k], torch.cat(cols["topk_logits"]).cpu().numpy()[:, :m.top_k]
-        return {"mode": "topk", "k": m.top_k, "ids_equal": float((ids == st["topk_ids"]).mean()),
-                "logits_max_abs_diff": float(np.abs(vals - st["topk_logits"].astype(np.float32)).max())}
-    if m.targets == "exact" and "teacher_state" in st:
-        diff = np.abs(x.cpu().numpy().astype(np.float16).astype(np.float32) - st["teacher_state"].astype(np.float32))
-        return {"mode": "exact", "state_max_abs_diff": float(diff.max())}
-    key = f"sampled/{m.samples}/{m.temperatures[0]:g}" if m.targets == "sampled" else None
-    if key and key in cols:
-        sid, cnt, slen = (torch.cat([p[j] for p in cols[key]]).cpu().numpy() for j in range(3))
-        same = bool(np.array_equal(slen, st["sample_len"]) and np.array_equal(sid, st["sample_ids"])
-                    and np.array_equal(cnt, st["sample_counts"]))
-        return {"mode": "sampled", "samples": m.samples, "temperature": m.temperatures[0], "draws_equal": same}
-    return None
+def cache_check(rows: Rows, m: Manifest, made: dict[tuple[str, int, float], dict[str, np.ndarray]]
+                ) -> dict[str, Any] | None:
+    """The cache's stored targets at the sampled positions against the ones its mode made here."""
+    mine = {(setting, t): c for (mode, setting, t), c in made.items() if mode == m.targets}
+    return get_mode(m.targets).fidelity_check(rows.stored, mine, TargetSettings.of_manifest(m))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -453,11 +406,11 @@ def markdown(report: dict[str, Any]) -> str:
             "norm ratio | B/token | detail |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
     for r in report["results"]:
-        setting = {"topk": f"k={r['setting']}", "sampled": f"N={r['setting']}", "exact": "fp16 state"}[r["mode"]]
-        detail = (f"top-k mass {100 * r['teacher_topk_mass']:.1f}%" if r["mode"] == "topk"
-                  else f"{r['distinct_draws']:.1f} distinct" if r["mode"] == "sampled" else "")
+        mode = get_mode(r["mode"])
+        setting = mode.fidelity_label(r["setting"])
+        detail = mode.fidelity_detail(r[mode.fidelity_extra]) if mode.fidelity_extra else ""
         err = f"{100 * r['loss_rel_error']:+.2f}%"
-        if r["mode"] == "sampled":
+        if mode.stochastic:
             err += f" ± {100 * r['loss_rel_error_se']:.2f}"
         lines.append(f"| {r['temperature']:g} | {r['mode']} | {setting} | {r['loss_ce']:.4g} | "
                      f"{r['loss_ce_exact']:.4g} | {err} | {r['grad_cosine']:.4f} | {r['grad_angle_deg']:.1f}° | "

@@ -149,16 +149,10 @@ def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardD
     elif data.hidden is not None and data.hidden.shape[1] != manifest.hidden_dim:
         what = "its hidden width differs from the manifest's"
     else:
-        what = mode.shard_problem(data, target_settings(manifest))
+        what = mode.shard_problem(data, TargetSettings.of_manifest(manifest))
     if what:
         raise CorruptCacheError(f"corrupt cache: {path}: {what}")
     return data
-
-
-def target_settings(m: Manifest) -> TargetSettings:
-    """The target settings a manifest records, as the modes take them."""
-    return TargetSettings(top_k=m.top_k, temperatures=tuple(m.temperatures), samples=m.samples or 0,
-                          state_dim=m.state_dim or 0)
 
 
 def concat(parts: list[ShardData]) -> ShardData:

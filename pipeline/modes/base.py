@@ -11,6 +11,7 @@ this package imports no stage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,33 @@ class TargetSettings:
     temperatures: tuple[float, ...] = ()  # ascending
     samples: int = 0  # draws per position
     state_dim: int = 0  # width of the teacher decoder's input (H')
+
+    @classmethod
+    def of_manifest(cls, m: Any) -> TargetSettings:
+        """The settings a cache's manifest (schemas.manifest.Manifest) records."""
+        return cls(top_k=m.top_k, temperatures=tuple(m.temperatures), samples=m.samples or 0,
+                   state_dim=m.state_dim or 0)
+
+
+@dataclass(frozen=True)
+class FidelityChunk:
+    """One chunk of `kdpipe cache fidelity`'s sample, from which a mode makes its targets exactly
+    as the dump would (pipeline/fidelity.py)."""
+
+    z: torch.Tensor  # (C, V) the teacher's full float32 logits
+    x: torch.Tensor  # (C, H') its decoder inputs, float32
+    head: TeacherHead  # its decoder: weight (V, H'), bias (V,)
+    temperatures: tuple[float, ...]  # ascending
+    uniforms: dict[int, torch.Tensor | None]  # setting -> (C, N) the dump's random numbers here
+
+
+@dataclass(frozen=True)
+class FidelityCase:
+    """A mode's L_ce at one (setting, temperature) on a chunk."""
+
+    loss: Callable[[torch.Tensor], torch.Tensor]  # (C, V) student logits -> (C,) KL estimate (before T^2)
+    columns: dict[str, torch.Tensor]  # the target columns the dump would store, for their bytes
+    extra: float = 0.0  # the mode's detail (fidelity_extra), averaged over the chunk
 
 
 class TargetMode:
@@ -116,6 +144,36 @@ class TargetMode:
         """(P,) per-position L_ce (before T^2) from a loader.Batch; `rows` selects target rows
         when the batch holds targets at every position but the loss covers masked ones only."""
         raise ValueError(f"a cache of mode {self.name!r} holds no L_ce targets")
+
+    # ------------------------------------------------------------------- fidelity (cache fidelity)
+
+    stochastic: bool = False  # its L_ce is an estimate: the report gives its standard error
+    fidelity_extra: str | None = None  # the report's name of FidelityCase.extra
+
+    def fidelity_settings(self, ks: tuple[int, ...], samples: tuple[int, ...]) -> tuple[int, ...]:
+        """The settings of this mode the report compares (k, N, or 0 for the one there is)."""
+        return ()
+
+    def fidelity_label(self, setting: int) -> str:
+        return str(setting)
+
+    def fidelity_detail(self, extra: float | None) -> str:
+        return ""
+
+    def fidelity_prepare(self, chunk: FidelityChunk, settings: tuple[int, ...]) -> Any:
+        """Work shared by every (setting, temperature) of a chunk (e.g. one top-k at the largest k)."""
+        return None
+
+    def fidelity_case(self, chunk: FidelityChunk, prepared: Any, setting: int, ti: int,
+                      entropy: torch.Tensor) -> FidelityCase:
+        """L_ce at `setting` and temperature chunk.temperatures[ti]; entropy (C,) is H(p_T)."""
+        raise ValueError(f"mode {self.name!r} holds no L_ce targets")
+
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
+                       s: TargetSettings) -> dict[str, Any] | None:
+        """The cache's stored target columns at the sampled positions against the ones `made`
+        here ((setting, T) -> columns, concatenated over chunks), where a setting matches the cache's."""
+        return None
 
     def online(self, batch: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch's target fields recomputed from the teacher's float32 decoder inputs at its

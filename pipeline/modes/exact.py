@@ -13,7 +13,9 @@ import pyarrow as pa
 import torch
 
 from kdpipe.pipeline.losses import exact_kl_from_state
-from kdpipe.pipeline.modes.base import TargetMode, TargetSettings, TeacherHead, pick
+from kdpipe.pipeline.modes.base import (
+    FidelityCase, FidelityChunk, TargetMode, TargetSettings, TeacherHead, pick,
+)
 from kdpipe.pipeline.teacher import TeacherRunner
 
 
@@ -53,6 +55,27 @@ class Exact(TargetMode):
     def ce(self, logits: torch.Tensor, batch: Any, rows: torch.Tensor | None, temperature: float,
            head: TeacherHead | None) -> torch.Tensor:
         return exact_kl_from_state(logits, pick(batch.teacher_state, rows), head, temperature)
+
+    def fidelity_settings(self, ks: tuple[int, ...], samples: tuple[int, ...]) -> tuple[int, ...]:
+        return (0,)  # one setting: the fp16 state
+
+    def fidelity_label(self, setting: int) -> str:
+        return "fp16 state"
+
+    def fidelity_prepare(self, chunk: FidelityChunk, settings: tuple[int, ...]) -> Any:
+        return chunk.x.half()  # (C, H') as the cache stores it
+
+    def fidelity_case(self, chunk: FidelityChunk, prepared: Any, setting: int, ti: int,
+                      entropy: torch.Tensor) -> FidelityCase:
+        t = chunk.temperatures[ti]
+        return FidelityCase(lambda zs: exact_kl_from_state(zs, prepared, chunk.head, t), {"teacher_state": prepared})
+
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
+                       s: TargetSettings) -> dict[str, Any] | None:
+        if not made:
+            return None
+        state = next(iter(made.values()))["teacher_state"].astype(np.float32)
+        return {"mode": self.name, "state_max_abs_diff": float(np.abs(state - stored["teacher_state"].astype(np.float32)).max())}
 
     def online(self, batch: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"teacher_state": x}

@@ -16,7 +16,9 @@ import pyarrow as pa
 import torch
 
 from kdpipe.pipeline.losses import sampled_ce
-from kdpipe.pipeline.modes.base import TargetMode, TargetSettings, TeacherHead, pick
+from kdpipe.pipeline.modes.base import (
+    FidelityCase, FidelityChunk, TargetMode, TargetSettings, TeacherHead, pick,
+)
 from kdpipe.pipeline.shards import ranges
 from kdpipe.pipeline.targets import position_uniforms, sample_counts
 from kdpipe.pipeline.teacher import TeacherRunner
@@ -105,6 +107,36 @@ class Sampled(TargetMode):
     def ce(self, logits: torch.Tensor, batch: Any, rows: torch.Tensor | None, temperature: float,
            head: TeacherHead | None) -> torch.Tensor:
         return sampled_ce(logits, pick(batch.sample_ids, rows), pick(batch.sample_counts, rows), temperature)
+
+    stochastic = True
+    fidelity_extra = "distinct_draws"  # distinct tokens among the N draws
+
+    def fidelity_settings(self, ks: tuple[int, ...], samples: tuple[int, ...]) -> tuple[int, ...]:
+        return samples
+
+    def fidelity_label(self, setting: int) -> str:
+        return f"N={setting}"
+
+    def fidelity_detail(self, extra: float | None) -> str:
+        return f"{extra:.1f} distinct"
+
+    def fidelity_case(self, chunk: FidelityChunk, prepared: Any, setting: int, ti: int,
+                      entropy: torch.Tensor) -> FidelityCase:
+        """N draws at T; L_ce = sampled_ce - H(p_T), so that it estimates the KL, not the CE."""
+        t = chunk.temperatures[ti]
+        sid, cnt = sample_counts(chunk.z, t, chunk.uniforms[setting])  # (C, N) ids with repeats, counts at first occurrences
+        keep = cnt > 0
+        return FidelityCase(lambda zs: sampled_ce(zs, sid, cnt, t) - entropy,
+                            {"sample_ids": sid[keep], "sample_counts": cnt[keep], "sample_len": keep.sum(-1)},
+                            keep.sum(-1).double().mean().item())
+
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
+                       s: TargetSettings) -> dict[str, Any] | None:
+        cols = next((c for (n, t), c in made.items() if n == s.samples and f"{t:g}" == f"{s.temperatures[0]:g}"), None)
+        if cols is None:
+            return None
+        same = all(np.array_equal(cols[c], stored[c]) for c in ("sample_len", "sample_ids", "sample_counts"))
+        return {"mode": self.name, "samples": s.samples, "temperature": s.temperatures[0], "draws_equal": same}
 
 
 MODE = Sampled()

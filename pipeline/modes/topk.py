@@ -15,7 +15,9 @@ import pyarrow as pa
 import torch
 
 from kdpipe.pipeline.losses import topk_kl
-from kdpipe.pipeline.modes.base import TargetMode, TargetSettings, TeacherHead, pick
+from kdpipe.pipeline.modes.base import (
+    FidelityCase, FidelityChunk, TargetMode, TargetSettings, TeacherHead, pick,
+)
 from kdpipe.pipeline.teacher import TeacherRunner, reduce_logits
 
 
@@ -79,6 +81,44 @@ class TopK(TargetMode):
            head: TeacherHead | None) -> torch.Tensor:
         return topk_kl(logits, pick(batch.topk_ids, rows), pick(batch.topk_logits, rows),
                        pick(batch.log_z, rows), temperature)
+
+    fidelity_extra = "teacher_topk_mass"  # the teacher's softened mass on its top-k
+
+    def fidelity_settings(self, ks: tuple[int, ...], samples: tuple[int, ...]) -> tuple[int, ...]:
+        return ks
+
+    def fidelity_label(self, setting: int) -> str:
+        return f"k={setting}"
+
+    def fidelity_detail(self, extra: float | None) -> str:
+        return f"top-k mass {100 * extra:.1f}%"
+
+    def fidelity_prepare(self, chunk: FidelityChunk, settings: tuple[int, ...]) -> Any:
+        """One reduction at the largest k (each smaller k is its prefix): ids, logits rounded to
+        fp16 as stored, log Z fp32."""
+        ids, vals, log_z = reduce_logits(chunk.z.clone(), max(settings), chunk.temperatures)  # (C, k), (C, k), (C, n_T)
+        return ids, vals.half().float(), log_z
+
+    def fidelity_case(self, chunk: FidelityChunk, prepared: Any, setting: int, ti: int,
+                      entropy: torch.Tensor) -> FidelityCase:
+        ids, vals16, log_z = prepared
+        t = chunk.temperatures[ti]
+        idk, vk, lz = ids[:, :setting], vals16[:, :setting], log_z[:, ti]
+        mass = (vk / t - lz[:, None]).exp().sum(-1).clamp(max=1).mean().item()
+        return FidelityCase(lambda zs: topk_kl(zs, idk, vk, lz, t),
+                            {"topk_ids": idk, "topk_logits": vk, "log_z": log_z}, mass)
+
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
+                       s: TargetSettings) -> dict[str, Any] | None:
+        if not made:
+            return None
+        kmax = max(k for k, _ in made)
+        if kmax < s.top_k:
+            return None
+        cols = next(c for (k, _), c in made.items() if k == kmax)
+        ids, vals = cols["topk_ids"][:, :s.top_k], cols["topk_logits"][:, :s.top_k]
+        return {"mode": self.name, "k": s.top_k, "ids_equal": float((ids == stored["topk_ids"]).mean()),
+                "logits_max_abs_diff": float(np.abs(vals - stored["topk_logits"].astype(np.float32)).max())}
 
 
 MODE = TopK()
