@@ -20,8 +20,6 @@ the loss, and the angle and norm ratio of its gradient w.r.t. the student logits
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,16 +61,6 @@ def sample_counts(logits: torch.Tensor, temperature: float, uniforms: torch.Tens
 
 
 # ------------------------------------------------------------------------------------ fidelity
-
-@dataclass(frozen=True)
-class Fidelity:
-    """How far a mode's L_ce is from the exact one on the same positions (means over positions)."""
-
-    loss_rel_error: float  # |mean L_mode - mean L_exact| / mean L_exact (KL terms; CE shifted by H(p))
-    grad_cosine: float  # mean cosine between d L_mode / d z_s and d L_exact / d z_s, per position
-    grad_angle_deg: float
-    grad_norm_ratio: float  # mean |grad_mode| / |grad_exact|
-
 
 def gradient_fidelity(loss_fn, exact_fn, student_logits: torch.Tensor) -> tuple[float, float, float]:
     """Per-position gradient comparison w.r.t. the student logits (the paper's Table 3 measure)."""
