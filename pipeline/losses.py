@@ -44,13 +44,20 @@ from torch import nn
 # Rows whose student mass on the teacher's top-k reaches this get the exact tail logsumexp.
 _EXACT_TAIL_FROM = 0.5
 
+# DistilBERT reference (examples/research_projects/distillation/train.py): --alpha_ce, --alpha_mlm,
+# --alpha_cos, --temperature. The defaults of LossSpec, student-train's config and its help text.
+REFERENCE_ALPHA_CE = 5.0
+REFERENCE_ALPHA_MLM = 2.0
+REFERENCE_ALPHA_COS = 1.0
+REFERENCE_TEMPERATURE = 2.0
+
 
 @dataclass(frozen=True)
 class LossSpec:
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    temperature: float = 2.0
+    alpha_ce: float = REFERENCE_ALPHA_CE
+    alpha_mlm: float = REFERENCE_ALPHA_MLM
+    alpha_cos: float = REFERENCE_ALPHA_COS
+    temperature: float = REFERENCE_TEMPERATURE
     ce_masked_only: bool = False
     targets: str = "topk"  # the cache's target mode (pipeline/modes), which computes L_ce
     cache_positions: str = "all"  # where the cache holds targets: all | masked

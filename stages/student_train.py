@@ -49,7 +49,9 @@ from kdpipe.pipeline.fsutil import (
     read_json, remove_stale_tmp, safe_join, sha256_bytes,
 )
 from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
-from kdpipe.pipeline.losses import LossSpec
+from kdpipe.pipeline.losses import (
+    REFERENCE_ALPHA_CE, REFERENCE_ALPHA_COS, REFERENCE_ALPHA_MLM, REFERENCE_TEMPERATURE, LossSpec,
+)
 from kdpipe.pipeline.modes import get_mode
 from kdpipe.pipeline.projection import load_projection
 from kdpipe.pipeline.provenance import code_revision, package_versions
@@ -70,7 +72,6 @@ REFERENCE_WEIGHT_DECAY = 0.0  # --weight_decay
 REFERENCE_ADAM_EPS = 1e-6  # --adam_epsilon
 REFERENCE_BETAS = (0.9, 0.98)  # AdamW(betas=(0.9, 0.98)) in Distiller.__init__
 REFERENCE_MAX_GRAD_NORM = 5.0  # --max_grad_norm
-REFERENCE_TEMPERATURE = 2.0  # --temperature
 REFERENCE_EPOCHS = 3  # --n_epoch
 DEFAULT_BATCH_SIZE = 32
 
@@ -91,9 +92,9 @@ class StudentConfig(StageConfig):
     student_hidden: int | None = Field(None, ge=1)
     student_heads: int | None = Field(None, ge=1)
     student_intermediate: int | None = Field(None, ge=1)
-    alpha_ce: float = Field(5.0, ge=0)
-    alpha_mlm: float = Field(2.0, ge=0)
-    alpha_cos: float = Field(1.0, ge=0)
+    alpha_ce: float = Field(REFERENCE_ALPHA_CE, ge=0)
+    alpha_mlm: float = Field(REFERENCE_ALPHA_MLM, ge=0)
+    alpha_cos: float = Field(REFERENCE_ALPHA_COS, ge=0)
     temperature: float = Field(REFERENCE_TEMPERATURE, gt=0)
     ce_masked_only: bool = False
     max_steps: int | None = Field(None, ge=1)
@@ -639,10 +640,11 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--student-hidden", type=int, help="Student hidden width. [the teacher's]")
 @click.option("--student-heads", type=int, help="Student attention heads. [the teacher's]")
 @click.option("--student-intermediate", type=int, help="Student feed-forward width. [scaled with the width]")
-@click.option("--alpha-ce", type=float, help="Weight of the distillation KL. [5.0]")
-@click.option("--alpha-mlm", type=float, help="Weight of the masked-LM loss. [2.0]")
-@click.option("--alpha-cos", type=float, help="Weight of the hidden-state cosine loss. [1.0]")
-@click.option("--temperature", type=float, help="Softening temperature; must be in the cache's grid. [2.0]")
+@click.option("--alpha-ce", type=float, help=f"Weight of the distillation KL. [{REFERENCE_ALPHA_CE}]")
+@click.option("--alpha-mlm", type=float, help=f"Weight of the masked-LM loss. [{REFERENCE_ALPHA_MLM}]")
+@click.option("--alpha-cos", type=float, help=f"Weight of the hidden-state cosine loss. [{REFERENCE_ALPHA_COS}]")
+@click.option("--temperature", type=float, help="Softening temperature; must be in the cache's grid. "
+              f"[{REFERENCE_TEMPERATURE}]")
 @click.option("--ce-masked-only", is_flag=True, default=None, help="Distil only at masked positions "
               "(the reference's restrict_ce_to_mask). [every non-padding token]")
 @click.option("--max-steps", type=int, help="Optimizer updates to run (instead of --epochs).")

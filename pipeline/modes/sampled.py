@@ -15,15 +15,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from kdpipe.pipeline.losses import sampled_ce
+from kdpipe.pipeline.losses import REFERENCE_TEMPERATURE, sampled_ce
 from kdpipe.pipeline.modes.base import (
     FidelityCase, FidelityChunk, TargetMode, TargetSettings, TeacherHead, pick,
 )
 from kdpipe.pipeline.shards import ranges
 from kdpipe.pipeline.targets import position_uniforms, sample_counts
 from kdpipe.pipeline.teacher import TeacherRunner
-
-REFERENCE_TEMPERATURE = 2.0  # the dump temperature when none is given (the reference's T)
 
 
 class Sampled(TargetMode):
@@ -33,7 +31,7 @@ class Sampled(TargetMode):
     cpu_chunk_rows = 256  # its float64 CDFs are twice the size of topk's float32 logits
 
     def dump_defaults(self, data: dict[str, Any]) -> dict[str, Any]:
-        if data.get("temperatures") is None:
+        if data.get("temperatures") is None:  # the reference's T
             data["temperatures"] = [REFERENCE_TEMPERATURE]
         return data
 
