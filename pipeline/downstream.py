@@ -40,6 +40,8 @@ from kdpipe.pipeline.corpus import looks_like_path
 from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import sha256_file
+from kdpipe.pipeline.padding import pad
+from kdpipe.pipeline.schedule import lr_at
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 SPLIT_METHOD = "sha256-rank"  # see the module docstring
@@ -312,21 +314,10 @@ def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> En
                    enc(split.dev), class_indices(task, split.dev))
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        att[i, : len(s)] = 1
-    return ids, att
-
-
 def linear_schedule(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`
+    (student-train's schedule.lr_at with a peak of 1)."""
+    return lr_at(step, 1.0, total, warmup)
 
 
 def load_classifier(path: str, label_names: list[str]) -> torch.nn.Module:
@@ -376,7 +367,7 @@ def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names:
         perm = torch.randperm(n, generator=order_rng).tolist()
         for b in range(0, n, recipe.batch_size):
             ix = perm[b:b + recipe.batch_size]
-            ids, att = pad_batch([data.train_ids[i] for i in ix], pad_id)
+            ids, att = pad([data.train_ids[i] for i in ix], pad_id)
             with autocast(device):
                 out = model(input_ids=ids.to(device), attention_mask=att.to(device),
                             labels=y_all[ix].to(device))
@@ -403,7 +394,7 @@ def predict(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_si
     preds = np.zeros(len(seqs), dtype=np.int64)
     for b in range(0, len(order), batch_size):
         ix = order[b:b + batch_size]
-        ids, att = pad_batch([seqs[i] for i in ix], pad_id)
+        ids, att = pad([seqs[i] for i in ix], pad_id)
         with autocast(device):
             logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (B, C)
         preds[ix] = logits.argmax(-1).cpu().numpy()

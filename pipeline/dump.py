@@ -17,6 +17,7 @@ import torch
 
 from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence
 from kdpipe.pipeline.modes import TargetMode, get_mode
+from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.shards import PER_TARGET, ShardData
 from kdpipe.pipeline.teacher import TeacherOutputs, TeacherRunner
 
@@ -51,17 +52,6 @@ def length_batches(rows: list, batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (longest first), so padding is small."""
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) input ids padded with pad_id and (B, T) attention mask."""
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-    for i, x in enumerate(seqs):
-        ids[i, : len(x)] = torch.from_numpy(x)
-        att[i, : len(x)] = 1
-    return ids, att
 
 
 def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray]

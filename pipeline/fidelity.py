@@ -48,6 +48,7 @@ from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
 from kdpipe.pipeline.modes import MODE_NAMES, MODES, TargetSettings, get_mode
 from kdpipe.pipeline.modes.base import FidelityChunk
+from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.shards import PER_SAMPLE, ShardData, column_bytes, from_table, to_table, write_shard
 from kdpipe.pipeline.targets import gradient_fidelity
 from kdpipe.pipeline.teacher import TeacherRunner, load_teacher, resolve_model_path, weights_sha256
@@ -204,18 +205,6 @@ def check_teacher(model: torch.nn.Module, m: Manifest, path: str) -> None:
         raise CacheMismatchError(f"teacher {path} has {model.config.vocab_size} tokens, the cache {m.vocab_size}")
 
 
-def _pad(rows: Rows, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    d, off = rows.data, rows.data.offsets()
-    width = int(max(d.length[i] for i in idx))
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)  # (B, T)
-    att = torch.zeros((len(idx), width), dtype=torch.long)  # (B, T)
-    for j, i in enumerate(idx):
-        n = int(d.length[i])
-        ids[j, :n] = torch.from_numpy(d.input_ids[off[i]:off[i + 1]].astype(np.int64))
-        att[j, :n] = 1
-    return ids, att
-
-
 @torch.no_grad()
 def forward_rows(rows: Rows, runner: TeacherRunner, student: torch.nn.Module, spec: FidelitySpec,
                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +214,8 @@ def forward_rows(rows: Rows, runner: TeacherRunner, student: torch.nn.Module, sp
     xs, hs = [], []
     for lo in range(0, rows.data.rows, spec.batch_size):
         idx = list(range(lo, min(lo + spec.batch_size, rows.data.rows)))
-        ids, att = _pad(rows, idx, pad_id)
+        off = rows.data.offsets()
+        ids, att = pad([rows.data.input_ids[off[i]:off[i + 1]] for i in idx], pad_id)
         _, x = runner.hidden_and_decoder_input(ids, att)  # (N, H') non-padding positions, row-major
         h = body(input_ids=ids.to(device), attention_mask=att.to(device))[0][att.to(device).bool()]  # (N, H_s)
         starts = np.concatenate([[0], np.cumsum([int(rows.data.length[i]) for i in idx])])

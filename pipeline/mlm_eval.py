@@ -22,7 +22,7 @@ import torch
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import metrics
 from kdpipe.pipeline.device import autocast
-from kdpipe.pipeline.downstream import pad_batch
+from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import read_json
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, mask_sequence
@@ -111,7 +111,7 @@ def heldout_batches(h: Heldout, corpus: corpus_mod.Corpus, tokenizer: Any, vocab
     batches = []
     for b in range(0, len(order), h.batch_size):
         rows = [masked[i] for i in order[b:b + h.batch_size]]
-        ids, att = pad_batch([r.input_ids.tolist() for r in rows], tokenizer.pad_token_id)
+        ids, att = pad([r.input_ids for r in rows], tokenizer.pad_token_id)
         sel = torch.zeros_like(ids, dtype=torch.bool)
         for j, r in enumerate(rows):
             sel[j, torch.from_numpy(r.positions)] = True

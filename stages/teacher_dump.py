@@ -45,9 +45,10 @@ from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_write_bytes, atomic_write_json, disk_errors, ensure_dir, exclusive_lock,
     remove_stale_tmp, sha256_file, tmp_path_for,
 )
-from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows, pad
+from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, token_weights
 from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES, MODES, TargetMode, TargetSettings, get_mode
+from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.provenance import provenance
 from kdpipe.pipeline.shards import (
     column_bytes, encode_shard, read_fingerprint, shard_path, to_table, write_shard,
