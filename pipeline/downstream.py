@@ -38,10 +38,11 @@ import torch
 from kdpipe.pipeline import metrics
 from kdpipe.pipeline.corpus import looks_like_path
 from kdpipe.pipeline.device import autocast
-from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.errors import KdpipeError, first_line
 from kdpipe.pipeline.fsutil import sha256_file
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.schedule import lr_at
+from kdpipe.pipeline.teacher import quiet_transformers
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 SPLIT_METHOD = "sha256-rank"  # see the module docstring
@@ -214,9 +215,8 @@ def _read_dataset(spec: str, split: str, text_col: str, label_col: str
         datasets.disable_progress_bars()
         ds = datasets.load_dataset(repo, config or None, split=split)
     except Exception as e:  # datasets raises many types for "not available offline"
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KdpipeError(f"task {spec!r} is neither a local file nor a dataset available "
-                          f"offline ({why})") from None
+                          f"offline ({first_line(e)})") from None
     columns = list(ds.column_names)
     fingerprint = {"format": "dataset", "name": repo, "config": config or None, "split": split,
                    "dataset_fingerprint": getattr(ds, "_fingerprint", None)}
@@ -322,21 +322,15 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
 
 def load_classifier(path: str, label_names: list[str]) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialised weights" is expected: head and pooler
-    hf_logging.disable_progress_bar()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-        )
+        with quiet_transformers():  # "newly initialised weights" is expected: head and pooler
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+            )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdpipeError(f"cannot build a classifier from {path}: {first}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        raise KdpipeError(f"cannot build a classifier from {path}: {first_line(e)}") from None
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

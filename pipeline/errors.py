@@ -25,6 +25,13 @@ class CorruptCacheError(KdpipeError):
     """A file does not match what the manifest says about it."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): libraries'
+    multi-line messages become one `Error: ...` line."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def validate_record(cls: type[M], raw: Any, what: str, error: type[KdpipeError] = KdpipeError) -> M:
     """A JSON record read from disk as its schema, or one line naming the first bad field
     (`what is invalid: key.path: reason`), never pydantic's multi-line report."""

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import torch
 
 from kdpipe.pipeline import speed
-from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.errors import KdpipeError, first_line
 from kdpipe.pipeline.fsutil import read_json, safe_join
-from kdpipe.pipeline.teacher import load_tokenizer, resolve_model_path, tokenizer_sha256
+from kdpipe.pipeline.teacher import load_masked_lm, load_tokenizer, resolve_model_path, tokenizer_sha256
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
@@ -115,28 +115,13 @@ def weights_files(folder: Path) -> list[Path]:
     return files[:1]  # transformers loads the safetensors file when both are there
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def load_model(m: Model, teacher_tokenizer: Any = None) -> None:
     """The masked LM, its tokenizer (its own if the folder has one, else the teacher's), its size."""
-    from transformers import AutoModelForMaskedLM
-    from transformers.utils import logging as hf_logging
-
     files = weights_files(m.path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(
-            str(m.path), local_files_only=True, output_loading_info=True)
+        m.module, m.missing_head = load_masked_lm(str(m.path))
     except (OSError, ValueError, KeyError) as e:
-        raise KdpipeError(f"cannot load {m.role} {m.name} from {m.path}: {_first_line(e)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    m.module = model.eval()
-    m.missing_head = list(info.get("missing_keys", []))
+        raise KdpipeError(f"cannot load {m.role} {m.name} from {m.path}: {first_line(e)}") from None
     has_tokenizer = any((m.path / f).is_file() for f in TOKENIZER_FILES)
     if has_tokenizer or teacher_tokenizer is None:
         m.tokenizer = load_tokenizer(str(m.path))
@@ -147,7 +132,7 @@ def load_model(m: Model, teacher_tokenizer: Any = None) -> None:
         "name": m.name, "role": m.role, "path": str(m.path),
         "run_dir": str(m.run_dir) if m.run_dir else None,
         "metrics_file": str(m.metrics_file) if m.metrics_file else None,
-        **speed.size(model, files),
+        **speed.size(m.module, files),
     }
 
 

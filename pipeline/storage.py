@@ -108,14 +108,9 @@ def store_errors(url: str) -> Iterator[None]:
         if "Protocol not known" in str(e):
             raise KdpipeError(f"{url}: unknown URL scheme {scheme(url)!r} (use a local path, file://, "
                               "s3:// or another fsspec protocol)") from None
-        raise KdpipeError(f"{url}: {_first_line(e)}") from None
+        raise KdpipeError(f"{url}: {first_line(e)}") from None
     except Exception as e:  # network, credentials, permissions: botocore and friends raise many kinds
-        raise KdpipeError(f"{url}: {type(e).__name__}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        raise KdpipeError(f"{url}: {type(e).__name__}: {first_line(e)}") from None
 
 
 class Store:

@@ -29,6 +29,7 @@ from torch import nn
 
 from kdpipe.pipeline import distilbert
 from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.teacher import quiet_transformers
 
 _LAYER_KEY = re.compile(r"^(.*?\.layer\.)(\d+)\.(.+)$")  # bert.encoder.layer.3.attention...
 
@@ -104,17 +105,13 @@ def student_config(teacher_config: dict[str, Any], override: dict[str, Any] | No
 def build_student(cfg: Any, seed: int) -> nn.Module:
     """A masked LM with seeded random weights (torch's global RNG is seeded here)."""
     from transformers import AutoModelForMaskedLM
-    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForMaskedLM.from_config(cfg)
+        with quiet_transformers():
+            model = AutoModelForMaskedLM.from_config(cfg)
     except ValueError as e:
         raise KdpipeError(f"cannot build a masked-LM student of type {cfg.model_type!r}: {e}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     mlm_head(model)  # refuse unsupported architectures before any training
     return model
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdpipe.pipeline.device import autocast
-from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.errors import KdpipeError, first_line
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def load_tokenizer(path: str) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise KdpipeError(f"cannot load a tokenizer from {path}: {_first_line(e)}") from None
+        raise KdpipeError(f"cannot load a tokenizer from {path}: {first_line(e)}") from None
     for name in ("mask_token_id", "cls_token_id", "sep_token_id", "pad_token_id"):
         if getattr(tok, name) is None:
             raise KdpipeError(f"tokenizer of {path} has no {name.removesuffix('_id')}; "
@@ -71,7 +71,7 @@ def load_model_config(path: str) -> Any:
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise KdpipeError(f"cannot load a model config from {path}: {_first_line(e)}") from None
+        raise KdpipeError(f"cannot load a model config from {path}: {first_line(e)}") from None
 
 
 def save_head(path: Path, decoder: nn.Linear) -> None:
@@ -86,38 +86,47 @@ def save_head(path: Path, decoder: nn.Linear) -> None:
     atomic_write_bytes(path, save(tensors))
 
 
-def load_teacher(path: str, allow_missing_head: bool = False) -> nn.Module:
-    """An `AutoModelForMaskedLM` in eval mode, refusing checkpoints whose head would be random."""
-    from transformers import AutoModelForMaskedLM
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' loading messages ("newly initialised weights", ...) and progress bars off."""
     from transformers.utils import logging as hf_logging
 
-    p = Path(path)
-    if p.exists() and not (p / "config.json").is_file():
-        raise KdpipeError(f"teacher {path} is not a model folder (no config.json)")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(
-            path, local_files_only=True, output_loading_info=True
-        )
-    except ValueError as e:
-        raise KdpipeError(f"teacher {path} is not a masked language model: {_first_line(e)}") from None
-    except OSError as e:
-        raise KdpipeError(f"cannot load teacher {path}: {_first_line(e)}") from None
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
-    missing = list(info.get("missing_keys", []))
+
+
+def load_masked_lm(path: str) -> tuple[nn.Module, list[str]]:
+    """An `AutoModelForMaskedLM` from a local folder in eval mode, and the weights it lacked (a
+    missing head starts random); transformers' own errors are the caller's to word."""
+    from transformers import AutoModelForMaskedLM
+
+    with quiet_transformers():
+        model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    return model.eval(), list(info.get("missing_keys", []))
+
+
+def load_teacher(path: str, allow_missing_head: bool = False) -> nn.Module:
+    """The teacher in eval mode, refusing checkpoints whose head would be random."""
+    p = Path(path)
+    if p.exists() and not (p / "config.json").is_file():
+        raise KdpipeError(f"teacher {path} is not a model folder (no config.json)")
+    try:
+        model, missing = load_masked_lm(path)
+    except ValueError as e:
+        raise KdpipeError(f"teacher {path} is not a masked language model: {first_line(e)}") from None
+    except OSError as e:
+        raise KdpipeError(f"cannot load teacher {path}: {first_line(e)}") from None
     if missing and not allow_missing_head:
         raise KdpipeError(
             f"teacher {path} has no trained masked-LM head ({len(missing)} weights missing, e.g. "
             f"{missing[0]}): its logits would be random; give it a head with `kdpipe teacher-adapt`"
         )
-    return model.eval()
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return model
 
 
 def weights_sha256(model: nn.Module) -> str:
