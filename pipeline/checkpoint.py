@@ -23,7 +23,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError, validate_record
-from kdpipe.pipeline.fsutil import atomic_write_bytes, disk_errors, read_json, sha256_file, dumps_json
+from kdpipe.pipeline.fsutil import atomic_dir, atomic_write_bytes, dumps_json, read_json, sha256_file
 from kdpipe.schemas.checkpoint import (
     CHECKPOINT_META, CHECKPOINT_PATTERN, CHECKPOINT_VERSION, CHECKPOINTS_DIR, LATEST_NAME,
     CheckpointMeta, Position,
@@ -83,23 +83,17 @@ def save_checkpoint(run_dir: Path, run_id: str, cache_sha: str, identity_sha: st
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(state.step)
     final = root / name
-    tmp = root / f"{_TMP_PREFIX}{name}.{os.getpid()}"
-    try:
-        with disk_errors(final):
-            _write_checkpoint(tmp, final, name, root, run_id, cache_sha, identity_sha, state, student,
-                              hidden_map, optimizer)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back at once
-        raise
+    with atomic_dir(final, root / f"{_TMP_PREFIX}{name}.{os.getpid()}") as tmp:
+        _write_checkpoint(tmp, final, run_id, cache_sha, identity_sha, state, student, hidden_map, optimizer)
+    atomic_write_bytes(root / LATEST_NAME, (name + "\n").encode())
     prune(run_dir, run_id, keep, protect=name)
     return final
 
 
-def _write_checkpoint(tmp: Path, final: Path, name: str, root: Path, run_id: str, cache_sha: str,
-                      identity_sha: str, state: TrainState, student: nn.Module, hidden_map: nn.Module,
+def _write_checkpoint(tmp: Path, final: Path, run_id: str, cache_sha: str, identity_sha: str,
+                      state: TrainState, student: nn.Module, hidden_map: nn.Module,
                       optimizer: torch.optim.Optimizer) -> None:
-    """Every file under `tmp`, checkpoint.json last; then the rename and the `latest` pointer."""
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Every file under `tmp`, checkpoint.json last, all synced; `final` cleared for the rename."""
     tmp.mkdir()
     save_model(student, str(tmp / STUDENT_FILE))
     save_file({k: v.detach().cpu().contiguous() for k, v in hidden_map.state_dict().items()},
@@ -123,8 +117,6 @@ def _write_checkpoint(tmp: Path, final: Path, name: str, root: Path, run_id: str
         if not _owned(final, run_id):
             raise KdpipeError(f"{final} exists and was not written by this run; refusing to replace it")
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_bytes(root / LATEST_NAME, (name + "\n").encode())
 
 
 def _owned(path: Path, run_id: str) -> bool:

@@ -118,6 +118,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         _fsync_dir(path.parent)
 
 
+@contextmanager
+def atomic_dir(target: Path, tmp: Path | None = None) -> Iterator[Path]:
+    """A folder built inside the block under a temporary name (`tmp`, by default the sibling
+    tmp_path_for gives), then renamed into place, so `target` is whole or absent. A killed
+    writer's temporary is removed first, this one on any error; write errors name `target`."""
+    tmp = tmp or tmp_path_for(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with disk_errors(target):
+            yield tmp
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back at once
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from kdpipe.pipeline.cache import HEAD_NAME, PROJECTION_NAME
 from kdpipe.pipeline.errors import KdpipeError
-from kdpipe.pipeline.fsutil import exclusive_lock, sha256_bytes
+from kdpipe.pipeline.fsutil import atomic_dir, exclusive_lock, sha256_bytes
 from kdpipe.schemas.checkpoint import FINAL_DIR, RUN_NAME, STUDENT_RECORD_NAME
 from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME
 from kdpipe.schemas.report import SETTINGS_NAME
@@ -450,14 +450,12 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
         if rel in remote:  # reach the checkpoint; truncated to its step on resume
             pull(rel)
     name = f"step-{steps[-1]:07d}"
-    tmp = staging / "checkpoints" / f".tmp-{name}.pull"
-    shutil.rmtree(tmp, ignore_errors=True)
     prefix = f"checkpoints/{name}/"
-    for rel in sorted(r for r in remote if r.startswith(prefix)):
-        store.get(rel, tmp, strip=prefix)
     final = staging / "checkpoints" / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final, staging / "checkpoints" / f".tmp-{name}.pull") as tmp:
+        for rel in sorted(r for r in remote if r.startswith(prefix)):
+            store.get(rel, tmp, strip=prefix)
+        shutil.rmtree(final, ignore_errors=True)
     (staging / "checkpoints" / "latest").write_text(name + "\n")
     for rel in remote:
         if rel.startswith(prefix):

@@ -45,7 +45,7 @@ from kdpipe.pipeline.config import MAX_SEED, StageConfig
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (
-    TMP_SUFFIX, atomic_write_json, disk_errors, dumps_json, ensure_dir, exclusive_lock,
+    TMP_SUFFIX, atomic_dir, atomic_write_json, disk_errors, dumps_json, ensure_dir, exclusive_lock,
     read_json, remove_stale_tmp, safe_join, sha256_bytes,
 )
 from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
@@ -477,24 +477,17 @@ def _close(f: Any) -> None:
 def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, result: dict[str, Any]) -> Path:
     """RUN_DIR/final: a save_pretrained student (+ tokenizer), published by one rename."""
     final = s.out / FINAL_DIR
-    tmp = s.out / f".final.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with disk_errors(final):
-            tr.student.save_pretrained(tmp)
-            if tokenizer is not None:
-                stu.save_tokenizer(tokenizer, tmp, tr.student)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
-                      str(tmp / "kdpipe_hidden_map.safetensors"))
-            atomic_write_json(tmp / STUDENT_RECORD_NAME, {
-                "run_id": record.run_id, "cache_fingerprint_sha256": record.cache_fingerprint_sha256,
-                "steps": result["steps"], "epoch": result["epoch"], "init": record.init,
-                "tokenizer": "copied from the teacher" if tokenizer is not None else "none (no teacher path known)",
-            })
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(final, s.out / f".final.tmp-{os.getpid()}") as tmp:
+        tr.student.save_pretrained(tmp)
+        if tokenizer is not None:
+            stu.save_tokenizer(tokenizer, tmp, tr.student)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
+                  str(tmp / "kdpipe_hidden_map.safetensors"))
+        atomic_write_json(tmp / STUDENT_RECORD_NAME, {
+            "run_id": record.run_id, "cache_fingerprint_sha256": record.cache_fingerprint_sha256,
+            "steps": result["steps"], "epoch": result["epoch"], "init": record.init,
+            "tokenizer": "copied from the teacher" if tokenizer is not None else "none (no teacher path known)",
+        })
     return final
 
 

@@ -27,7 +27,7 @@ from pydantic import Field
 from kdpipe.pipeline.cli import build_config, config_option, echo_json
 from kdpipe.pipeline.config import MAX_SEED, StageConfig
 from kdpipe.pipeline.fsutil import (
-    atomic_write_json, disk_errors, ensure_dir, exclusive_lock, read_json, remove_stale_tmp, tmp_path_for,
+    atomic_dir, atomic_write_json, ensure_dir, exclusive_lock, read_json, remove_stale_tmp,
 )
 from kdpipe.pipeline.masking import MaskingSpec
 from kdpipe.stages import student_train, teacher_dump
@@ -78,15 +78,8 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: AdaptConfig) -
 
 def _publish(final: Path, target: Path) -> None:
     """Copy the trained model folder into place atomically (a half-copied teacher never exists)."""
-    tmp = tmp_path_for(target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with disk_errors(target):
-            shutil.copytree(final, tmp)
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(target) as tmp:
+        shutil.copytree(final, tmp)
 
 
 def main(cfg: AdaptConfig) -> dict[str, Any]:

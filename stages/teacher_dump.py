@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -42,8 +41,8 @@ from kdpipe.pipeline.config import StageConfig
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
-    TMP_SUFFIX, atomic_write_bytes, atomic_write_json, disk_errors, ensure_dir, exclusive_lock,
-    remove_stale_tmp, sha256_file, tmp_path_for,
+    TMP_SUFFIX, atomic_dir, atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock,
+    remove_stale_tmp, sha256_file,
 )
 from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, token_weights
@@ -340,15 +339,8 @@ def _save_tokenizer(s: Setup) -> list[FileEntry]:
     """The teacher's tokenizer inside the cache, so a student run needs nothing else."""
     target = s.out / cachedir.TOKENIZER_DIR
     if not target.is_dir():
-        tmp = tmp_path_for(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            with disk_errors(target):
-                s.tokenizer.save_pretrained(str(tmp))
-                tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_dir(target) as tmp:
+            s.tokenizer.save_pretrained(str(tmp))
     return [cachedir.file_entry(s.out, p.relative_to(s.out).as_posix())
             for p in sorted(target.iterdir()) if p.is_file()]
 
