@@ -100,7 +100,7 @@ def worker_online(a: argparse.Namespace) -> dict:
 
     from kdpipe.pipeline import student as stu
     from kdpipe.pipeline.cache import load_manifest
-    from kdpipe.pipeline.loader import DataPosition, LoaderSpec, iter_batches
+    from kdpipe.pipeline.loader import LoaderSpec, Position, iter_batches
     from kdpipe.pipeline.teacher import load_teacher
     from kdpipe.stages import student_train as st
 
@@ -116,7 +116,7 @@ def worker_online(a: argparse.Namespace) -> dict:
     t_temp, (a_ce, a_mlm, a_cos) = 2.0, (5.0, 2.0, 1.0)
     spec = LoaderSpec(seed=0, window=4, batch_size=a.batch_size, temperature_index=1)
     inputs = []  # the same batches as offline; only the tokens are kept (online needs no cache)
-    for b in iter_batches(cache, manifest, spec, DataPosition(0, 0)):
+    for b in iter_batches(cache, manifest, spec, Position(0, 0)):
         labels = torch.full(b.input_ids.shape, -100, dtype=torch.long)
         labels.view(-1)[b.attention_mask.view(-1).nonzero().squeeze(1)[b.mlm_index]] = b.mlm_labels
         inputs.append((b.input_ids, b.attention_mask, labels, b.tokens))

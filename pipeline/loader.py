@@ -38,20 +38,13 @@ from kdpipe.pipeline.cache import open_shard
 from kdpipe.pipeline.errors import CorruptCacheError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.shards import ShardData, iter_row_groups, ranges
+from kdpipe.schemas.checkpoint import Position
 from kdpipe.schemas.manifest import Manifest, ShardEntry
 
 _ORDER_SALT, _WINDOW_SALT = 0x5EED0, 0x5EED1
 
 
-@dataclass(frozen=True)
-class DataPosition:
-    """Rows of epoch `epoch`'s order already consumed (an exhausted epoch is (epoch + 1, 0))."""
-
-    epoch: int
-    index: int
-
-    def to_json(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+DataPosition = Position  # the loader's older name for it
 
 
 @dataclass(frozen=True)
@@ -78,7 +71,7 @@ class Batch:
     seq_id: np.ndarray  # (B,)
     view: np.ndarray  # (B,)
     tokens: int  # N
-    position: DataPosition  # the data position after this batch
+    position: Position  # the data position after this batch
     epoch_progress: float  # epoch + share of it consumed after this batch
     hidden: torch.Tensor | None = None  # (N, d) float32, teacher hidden @ projection
     topk_ids: torch.Tensor | None = None  # (P, k) int64
@@ -175,7 +168,7 @@ class _Window:
         self.soff = data.sample_offsets()  # (P + 1,) or None
 
 
-def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPosition, progress: float
+def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Position, progress: float
             ) -> Batch:
     """Pad a list of (window, row) into a Batch; per-position arrays keep row-major order."""
     pieces: dict[str, list[np.ndarray]] = {}
@@ -231,7 +224,7 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: DataPos
     )
 
 
-def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: DataPosition,
+def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position,
                 epochs: int | None) -> Iterator[tuple[_Window, int, int, int, EpochPlan]]:
     """(window, row in window, epoch, index of the row in the epoch, plan) from `start` on."""
     epoch, index = start.epoch, start.index
@@ -261,7 +254,7 @@ def _full_after(count: int, spec: LoaderSpec) -> bool:
     return spec.batch_size is not None and count == spec.batch_size
 
 
-def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: DataPosition,
+def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position,
                  epochs: int | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
     """Batches from `start` to the end of epoch `epochs - 1` (forever when None), in order.
     part = (rank, world): the share of every global batch this rank trains on (see the top)."""
@@ -273,7 +266,7 @@ def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: D
 
     def emit() -> Batch:
         ep, idx = cur
-        pos = DataPosition(ep + 1, 0) if idx >= plan_rows else DataPosition(ep, idx)
+        pos = Position(ep + 1, 0) if idx >= plan_rows else Position(ep, idx)
         if world == 1:
             return collate(rows, spec, pos, ep + idx / plan_rows)
         return _share(rows, rank, world, spec, pos, ep + idx / plan_rows)
@@ -293,7 +286,7 @@ def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: D
         yield emit()
 
 
-def _share(rows: list[tuple[_Window, int]], rank: int, world: int, spec: LoaderSpec, position: DataPosition,
+def _share(rows: list[tuple[_Window, int]], rank: int, world: int, spec: LoaderSpec, position: Position,
            progress: float) -> Batch:
     """This rank's contiguous share of a global batch, with the global counts the loss weights
     need. A share with no rows (a last batch smaller than the world) holds the batch's first row

@@ -61,8 +61,14 @@ class RunRecord(_Frozen):
 
 
 class Position(_Frozen):
+    """The data position: rows of epoch `epoch`'s order already consumed (an exhausted epoch is
+    (epoch + 1, 0)); the loader resumes from it (pipeline/loader.py), a checkpoint saves it."""
+
     epoch: int = Field(ge=0)
     index: int = Field(ge=0)
+
+    def __init__(self, epoch: int, index: int) -> None:  # Position(1, 0) as well as by name
+        super().__init__(epoch=epoch, index=index)
 
 
 class CheckpointMeta(_Frozen):

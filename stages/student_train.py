@@ -48,7 +48,7 @@ from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_dir, atomic_write_json, disk_errors, dumps_json, ensure_dir, exclusive_lock,
     read_json, remove_stale_tmp, safe_join, sha256_bytes,
 )
-from kdpipe.pipeline.loader import Batch, DataPosition, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
+from kdpipe.pipeline.loader import Batch, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
 from kdpipe.pipeline.losses import (
     REFERENCE_ALPHA_CE, REFERENCE_ALPHA_COS, REFERENCE_ALPHA_MLM, REFERENCE_TEMPERATURE, LossSpec,
 )
@@ -375,7 +375,7 @@ def open_stream(s: Setup, position: Position, w: distributed.World | None = None
     """The batches from `position` on (this rank's share of each); the first is decoded now, so a
     corrupt first window of the cache is refused before anything in the run directory changes."""
     w = w or distributed.World()
-    stream = iter_batches(s.cache, s.manifest, s.loader, DataPosition(position.epoch, position.index),
+    stream = iter_batches(s.cache, s.manifest, s.loader, position,
                           epochs=s.cfg.epochs, part=(w.rank, w.size))
     first = next(stream, None)
     if first is None:
@@ -425,7 +425,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
             for key, v in res.sums.items():
                 window[key] += v
             timed_steps, timed_tokens = timed_steps + 1, timed_tokens + res.tokens
-            position = Position(epoch=res.last.position.epoch, index=res.last.position.index)
+            position = res.last.position
             epoch_progress = res.last.epoch_progress
             bar.update(1)
             if samples:
