@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import errno
 import importlib
-import json
 import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -64,43 +61,14 @@ class LazyGroup(click.Group):
             raise click.ClickException(write_error_message(where or "the output", code)) from None
 
 
-# ------------------------------------------------------------------ helpers shared by the stages
+def __getattr__(name: str) -> Any:
+    """The stages' click helpers live in pipeline/config.py; imported from here on demand, as
+    before, without slowing `kdpipe --help`."""
+    if name in ("floats_option", "ints_option", "config_option", "echo_json"):
+        from kdpipe.pipeline import config
 
-def _list_option(kind: type, what: str) -> Callable[[click.Context, click.Parameter, str | None], list | None]:
-    """A click callback parsing '1,2,4' into a list of `kind`, with the option named on error."""
-
-    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
-        if value is None:
-            return None
-        try:
-            return [kind(x) for x in value.split(",") if x.strip()]
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
-
-    return parse
-
-
-floats_option = _list_option(float, "numbers")
-ints_option = _list_option(int, "integers")
-
-
-config_option = click.option(
-    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML or JSON file of settings (keys are the long flag names with _); flags given on "
-    "the command line override it.",
-)
-
-
-def build_config(cls: type, config_file: Path | None, flags: dict[str, Any]) -> Any:
-    """Typed config from a file and the flags that were given (click passes None otherwise)."""
-    from kdpipe.pipeline.config import build_config as build
-
-    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items()}
-    return build(cls, config_file, {k: v for k, v in given.items() if v not in (None, [])})
-
-
-def echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @click.group(cls=LazyGroup, commands_table=COMMANDS,

@@ -1,14 +1,19 @@
 """Typed stage configuration: a YAML/JSON file, overridden by command-line flags.
 
 Each stage declares a frozen pydantic model; unknown keys and wrong types are rejected, and
-every problem is reported at once, one line each, naming the key.
+every problem is reported at once, one line each, naming the key. The click helpers every stage's
+command shares (--config, list options, the JSON summary) live here too, so a stage imports this
+module and never the CLI module that loads it by name.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import click
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -58,12 +63,46 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_config(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -> C:
-    """File values first, then flags that were given (None means 'not given')."""
+    """File values first, then flags that were given: None (click's value for a flag not given,
+    and an empty tuple for a repeatable one) means 'not given'."""
     values = read_config_file(config_file) if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items()}
+    values.update({k: v for k, v in given.items() if v is not None and v != []})
     try:
         return cls(**values)
     except ValidationError as e:
         problems = _format_errors(e)
         head = f"invalid configuration ({len(problems)} problem{'s' if len(problems) > 1 else ''}): "
         raise ConfigError(head + "; ".join(problems)) from None
+
+
+# ------------------------------------------------------------------ click helpers of the stages
+
+def _list_option(kind: type, what: str) -> Callable[[click.Context, click.Parameter, str | None], list | None]:
+    """A click callback parsing '1,2,4' into a list of `kind`, with the option named on error."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list | None:
+        if value is None:
+            return None
+        try:
+            return [kind(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
+
+    return parse
+
+
+floats_option = _list_option(float, "numbers")
+ints_option = _list_option(int, "integers")
+
+
+config_option = click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or JSON file of settings (keys are the long flag names with _); flags given on "
+    "the command line override it.",
+)
+
+
+def echo_json(obj: Any) -> None:
+    """A stage's summary on stdout."""
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))

@@ -15,7 +15,7 @@ import click
 
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.cache import Problem, load_manifest, verify_cache
-from kdpipe.pipeline.cli import LazyGroup, echo_json, floats_option, ints_option
+from kdpipe.pipeline.config import echo_json, floats_option, ints_option
 from kdpipe.pipeline.fsutil import atomic_write_json
 
 
@@ -42,7 +42,7 @@ def info(cache_dir: Path | str) -> dict[str, Any]:
     }
 
 
-@click.group("cache", cls=LazyGroup)
+@click.group("cache")  # kdpipe's group (pipeline/cli.py) turns a KdpipeError into one line
 def command() -> None:
     """Inspect and check a teacher cache."""
 

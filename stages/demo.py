@@ -28,7 +28,7 @@ from typing import Any
 import click
 
 from kdpipe.pipeline import builtin
-from kdpipe.pipeline.cli import echo_json
+from kdpipe.pipeline.config import echo_json
 from kdpipe.pipeline.fsutil import atomic_write_bytes, ensure_dir
 from kdpipe.stages import evaluate, student_train, teacher_adapt, teacher_dump
 

@@ -32,8 +32,7 @@ from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import downstream, mlm_eval, report_dir, sections, speed
 from kdpipe.pipeline import report as render
 from kdpipe.pipeline import storage
-from kdpipe.pipeline.cli import build_config, config_option, echo_json
-from kdpipe.pipeline.config import MAX_SEED, StageConfig
+from kdpipe.pipeline.config import MAX_SEED, StageConfig, build_config, config_option, echo_json
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.fsutil import (
     atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, sha256_bytes,

@@ -40,8 +40,9 @@ from kdpipe.pipeline import checkpoint as ckpt
 from kdpipe.pipeline import distributed
 from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
-from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option, ints_option
-from kdpipe.pipeline.config import MAX_SEED, StageConfig
+from kdpipe.pipeline.config import (
+    MAX_SEED, StageConfig, build_config, config_option, echo_json, floats_option, ints_option,
+)
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (

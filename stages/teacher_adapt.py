@@ -24,8 +24,7 @@ import click
 import torch
 from pydantic import Field
 
-from kdpipe.pipeline.cli import build_config, config_option, echo_json
-from kdpipe.pipeline.config import MAX_SEED, StageConfig
+from kdpipe.pipeline.config import MAX_SEED, StageConfig, build_config, config_option, echo_json
 from kdpipe.pipeline.fsutil import (
     atomic_dir, atomic_write_json, ensure_dir, exclusive_lock, read_json, remove_stale_tmp,
 )

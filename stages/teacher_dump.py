@@ -36,8 +36,7 @@ from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import distributed
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage
-from kdpipe.pipeline.cli import build_config, config_option, echo_json, floats_option
-from kdpipe.pipeline.config import StageConfig
+from kdpipe.pipeline.config import StageConfig, build_config, config_option, echo_json, floats_option
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
