@@ -20,15 +20,10 @@ from typing import Any
 
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError, validate_record
 from kdpipe.pipeline.fsutil import dumps_json, read_json, safe_join, sha256_bytes, sha256_file
-from kdpipe.schemas.manifest import (
-    FINGERPRINT_NAME, MANIFEST_NAME, MANIFEST_VERSION, FileEntry, Manifest, ShardEntry,
+from kdpipe.schemas.manifest import (  # noqa: F401  (the layout's names, used as cachedir.NAME)
+    FINGERPRINT_NAME, HEAD_NAME, MANIFEST_NAME, MANIFEST_VERSION, PROJECTION_NAME, RUN_INFO_NAME,
+    SHARDS_DIR, TEACHER_CONFIG_NAME, TOKENIZER_DIR, FileEntry, Manifest, ShardEntry,
 )
-
-RUN_INFO_NAME = "run_info.json"
-TEACHER_CONFIG_NAME = "teacher_config.json"
-PROJECTION_NAME = "projection.safetensors"
-HEAD_NAME = "head.safetensors"
-TOKENIZER_DIR = "tokenizer"
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
@@ -183,7 +178,7 @@ def verify_cache(cache_dir: Path) -> tuple[Manifest, list[Problem]]:
     listed = {e.path for e in m.shards}
     fetcher = _fetcher(cache_dir)
     present = fetcher.shard_files() if fetcher is not None else [
-        f.relative_to(cache_dir).as_posix() for f in sorted((cache_dir / "shards").glob("*.parquet"))]
+        f.relative_to(cache_dir).as_posix() for f in sorted((cache_dir / SHARDS_DIR).glob("*.parquet"))]
     for rel in present:
         if rel not in listed:
             problems.append(Problem(rel, "not listed in the manifest (ignored by readers)"))

@@ -25,19 +25,11 @@ from torch import nn
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError, validate_record
 from kdpipe.pipeline.fsutil import atomic_dir, atomic_write_bytes, dumps_json, read_json, sha256_file
 from kdpipe.schemas.checkpoint import (
-    CHECKPOINT_META, CHECKPOINT_PATTERN, CHECKPOINT_VERSION, CHECKPOINTS_DIR, LATEST_NAME,
-    CheckpointMeta, Position,
+    CHECKPOINT_META, CHECKPOINT_PATTERN, CHECKPOINT_VERSION, CHECKPOINTS_DIR, HIDDEN_MAP_FILE, LATEST_NAME,
+    OPTIMIZER_FILE, RNG_FILE, STUDENT_FILE, CheckpointMeta, Position, checkpoint_name,
 )
 
-STUDENT_FILE = "student.safetensors"
-HIDDEN_MAP_FILE = "hidden_map.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.safetensors"
 _TMP_PREFIX = ".tmp-"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 # ------------------------------------------------------------------------------------------ RNG

@@ -22,12 +22,14 @@ import torch
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import metrics
 from kdpipe.pipeline.device import autocast
-from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import read_json
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, mask_sequence
 from kdpipe.pipeline.models import Model
+from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.teacher import decoder_bypassed, decoder_of
+from kdpipe.schemas.checkpoint import RUN_NAME
+from kdpipe.schemas.manifest import FINGERPRINT_NAME
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -79,9 +81,9 @@ def overlap_warnings(students: list[Model], heldout: corpus_mod.Corpus) -> list[
     out = []
     for m in students:
         try:
-            run = read_json(m.run_dir / "run.json") if m.run_dir else {}
+            run = read_json(m.run_dir / RUN_NAME) if m.run_dir else {}
             cache = Path(run["cache"]) if isinstance(run, dict) and "cache" in run else None
-            fp_path = cache / "fingerprint.json" if cache else None
+            fp_path = cache / FINGERPRINT_NAME if cache else None
             fp = read_json(fp_path) if fp_path and fp_path.is_file() else {}
             seen = {f.get("sha256") for f in fp.get("corpus", {}).get("files", [])}
         except (KdpipeError, OSError, TypeError, AttributeError):

@@ -19,6 +19,7 @@ from kdpipe.pipeline import speed
 from kdpipe.pipeline.errors import KdpipeError, first_line
 from kdpipe.pipeline.fsutil import read_json, safe_join
 from kdpipe.pipeline.teacher import load_masked_lm, load_tokenizer, resolve_model_path, tokenizer_sha256
+from kdpipe.schemas.checkpoint import CHECKPOINTS_DIR, FINAL_DIR, METRICS_NAME, RUN_NAME
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
@@ -70,20 +71,20 @@ def resolve_student(spec: str) -> Model:
     if not p.is_dir():
         raise KdpipeError(f"student {value} is not a directory (give a student-train run "
                           "directory or a model folder)")
-    if (p / "final" / "config.json").is_file():
-        run_dir, folder = p, p / "final"
+    if (p / FINAL_DIR / "config.json").is_file():
+        run_dir, folder = p, p / FINAL_DIR
     elif (p / "config.json").is_file():
         folder = p
-        run_dir = p.parent if p.name == "final" and (p.parent / "run.json").is_file() else None
-    elif (p / "final").exists() or (p / "run.json").is_file() or (p / "checkpoints").is_dir() \
-            or (p / "metrics.jsonl").is_file():
-        raise KdpipeError(f"student run {value} has no final model ({p / 'final' / 'config.json'} "
+        run_dir = p.parent if p.name == FINAL_DIR and (p.parent / RUN_NAME).is_file() else None
+    elif (p / FINAL_DIR).exists() or (p / RUN_NAME).is_file() or (p / CHECKPOINTS_DIR).is_dir() \
+            or (p / METRICS_NAME).is_file():
+        raise KdpipeError(f"student run {value} has no final model ({p / FINAL_DIR / 'config.json'} "
                           "is missing): its training has not finished; resume it with "
                           "`kdpipe student-train`, or give a checkpoint exported as a model folder")
     else:
         raise KdpipeError(f"student {value} is neither a student-train run directory (with final/) "
                           "nor a model folder (with config.json)")
-    metrics_file = run_dir / "metrics.jsonl" if run_dir and (run_dir / "metrics.jsonl").is_file() else None
+    metrics_file = run_dir / METRICS_NAME if run_dir and (run_dir / METRICS_NAME).is_file() else None
     name = name or _safe_name((run_dir or folder).resolve().name)
     return Model(name, "student", folder.resolve(), run_dir.resolve() if run_dir else None,
                  metrics_file.resolve() if metrics_file else None)

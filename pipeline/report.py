@@ -21,13 +21,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from kdpipe.schemas.report import Report, TaskSection
+from kdpipe.schemas.report import CURVES_NAME, RETENTION_NAME, TRADEOFF_NAME, Report, TaskSection
 
 LOSS_TERMS = (("loss", "total loss"), ("loss_ce", "L_ce (soft targets)"),
               ("loss_mlm", "L_mlm (masked LM)"), ("loss_cos", "L_cos (hidden states)"))
-CURVES_NAME = "training_curves.png"
-RETENTION_NAME = "retention.png"
-TRADEOFF_NAME = "tradeoff.png"
 _MAX_POINTS = 2000
 
 

@@ -16,14 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.pipeline.fsutil import atomic_write
-from kdpipe.schemas.shard import FINGERPRINT_KEY
+from kdpipe.schemas.shard import FINGERPRINT_KEY, SHARD_PATTERN, shard_path  # noqa: F401  (used from here)
 
 ROW_GROUP_ROWS = 256
-SHARD_PATTERN = "shards/shard-{index:05d}.parquet"
-
-
-def shard_path(index: int) -> str:
-    return SHARD_PATTERN.format(index=index)
 
 
 @dataclass

@@ -44,18 +44,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kdpipe.pipeline.cache import HEAD_NAME, PROJECTION_NAME
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_dir, exclusive_lock, sha256_bytes
-from kdpipe.schemas.checkpoint import FINAL_DIR, RUN_NAME, STUDENT_RECORD_NAME
-from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME
-from kdpipe.schemas.report import SETTINGS_NAME
+from kdpipe.schemas.checkpoint import (
+    CHECKPOINT_META, CHECKPOINT_PATTERN, CHECKPOINTS_DIR, FINAL_DIR, LATEST_NAME, METRICS_NAME, RUN_NAME,
+    SAMPLES_NAME, STUDENT_RECORD_NAME, checkpoint_name,
+)
+from kdpipe.schemas.manifest import FINGERPRINT_NAME, HEAD_NAME, MANIFEST_NAME, PROJECTION_NAME, SHARDS_DIR
+from kdpipe.schemas.report import REPORT_NAME, SETTINGS_NAME
+from kdpipe.schemas.shard import SHARD_RE
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 FINAL_MARKER = f"{FINAL_DIR}/{STUDENT_RECORD_NAME}"  # a run's commit object
-_CHECKPOINT_UNIT = re.compile(r"^checkpoints/step-\d{7}/")
-_CHECKPOINT_META = re.compile(r"^checkpoints/step-(\d{7})/checkpoint\.json$")
-_SHARD = re.compile(r"^shards/shard-\d+\.parquet$")
+_STEP = CHECKPOINT_PATTERN.removeprefix("^").removesuffix("$")  # a checkpoint folder's name, step captured
+_CHECKPOINT_UNIT = re.compile(rf"^{CHECKPOINTS_DIR}/{_STEP}/")
+_CHECKPOINT_META = re.compile(rf"^{CHECKPOINTS_DIR}/{_STEP}/{re.escape(CHECKPOINT_META)}$")
+_SHARD = re.compile(SHARD_RE)
 _PIP_HINT = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
@@ -247,7 +251,7 @@ def _rank(rel: str) -> int:
     """Upload order: plain files, then each checkpoint's meta (after its tensors), then `latest`."""
     if _CHECKPOINT_META.match(rel):
         return 1
-    if rel == "checkpoints/latest":
+    if rel == f"{CHECKPOINTS_DIR}/{LATEST_NAME}":
         return 2
     return 0
 
@@ -390,7 +394,7 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
     # only if their footer carries this fingerprint; any other object is redone and overwritten
     wanted = sorted(r for r in remote if _SHARD.match(r) and not store.join(staging, r).is_file())
     pulled = staging / f".pull.{os.getpid()}.tmp"
-    (staging / "shards").mkdir(exist_ok=True)
+    (staging / SHARDS_DIR).mkdir(exist_ok=True)
     shutil.rmtree(pulled, ignore_errors=True)
     reused = 0
     try:
@@ -411,8 +415,9 @@ def prepare_cache(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int
 
 def _local_latest_step(staging: Path) -> int:
     try:
-        name = (staging / "checkpoints" / "latest").read_text().strip()
-        return int(name.removeprefix("step-")) if (staging / "checkpoints" / name).is_dir() else -1
+        name = (staging / CHECKPOINTS_DIR / LATEST_NAME).read_text().strip()
+        m = re.match(CHECKPOINT_PATTERN, name)
+        return int(m.group(1)) if m and (staging / CHECKPOINTS_DIR / name).is_dir() else -1
     except (OSError, ValueError):
         return -1
 
@@ -446,17 +451,17 @@ def prepare_run(store: Store, staging: Path) -> tuple[dict[str, tuple[int, int]]
     steps = sorted(int(m.group(1)) for r in remote if (m := _CHECKPOINT_META.match(r)))
     if not steps or steps[-1] <= _local_latest_step(staging):
         return sent, 0  # what is staged here is as far on (its metrics cover its checkpoint)
-    for rel in ("metrics.jsonl", "samples.jsonl"):  # uploaded before the meta object, so they
+    for rel in (METRICS_NAME, SAMPLES_NAME):  # uploaded before the meta object, so they
         if rel in remote:  # reach the checkpoint; truncated to its step on resume
             pull(rel)
-    name = f"step-{steps[-1]:07d}"
-    prefix = f"checkpoints/{name}/"
-    final = staging / "checkpoints" / name
-    with atomic_dir(final, staging / "checkpoints" / f".tmp-{name}.pull") as tmp:
+    name = checkpoint_name(steps[-1])
+    prefix = f"{CHECKPOINTS_DIR}/{name}/"
+    final = staging / CHECKPOINTS_DIR / name
+    with atomic_dir(final, staging / CHECKPOINTS_DIR / f".tmp-{name}.pull") as tmp:
         for rel in sorted(r for r in remote if r.startswith(prefix)):
             store.get(rel, tmp, strip=prefix)
         shutil.rmtree(final, ignore_errors=True)
-    (staging / "checkpoints" / "latest").write_text(name + "\n")
+    (staging / CHECKPOINTS_DIR / LATEST_NAME).write_text(name + "\n")
     for rel in remote:
         if rel.startswith(prefix):
             sent[rel] = _stamp(store.join(staging, rel))
@@ -494,7 +499,7 @@ def prepare_report(store: Store, staging: Path) -> tuple[dict[str, tuple[int, in
 KINDS: dict[str, tuple[Callable[[Store, Path], tuple[dict[str, tuple[int, int]], int]], str, str]] = {
     "cache": (prepare_cache, MANIFEST_NAME, "cache"),
     "run": (prepare_run, FINAL_MARKER, "run directory"),
-    "report": (prepare_report, "report.json", "report directory"),
+    "report": (prepare_report, REPORT_NAME, "report directory"),
 }
 
 
@@ -553,8 +558,8 @@ def mirror_cache(url: str) -> Path:
     _remove_dead_mirrors(base)
     root = Path(tempfile.mkdtemp(prefix=f"cache-{os.getpid()}-", dir=base)).resolve()
     atexit.register(shutil.rmtree, root, True)
-    store.get_many(sorted(r for r in remote if not r.startswith("shards/")), root)  # small files
-    (root / "shards").mkdir(exist_ok=True)
+    store.get_many(sorted(r for r in remote if not r.startswith(f"{SHARDS_DIR}/")), root)  # small files
+    (root / SHARDS_DIR).mkdir(exist_ok=True)
     budget = int(float(os.environ.get("KDPIPE_SHARD_CACHE_MB", "2048")) * (1 << 20))
     cachedir.register_remote(root, RemoteShards(store, root, remote, budget))
     _display[str(root)] = store.url

@@ -35,6 +35,17 @@ STUDENT_RECORD_NAME = "kdpipe_student.json"  # in final/, written last: what run
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_NAME = "samples.jsonl"
 CHECKPOINT_PATTERN = r"^step-(\d{7})$"
+CHECKPOINT_NAME = "step-{step:07d}"  # a checkpoint's folder under checkpoints/
+STUDENT_FILE = "student.safetensors"  # a checkpoint's files
+HIDDEN_MAP_FILE = "hidden_map.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.safetensors"
+FINAL_HIDDEN_MAP_NAME = "kdpipe_hidden_map.safetensors"  # in final/, beside the model
+TENSORBOARD_DIR = "tensorboard"
+
+
+def checkpoint_name(step: int) -> str:
+    return CHECKPOINT_NAME.format(step=step)
 
 # What the eval stage plots: keep these names.
 METRIC_KEYS = ("step", "loss", "loss_ce", "loss_mlm", "loss_cos", "lr", "tokens_per_s", "epoch")

@@ -11,11 +11,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES
+from kdpipe.schemas.shard import SHARDS_DIR  # noqa: F401  (a cache's folders and files, all here)
 
 MANIFEST_FORMAT = "kdpipe-cache"
 MANIFEST_VERSION = 1
+# A cache directory's files (pipeline/cache.py draws the layout):
 MANIFEST_NAME = "manifest.json"
 FINGERPRINT_NAME = "fingerprint.json"  # written first: guards a half-made cache against other settings
+RUN_INFO_NAME = "run_info.json"
+TEACHER_CONFIG_NAME = "teacher_config.json"
+PROJECTION_NAME = "projection.safetensors"
+HEAD_NAME = "head.safetensors"
+TOKENIZER_DIR = "tokenizer"
 
 
 class _Frozen(BaseModel):

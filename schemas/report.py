@@ -26,6 +26,9 @@ MARKDOWN_NAME = "report.md"
 SETTINGS_NAME = "eval.json"
 PARTS_DIR = "parts"
 SPLITS_DIR = "splits"
+CURVES_NAME = "training_curves.png"  # the report's figures
+RETENTION_NAME = "retention.png"
+TRADEOFF_NAME = "tradeoff.png"
 
 
 class _Frozen(BaseModel):

@@ -36,6 +36,15 @@ SCHEMA_VERSION = 2
 SCHEMA_VERSION_KEY = b"kdpipe.schema_version"
 FINGERPRINT_KEY = b"kdpipe.fingerprint_sha256"
 
+SHARDS_DIR = "shards"
+SHARD_PATTERN = SHARDS_DIR + "/shard-{index:05d}.parquet"  # index: the shard's, zero-padded
+SHARD_RE = r"^" + SHARDS_DIR + r"/shard-\d+\.parquet$"  # a shard's path, as a store lists it
+
+
+def shard_path(index: int) -> str:
+    """The shard's path relative to the cache directory."""
+    return SHARD_PATTERN.format(index=index)
+
 
 def id_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()

@@ -62,7 +62,8 @@ from kdpipe.pipeline.trainer import (
     truncate_jsonl, wrap_ddp,
 )
 from kdpipe.schemas.checkpoint import (
-    FINAL_DIR, METRICS_NAME, RUN_NAME, SAMPLES_NAME, STUDENT_RECORD_NAME, Position, RunRecord,
+    FINAL_DIR, FINAL_HIDDEN_MAP_NAME, METRICS_NAME, RUN_NAME, SAMPLES_NAME, STUDENT_RECORD_NAME, TENSORBOARD_DIR,
+    Position, RunRecord,
 )
 from kdpipe.schemas.manifest import Manifest
 
@@ -364,7 +365,7 @@ def _tensorboard(out: Path) -> Any | None:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
 
 
 def _trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
@@ -483,7 +484,7 @@ def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, resu
         if tokenizer is not None:
             stu.save_tokenizer(tokenizer, tmp, tr.student)
         save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
-                  str(tmp / "kdpipe_hidden_map.safetensors"))
+                  str(tmp / FINAL_HIDDEN_MAP_NAME))
         atomic_write_json(tmp / STUDENT_RECORD_NAME, {
             "run_id": record.run_id, "cache_fingerprint_sha256": record.cache_fingerprint_sha256,
             "steps": result["steps"], "epoch": result["epoch"], "init": record.init,

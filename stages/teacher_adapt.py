@@ -29,6 +29,8 @@ from kdpipe.pipeline.fsutil import (
     atomic_dir, atomic_write_json, ensure_dir, exclusive_lock, read_json, remove_stale_tmp,
 )
 from kdpipe.pipeline.masking import MaskingSpec
+from kdpipe.schemas.checkpoint import FINAL_DIR
+from kdpipe.schemas.manifest import TEACHER_CONFIG_NAME
 from kdpipe.stages import student_train, teacher_dump
 
 # Measured on MiniLM-L6-H384 and the built-in Wikipedia text (see ../shared/design.md): lr 2e-4
@@ -102,7 +104,7 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
         seq_len=cfg.seq_len, max_sequences=cfg.max_sequences, seed=cfg.seed, targets="none",
         shard_size=256)
     dumped = teacher_dump.main(dump)
-    layers = int(read_json(out / "cache" / "teacher_config.json")["num_hidden_layers"])
+    layers = int(read_json(out / "cache" / TEACHER_CONFIG_NAME)["num_hidden_layers"])
     train = student_train.StudentConfig(
         cache=str(out / "cache"), out=str(out / "run"), teacher=cfg.teacher, init="teacher",
         student_layers=layers, layer_map=list(range(layers)), alpha_ce=0.0, alpha_cos=0.0,
@@ -112,7 +114,7 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     trained = student_train.main(train)
     model_dir = out / "model"
     if not model_dir.exists():
-        _publish(out / "run" / "final", model_dir)
+        _publish(out / "run" / FINAL_DIR, model_dir)
     summary: dict[str, Any] = {"teacher": cfg.teacher, "model": str(model_dir),
                                "steps": trained.get("total_steps"), "cache_tokens": dumped.get("tokens")}
     if cfg.heldout:
