@@ -4,9 +4,10 @@ A target mode is what a cache stores for L_ce (pipeline/targets.py says why ther
 Everything that depends on the mode is a method or attribute here, so no caller branches on a
 mode's name: the shard columns and their Arrow types, the fingerprint and manifest fields, the
 dump settings it refuses or fills in, the teacher-side reduction of the decoder inputs, the
-loader's gathering of its columns into a batch, its L_ce, and the training settings it cannot
-serve. Methods take plain values (`TargetSettings`, numbers, arrays), never a stage's config, so
-this package imports no stage.
+loader's gathering of its columns into a batch, its L_ce, the training settings it cannot
+serve, how `cache fidelity` makes and scores its targets, and its online baseline. Methods take
+plain values (`TargetSettings`, numbers, arrays), never a stage's config, so this package
+imports no stage.
 """
 
 from __future__ import annotations
