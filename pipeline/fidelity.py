@@ -227,6 +227,8 @@ def forward_rows(rows: Rows, runner: TeacherRunner, student: torch.nn.Module, sp
 
 # ----------------------------------------------------------------------------------- measuring
 
+Key = tuple[str, int, float]  # (mode, setting, T)
+
 class _Acc:
     """Sums over positions for one (mode, setting, T)."""
 
@@ -254,7 +256,7 @@ def _kl64(log_p: torch.Tensor, zs: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def measure(rows: Rows, x: torch.Tensor, hs: torch.Tensor, runner: TeacherRunner, head: torch.nn.Module,
-            spec: FidelitySpec, seed: int) -> tuple[dict[tuple[str, int, float], _Acc], dict[tuple[str, int, float], dict]]:
+            spec: FidelitySpec, seed: int) -> tuple[dict[Key, _Acc], dict[Key, dict[str, list[torch.Tensor]]]]:
     """Accumulators per (mode, setting, T), and the target columns each would store for the rows
     (per chunk), every mode's targets made by the mode as the dump makes them."""
     temps = tuple(sorted(spec.temperatures))
@@ -263,16 +265,17 @@ def measure(rows: Rows, x: torch.Tensor, hs: torch.Tensor, runner: TeacherRunner
     keys = [(int(d.seq_id[i]), int(d.view[i]), int(lengths[i]), rows.targets[i]) for i in range(d.rows)]
     plan = {mode: mode.fidelity_settings(spec.ks, spec.samples) for mode in MODES.values()}
     plan = {mode: settings for mode, settings in plan.items() if settings}
-    uniforms = {(mode, n): mode.uniforms(seed, n, keys) for mode, settings in plan.items() for n in settings}  # (P, N)
-    accs: dict[tuple[str, int, float], _Acc] = defaultdict(_Acc)
-    cols: dict[tuple[str, int, float], dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    # (P, N) the dump's random numbers of each mode and setting, at the sampled positions
+    uniforms = {(mode, n): mode.uniforms(seed, n, keys) for mode, settings in plan.items() for n in settings}
+    accs: dict[Key, _Acc] = defaultdict(_Acc)
+    cols: dict[Key, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     for lo in range(0, x.shape[0], spec.chunk):
         xc = x[lo:lo + spec.chunk]  # (C, H')
         with torch.no_grad():
             z = runner.logits(xc)  # (C, V) float32, the teacher's full logits
             s = head(hs[lo:lo + spec.chunk]).float()  # (C, V) the student's
             chunk = {mode: FidelityChunk(z, xc, (weight, bias), temps, {
-                n: None if uniforms[mode, n] is None else uniforms[mode, n][lo:lo + spec.chunk] for n in settings})
+                n: None if (u := uniforms[mode, n]) is None else u[lo:lo + spec.chunk] for n in settings})
                 for mode, settings in plan.items()}
             prepared = {mode: mode.fidelity_prepare(chunk[mode], settings) for mode, settings in plan.items()}
         for ti, t in enumerate(temps):
@@ -343,18 +346,20 @@ def run_fidelity(cache_dir: Path, teacher: str, student: str | None, spec: Fidel
     seed = int(m.fingerprint.get("masking", {}).get("seed", 0))
     temps = tuple(sorted(spec.temperatures))
     accs, chunks = measure(rows, x, hs, runner, stu.mlm_head(smodel), spec, seed)
-    made = {key: {name: torch.cat(parts).cpu().numpy() for name, parts in c.items()} for key, c in chunks.items()}
+    made = {key: {name: torch.cat(parts).cpu().numpy() for name, parts in c.items()}
+            for key, c in chunks.items()}
 
     tokens = int(rows.data.length.sum())
     n_targets = rows.n_targets
-    bytes_of: dict[tuple[str, int, float], int] = {}
+    bytes_of: dict[Key, int] = {}
     with tempfile.TemporaryDirectory(prefix="kdpipe-fidelity-") as tmp:
         for (mode, setting, t), columns in made.items():
             bytes_of[(mode, setting, t)] = _column_bytes(rows, mode, columns, m, setting, len(temps),
                                                          int(x.shape[1]), Path(tmp))
 
     results = []
-    for (mode, setting, t), a in sorted(accs.items(), key=lambda kv: (kv[0][2], MODE_NAMES.index(kv[0][0]), kv[0][1])):
+    order = lambda kv: (kv[0][2], MODE_NAMES.index(kv[0][0]), kv[0][1])  # noqa: E731  (T, mode, setting)
+    for (mode, setting, t), a in sorted(accs.items(), key=order):
         mean_mode, mean_exact = a.mode / a.n, a.exact / a.n
         var = max(a.diff2 / a.n - ((a.mode - a.exact) / a.n) ** 2, 0.0)
         results.append({
@@ -383,8 +388,7 @@ def run_fidelity(cache_dir: Path, teacher: str, student: str | None, spec: Fidel
     }
 
 
-def cache_check(rows: Rows, m: Manifest, made: dict[tuple[str, int, float], dict[str, np.ndarray]]
-                ) -> dict[str, Any] | None:
+def cache_check(rows: Rows, m: Manifest, made: dict[Key, dict[str, np.ndarray]]) -> dict[str, Any] | None:
     """The cache's stored targets at the sampled positions against the ones its mode made here."""
     mine = {(setting, t): c for (mode, setting, t), c in made.items() if mode == m.targets}
     return get_mode(m.targets).fidelity_check(rows.stored, mine, TargetSettings.of_manifest(m))

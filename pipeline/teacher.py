@@ -106,7 +106,8 @@ def load_masked_lm(path: str) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForMaskedLM
 
     with quiet_transformers():
-        model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True,
+                                                           output_loading_info=True)
     return model.eval(), list(info.get("missing_keys", []))
 
 

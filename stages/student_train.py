@@ -62,8 +62,8 @@ from kdpipe.pipeline.trainer import (
     truncate_jsonl, wrap_ddp,
 )
 from kdpipe.schemas.checkpoint import (
-    FINAL_DIR, FINAL_HIDDEN_MAP_NAME, METRICS_NAME, RUN_NAME, SAMPLES_NAME, STUDENT_RECORD_NAME, TENSORBOARD_DIR,
-    Position, RunRecord,
+    FINAL_DIR, FINAL_HIDDEN_MAP_NAME, METRICS_NAME, RUN_NAME, SAMPLES_NAME, STUDENT_RECORD_NAME,
+    TENSORBOARD_DIR, Position, RunRecord,
 )
 from kdpipe.schemas.manifest import Manifest
 
@@ -637,7 +637,8 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--student-intermediate", type=int, help="Student feed-forward width. [scaled with the width]")
 @click.option("--alpha-ce", type=float, help=f"Weight of the distillation KL. [{REFERENCE_ALPHA_CE}]")
 @click.option("--alpha-mlm", type=float, help=f"Weight of the masked-LM loss. [{REFERENCE_ALPHA_MLM}]")
-@click.option("--alpha-cos", type=float, help=f"Weight of the hidden-state cosine loss. [{REFERENCE_ALPHA_COS}]")
+@click.option("--alpha-cos", type=float,
+              help=f"Weight of the hidden-state cosine loss. [{REFERENCE_ALPHA_COS}]")
 @click.option("--temperature", type=float, help="Softening temperature; must be in the cache's grid. "
               f"[{REFERENCE_TEMPERATURE}]")
 @click.option("--ce-masked-only", is_flag=True, default=None, help="Distil only at masked positions "

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # annotations only: the teacher and loader import this packag
     from kdpipe.pipeline.teacher import TeacherRunner
 
 TeacherHead = tuple[torch.Tensor, torch.Tensor | None]  # exact mode: decoder weight (V, H'), bias (V,)
+Made = dict[tuple[int, float], dict[str, np.ndarray]]  # (setting, T) -> target columns made by fidelity
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,8 @@ class TargetMode:
         """L_ce at `setting` and temperature chunk.temperatures[ti]; entropy (C,) is H(p_T)."""
         raise ValueError(f"mode {self.name!r} holds no L_ce targets")
 
-    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
-                       s: TargetSettings) -> dict[str, Any] | None:
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: Made, s: TargetSettings
+                       ) -> dict[str, Any] | None:
         """The cache's stored target columns at the sampled positions against the ones `made`
         here ((setting, T) -> columns, concatenated over chunks), where a setting matches the cache's."""
         return None

@@ -14,7 +14,7 @@ import torch
 
 from kdpipe.pipeline.losses import exact_kl_from_state
 from kdpipe.pipeline.modes.base import (
-    FidelityCase, FidelityChunk, TargetMode, TargetSettings, TeacherHead, pick,
+    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner
 
@@ -68,14 +68,16 @@ class Exact(TargetMode):
     def fidelity_case(self, chunk: FidelityChunk, prepared: Any, setting: int, ti: int,
                       entropy: torch.Tensor) -> FidelityCase:
         t = chunk.temperatures[ti]
-        return FidelityCase(lambda zs: exact_kl_from_state(zs, prepared, chunk.head, t), {"teacher_state": prepared})
+        return FidelityCase(lambda zs: exact_kl_from_state(zs, prepared, chunk.head, t),
+                            {"teacher_state": prepared})
 
-    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
-                       s: TargetSettings) -> dict[str, Any] | None:
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: Made, s: TargetSettings
+                       ) -> dict[str, Any] | None:
         if not made:
             return None
-        state = next(iter(made.values()))["teacher_state"].astype(np.float32)
-        return {"mode": self.name, "state_max_abs_diff": float(np.abs(state - stored["teacher_state"].astype(np.float32)).max())}
+        state = next(iter(made.values()))["teacher_state"].astype(np.float32)  # (P, H')
+        diff = np.abs(state - stored["teacher_state"].astype(np.float32))
+        return {"mode": self.name, "state_max_abs_diff": float(diff.max())}
 
     def online(self, batch: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"teacher_state": x}

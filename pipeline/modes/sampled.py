@@ -17,7 +17,7 @@ import torch
 
 from kdpipe.pipeline.losses import REFERENCE_TEMPERATURE, sampled_ce
 from kdpipe.pipeline.modes.base import (
-    FidelityCase, FidelityChunk, TargetMode, TargetSettings, TeacherHead, pick,
+    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
 )
 from kdpipe.pipeline.shards import ranges
 from kdpipe.pipeline.targets import position_uniforms, sample_counts
@@ -80,7 +80,8 @@ class Sampled(TargetMode):
                temperature_index: int) -> dict[str, np.ndarray]:
         slen = data.sample_len[tgt].astype(np.int64)
         smp = ranges(sample_offsets[tgt], slen)
-        return {"sample_len": slen, "sample_ids": data.sample_ids[smp], "sample_counts": data.sample_counts[smp]}
+        return {"sample_len": slen, "sample_ids": data.sample_ids[smp],
+                "sample_counts": data.sample_counts[smp]}
 
     def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """(P, S) ids and counts, each position's distinct draws left-aligned, padding with count 0."""
@@ -122,15 +123,17 @@ class Sampled(TargetMode):
                       entropy: torch.Tensor) -> FidelityCase:
         """N draws at T; L_ce = sampled_ce - H(p_T), so that it estimates the KL, not the CE."""
         t = chunk.temperatures[ti]
-        sid, cnt = sample_counts(chunk.z, t, chunk.uniforms[setting])  # (C, N) ids with repeats, counts at first occurrences
+        # (C, N) ids with repeats, counts at their first occurrences
+        sid, cnt = sample_counts(chunk.z, t, chunk.uniforms[setting])
         keep = cnt > 0
         return FidelityCase(lambda zs: sampled_ce(zs, sid, cnt, t) - entropy,
                             {"sample_ids": sid[keep], "sample_counts": cnt[keep], "sample_len": keep.sum(-1)},
                             keep.sum(-1).double().mean().item())
 
-    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
-                       s: TargetSettings) -> dict[str, Any] | None:
-        cols = next((c for (n, t), c in made.items() if n == s.samples and f"{t:g}" == f"{s.temperatures[0]:g}"), None)
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: Made, s: TargetSettings
+                       ) -> dict[str, Any] | None:
+        t0 = f"{s.temperatures[0]:g}"
+        cols = next((c for (n, t), c in made.items() if n == s.samples and f"{t:g}" == t0), None)
         if cols is None:
             return None
         same = all(np.array_equal(cols[c], stored[c]) for c in ("sample_len", "sample_ids", "sample_counts"))

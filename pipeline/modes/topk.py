@@ -16,7 +16,7 @@ import torch
 
 from kdpipe.pipeline.losses import topk_kl
 from kdpipe.pipeline.modes.base import (
-    FidelityCase, FidelityChunk, TargetMode, TargetSettings, TeacherHead, pick,
+    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner, reduce_logits
 
@@ -96,7 +96,8 @@ class TopK(TargetMode):
     def fidelity_prepare(self, chunk: FidelityChunk, settings: tuple[int, ...]) -> Any:
         """One reduction at the largest k (each smaller k is its prefix): ids, logits rounded to
         fp16 as stored, log Z fp32."""
-        ids, vals, log_z = reduce_logits(chunk.z.clone(), max(settings), chunk.temperatures)  # (C, k), (C, k), (C, n_T)
+        # (C, k), (C, k), (C, n_T)
+        ids, vals, log_z = reduce_logits(chunk.z.clone(), max(settings), chunk.temperatures)
         return ids, vals.half().float(), log_z
 
     def fidelity_case(self, chunk: FidelityChunk, prepared: Any, setting: int, ti: int,
@@ -108,8 +109,8 @@ class TopK(TargetMode):
         return FidelityCase(lambda zs: topk_kl(zs, idk, vk, lz, t),
                             {"topk_ids": idk, "topk_logits": vk, "log_z": log_z}, mass)
 
-    def fidelity_check(self, stored: dict[str, np.ndarray], made: dict[tuple[int, float], dict[str, np.ndarray]],
-                       s: TargetSettings) -> dict[str, Any] | None:
+    def fidelity_check(self, stored: dict[str, np.ndarray], made: Made, s: TargetSettings
+                       ) -> dict[str, Any] | None:
         if not made:
             return None
         kmax = max(k for k, _ in made)
