@@ -18,7 +18,7 @@ import torch
 from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence
 from kdpipe.pipeline.modes import TargetMode, get_mode
 from kdpipe.pipeline.padding import pad
-from kdpipe.pipeline.shards import PER_TARGET, ShardData
+from kdpipe.pipeline.shards import PER_SAMPLE, PER_TARGET, ShardData
 from kdpipe.pipeline.teacher import TeacherOutputs, TeacherRunner
 
 
@@ -100,6 +100,6 @@ def _split_rows(o: TeacherOutputs, batch: list[int], rows: list[MaskedSequence],
             v = getattr(o, name)
             if v is not None:
                 d[name] = v[tgt[j]:tgt[j + 1]]
-        if smp is not None:
+        if smp is not None:  # per draw: sample_len of them per target position
             lo, hi = smp[tgt[j]], smp[tgt[j + 1]]
-            d["sample_ids"], d["sample_counts"] = o.sample_ids[lo:hi], o.sample_counts[lo:hi]
+            d.update({name: getattr(o, name)[lo:hi] for name in PER_SAMPLE})
