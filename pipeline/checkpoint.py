@@ -1,5 +1,9 @@
 """Student checkpoints: everything needed to continue a run exactly, written atomically.
 
+Each checkpoint is also a plain `save_pretrained` folder (config.json, model.safetensors and the
+tokenizer where one is known), so any step loads with `AutoModelForMaskedLM.from_pretrained`, can
+be evaluated, fine-tuned, or used by `student-train --init-from`.
+
 A checkpoint is a directory assembled under a temporary name and renamed into place when every
 file (and checkpoint.json, with their hashes, last) is written; then `checkpoints/latest` is
 replaced atomically with its name. A kill at any point leaves the previous checkpoint as the
@@ -19,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
+from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError, validate_record
 from kdpipe.pipeline.fsutil import atomic_dir, atomic_write_bytes, dumps_json, read_json, sha256_file
 from kdpipe.schemas.checkpoint import (
@@ -69,14 +74,15 @@ class TrainState:
 
 def save_checkpoint(run_dir: Path, run_id: str, cache_sha: str, identity_sha: str, state: TrainState,
                     student: nn.Module, hidden_map: nn.Module, optimizer: torch.optim.Optimizer,
-                    keep: int) -> Path:
+                    keep: int, tokenizer: Any | None = None) -> Path:
     """Write checkpoint `state.step` atomically, point `latest` at it, prune older ones of this run."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(state.step)
     final = root / name
     with atomic_dir(final, root / f"{_TMP_PREFIX}{name}.{os.getpid()}") as tmp:
-        _write_checkpoint(tmp, final, run_id, cache_sha, identity_sha, state, student, hidden_map, optimizer)
+        _write_checkpoint(tmp, final, run_id, cache_sha, identity_sha, state, student, hidden_map, optimizer,
+                          tokenizer)
     atomic_write_bytes(root / LATEST_NAME, (name + "\n").encode())
     prune(run_dir, run_id, keep, protect=name)
     return final
@@ -84,10 +90,10 @@ def save_checkpoint(run_dir: Path, run_id: str, cache_sha: str, identity_sha: st
 
 def _write_checkpoint(tmp: Path, final: Path, run_id: str, cache_sha: str, identity_sha: str,
                       state: TrainState, student: nn.Module, hidden_map: nn.Module,
-                      optimizer: torch.optim.Optimizer) -> None:
+                      optimizer: torch.optim.Optimizer, tokenizer: Any | None) -> None:
     """Every file under `tmp`, checkpoint.json last, all synced; `final` cleared for the rename."""
     tmp.mkdir()
-    save_model(student, str(tmp / STUDENT_FILE))
+    stu.save_pretrained(student, tmp, tokenizer)  # config.json, STUDENT_FILE (+ tokenizer)
     save_file({k: v.detach().cpu().contiguous() for k, v in hidden_map.state_dict().items()},
               str(tmp / HIDDEN_MAP_FILE))
     # into a file object: a failed write then keeps its OSError (errno) as the RuntimeError's context
@@ -95,7 +101,7 @@ def _write_checkpoint(tmp: Path, final: Path, run_id: str, cache_sha: str, ident
         torch.save(optimizer.state_dict(), f)
     py, npy, tensors = rng_state()
     save_file(tensors, str(tmp / RNG_FILE))
-    files = {f: sha256_file(tmp / f) for f in (STUDENT_FILE, HIDDEN_MAP_FILE, OPTIMIZER_FILE, RNG_FILE)}
+    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     meta = CheckpointMeta(
         run_id=run_id, step=state.step, position=state.position, cache_fingerprint_sha256=cache_sha,
         identity_sha256=identity_sha, python_rng=py, numpy_rng=npy, log_window=state.log_window,

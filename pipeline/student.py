@@ -29,6 +29,7 @@ from torch import nn
 
 from kdpipe.pipeline import distilbert
 from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.schemas.checkpoint import FINAL_HIDDEN_MAP_NAME, HIDDEN_MAP_FILE
 from kdpipe.pipeline.teacher import quiet_transformers
 
 _LAYER_KEY = re.compile(r"^(.*?\.layer\.)(\d+)\.(.+)$")  # bert.encoder.layer.3.attention...
@@ -128,6 +129,22 @@ def mlm_head(model: nn.Module) -> nn.Module:
                       "kdpipe trains BERT-style and DistilBERT students")
 
 
+def save_pretrained(model: nn.Module, folder: Path, tokenizer: Any | None = None) -> None:
+    """The student as a plain transformers folder (config.json, model.safetensors) and its
+    tokenizer where one is known, without transformers' progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder, model)
+
+
 def save_tokenizer(tokenizer: Any, folder: Path, model: nn.Module) -> None:
     """The tokenizer beside a saved student; a DistilBERT's returns no token_type_ids (the
     model takes none), recorded in its tokenizer_config.json as model_input_names."""
@@ -183,6 +200,60 @@ def init_from_teacher(student: nn.Module, teacher_state: dict[str, torch.Tensor]
         else:
             report.kept_random.append(name)
     student.load_state_dict({**sd, **new})
+    return report
+
+
+# the hidden map saved beside a student: in a run's final/, in a checkpoint
+HIDDEN_MAP_FILES = (FINAL_HIDDEN_MAP_NAME, HIDDEN_MAP_FILE)
+
+
+def _weights_file(folder: Path) -> Path:
+    f = folder / "model.safetensors"
+    if not f.is_file():
+        raise KdpipeError(f"--init-from {folder} holds no model.safetensors (give a save_pretrained "
+                          "folder: a run's final/, one of its checkpoints/step-N/, or a model folder)")
+    return f
+
+
+def pretrained_config(folder: Path) -> tuple[Any, str]:
+    """The config of a save_pretrained folder a student starts from, and its weights' SHA-256."""
+    from transformers import AutoConfig
+
+    from kdpipe.pipeline.fsutil import sha256_file
+
+    if not (folder / "config.json").is_file():
+        raise KdpipeError(f"--init-from {folder} is not a model folder (no config.json)")
+    weights = _weights_file(folder)
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KdpipeError(f"--init-from {folder}: cannot read its config.json: {e}") from None
+    cfg.architectures = None
+    return cfg, sha256_file(weights)
+
+
+def init_from_folder(student: nn.Module, hmap: nn.Module, folder: Path) -> dict[str, Any]:
+    """Every student tensor from the folder's model.safetensors (all must be there, tied ones
+    aside), and a learned hidden map saved beside it where its shape fits (else it stays random;
+    a fixed one is this cache's projection and stays that)."""
+    from safetensors.torch import load_file, load_model
+
+    missing, unexpected = load_model(student, str(_weights_file(folder)), strict=False)
+    if missing:
+        raise KdpipeError(f"--init-from {folder} does not fit its own config: {len(missing)} tensors "
+                          f"missing ({sorted(missing)[0]}, ...)")
+    report: dict[str, Any] = {"init_from": str(folder), "ignored": sorted(unexpected), "hidden_map": "random"}
+    want = {k: tuple(v.shape) for k, v in hmap.state_dict().items()}
+    if isinstance(hmap, FixedProjection):
+        report["hidden_map"] = "the cache's projection"
+        return report
+    for name in HIDDEN_MAP_FILES:
+        if (folder / name).is_file():
+            saved = load_file(str(folder / name))
+            if {k: tuple(v.shape) for k, v in saved.items()} == want and want:
+                hmap.load_state_dict(saved)
+                report["hidden_map"] = name
+            break
     return report
 
 

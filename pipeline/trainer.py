@@ -30,7 +30,7 @@ from kdpipe.pipeline.losses import LossSpec, distillation_loss
 from kdpipe.pipeline.modes import TeacherHead
 
 REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the DistilBERT reference never decays
-WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos")  # the metrics window, saved in checkpoints
+WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "grad_norm")  # the metrics window, saved in checkpoints
 _DROPOUT_SALT = 0xD209
 
 
@@ -58,13 +58,17 @@ class Trainer:
 
 def build_trainer(student_config: Any, teacher_hidden: int, projection: torch.Tensor, optim: Optim,
                   seed: int, init: str, layer_map: list[int] | None,
-                  teacher_state: dict[str, torch.Tensor] | None, device: torch.device) -> Trainer:
-    """Student (seeded), its teacher initialisation, the hidden map and AdamW, in a fixed order."""
+                  teacher_state: dict[str, torch.Tensor] | None, device: torch.device,
+                  init_from: Path | None = None) -> Trainer:
+    """Student (seeded), its initialisation (teacher layers, or a model folder's weights), the
+    hidden map and AdamW, in a fixed order."""
     model = stu.build_student(student_config, seed)
     report: dict[str, Any] = {"init": init}
     if teacher_state is not None:
         report.update(stu.init_from_teacher(model, teacher_state, layer_map).summary())
     hmap = stu.hidden_map(int(student_config.hidden_size), teacher_hidden, projection)
+    if init_from is not None:
+        report.update(stu.init_from_folder(model, hmap, init_from))
     model.to(device).train()
     hmap.to(device).train()
     decay, no_decay = [], []
@@ -131,13 +135,18 @@ class StepResult:
 
 
 def _new_result() -> StepResult:
-    return StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}, 0, [], 0.0)
+    return StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos", "grad_norm")}, 0, [], 0.0)
 
 
-def _update(tr: Trainer, optim: Optim) -> None:
+def _update(tr: Trainer, optim: Optim) -> float:
+    """Clip (where asked) and step; the gradients' total L2 norm before clipping, as
+    transformers' Trainer logs it (equal on every rank: the gradients are)."""
     if optim.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(tr.params, optim.max_grad_norm)  # equal grads on every rank
+        norm = torch.nn.utils.clip_grad_norm_(tr.params, optim.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in tr.params if p.grad is not None])
     tr.optimizer.step()
+    return float(norm)
 
 
 def _start(tr: Trainer, lr: float) -> None:
@@ -169,7 +178,7 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_he
         if record_rows:
             res.rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
     if res.batches:
-        _update(tr, optim)
+        res.sums["grad_norm"] = _update(tr, optim)
     return res
 
 
@@ -202,7 +211,7 @@ def train_step_ddp(tr: Trainer, batches: Iterator[Batch], optim: Optim, lr: floa
             res.rows += [[int(a), int(b)] for a, b in zip(batch.part.seq_id, batch.part.view)]
     res.batches, res.last = len(micro), (micro[-1] if micro else None)
     if res.batches:
-        _update(tr, optim)
+        res.sums["grad_norm"] = _update(tr, optim)
     ce, mlm, cos, tokens = distributed.all_reduce_sum(w, local)
     for key, v, alpha in (("ce", ce, spec.alpha_ce), ("mlm", mlm, spec.alpha_mlm), ("cos", cos, spec.alpha_cos)):
         if alpha > 0:
@@ -218,12 +227,13 @@ def metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, wait
                  timed_tokens: int, epoch: float, spec: LossSpec) -> dict[str, Any]:
     """Means over the updates since the last line; the timings (tokens_per_s, steps_per_s,
     data_wait_pct: time spent waiting for a batch, % of wall time) are this process's; with
-    several ranks the tokens are the whole job's."""
+    several ranks the tokens are the whole job's. grad_norm: the mean over the window of each
+    update's gradient norm before clipping."""
     n = max(w["steps"], 1.0)
     term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
     return {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
             "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos),
-            "lr": lr, "tokens_per_s": round(timed_tokens / max(elapsed, 1e-9), 1),
+            "grad_norm": w["grad_norm"] / n, "lr": lr, "tokens_per_s": round(timed_tokens / max(elapsed, 1e-9), 1),
             "epoch": round(epoch, 4), "steps_per_s": round(timed_steps / max(elapsed, 1e-9), 4),
             "data_wait_pct": round(100 * waited / max(elapsed, 1e-9), 2)}
 

@@ -1,11 +1,15 @@
-"""The on-disk formats of a student run: run.json and each checkpoint's checkpoint.json. Version 1.
+"""The on-disk formats of a student run: run.json and each checkpoint's checkpoint.json.
+run.json version 1; checkpoint.json version 2 (version 1 held the student in student.safetensors,
+without a config, and counted the number of steps among the settings a resume must repeat).
 
     RUN_DIR/
       run.json                       RunRecord: the cache it trains from, the resolved config
       metrics.jsonl                  one line per logging step (see METRIC_KEYS)
       samples.jsonl                  with --record-samples: the (seq_id, view) rows of each step
-      checkpoints/step-NNNNNNN/      one checkpoint, renamed into place when complete:
-        student.safetensors            student weights (tied tensors stored once)
+      checkpoints/step-NNNNNNN/      one checkpoint, renamed into place when complete; also a
+                                     save_pretrained folder (from_pretrained loads it):
+        config.json, model.safetensors the student (tied tensors stored once)
+        tokenizer.json, ...            its tokenizer, where the run knows one
         hidden_map.safetensors         the map of student hidden states into the cache's space
         optimizer.pt                   AdamW state (torch.save; read back with weights_only=True)
         rng.safetensors                torch CPU (and CUDA) generator states
@@ -26,7 +30,7 @@ RUN_FORMAT = "kdpipe-run"
 RUN_VERSION = 1
 RUN_NAME = "run.json"
 CHECKPOINT_FORMAT = "kdpipe-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 CHECKPOINT_META = "checkpoint.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
@@ -36,7 +40,7 @@ METRICS_NAME = "metrics.jsonl"
 SAMPLES_NAME = "samples.jsonl"
 CHECKPOINT_PATTERN = r"^step-(\d{7})$"
 CHECKPOINT_NAME = "step-{step:07d}"  # a checkpoint's folder under checkpoints/
-STUDENT_FILE = "student.safetensors"  # a checkpoint's files
+STUDENT_FILE = "model.safetensors"  # a checkpoint's files: the student as save_pretrained names it
 HIDDEN_MAP_FILE = "hidden_map.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.safetensors"
@@ -65,7 +69,8 @@ class RunRecord(_Frozen):
     identity: dict[str, Any]  # the settings a resume must repeat (the others are operational)
     student_config: dict[str, Any]
     init: dict[str, Any]  # what a teacher initialisation copied
-    total_steps: int = Field(ge=1)
+    total_steps: int = Field(ge=1)  # the run's length now (see length_changes)
+    length_changes: list[dict[str, Any]] = []  # each rerun that changed it: at_step, from/to total_steps
     created_at: str
     versions: dict[str, str]
     code_revision: str
@@ -84,7 +89,7 @@ class Position(_Frozen):
 
 class CheckpointMeta(_Frozen):
     format: Literal["kdpipe-checkpoint"] = CHECKPOINT_FORMAT
-    format_version: Literal[1] = CHECKPOINT_VERSION
+    format_version: Literal[2] = CHECKPOINT_VERSION
     run_id: str
     step: int = Field(ge=1)
     position: Position

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from kdpipe.pipeline import corpus as corpus_mod
-from kdpipe.pipeline import downstream, mlm_eval, report_dir, sections, speed
+from kdpipe.pipeline import downstream, mlm_eval, model_card, report_dir, sections, speed
 from kdpipe.pipeline import report as render
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.config import MAX_SEED, StageConfig, build_config, config_option, echo_json
@@ -83,6 +83,7 @@ class EvalConfig(StageConfig):
     speed_repeats: int = Field(10, ge=1)
     speed_warmup: int = Field(2, ge=0)
     device: str = "auto"
+    model_cards: bool = True  # fill in the evaluation section of each kdpipe student's model card
 
     @field_validator("students", "tasks", "heldout")
     @classmethod
@@ -252,7 +253,23 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         report_dir.write_splits(s.out, s.tasks, s.splits)
         counts = run(s)
         report = finish(s)
-    return {"report": str(s.out / MARKDOWN_NAME), "resumed": resumed, **counts, **render.headline(report)}
+    cards = fill_model_cards(s, report) if cfg.model_cards else []
+    return {"report": str(s.out / MARKDOWN_NAME), "resumed": resumed, **counts, **render.headline(report),
+            "model_cards": cards}
+
+
+def fill_model_cards(s: Setup, report: Report) -> list[str]:
+    """The evaluation section of the model card (README.md) of every student that has a kdpipe
+    card, from this report; the cards written. A card that cannot be written is named, not fatal."""
+    written = []
+    for m in s.students:
+        section = model_card.eval_section(report, m.name, storage.display(s.out))
+        try:
+            if model_card.fill_eval(m.path, section):
+                written.append(str(m.path / model_card.CARD_NAME))
+        except OSError as e:
+            say(f"warning: the model card of {m.name} was not updated: {e}")
+    return written
 
 
 @click.command("eval", epilog="Example: kdpipe eval --teacher ./teacher --student runs/full "
@@ -299,6 +316,8 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 @click.option("--speed-seq-len", type=int, help="Tokens per sequence of the speed test. [128]")
 @click.option("--speed-repeats", type=int, help="Timed repeats per model (median reported). [10]")
 @click.option("--speed-warmup", type=int, help="Untimed warm-up calls per model. [2]")
+@click.option("--model-cards/--no-model-cards", default=None, help="Fill in the evaluation section of each "
+              "kdpipe student's model card (final/README.md) from this report. [on]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
 def command(config_file: Path | None, **flags: Any) -> None:
     """Compare teacher and students: masked LM, downstream fine-tuning, size and speed."""

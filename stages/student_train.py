@@ -10,6 +10,13 @@ per batch, the three DistilBERT losses, AdamW with warm-up and linear decay, ato
 finish (the student as a plain `save_pretrained` folder in RUN_DIR/final). To resume after any
 interruption, `kill -9` included, rerun the same command: it continues from the latest checkpoint
 and ends, on CPU, with the same weights bit for bit as a run that was never interrupted.
+
+Every checkpoint is also a `save_pretrained` folder, and `--init-from` starts a student from any
+such folder. The length of a run (--max-steps, --epochs) may change on a rerun, a finished run's
+included: it continues from its latest checkpoint (one is always written at the last step) with
+the learning-rate schedule of the new length, as if it had been planned from the start, the
+rule transformers' Trainer follows when max_steps is raised on a resume (warm-up over the new
+length's share, then linear decay to 0 at the new last step). run.json records each change.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from tqdm import tqdm
 from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import checkpoint as ckpt
-from kdpipe.pipeline import distributed
+from kdpipe.pipeline import distributed, model_card
 from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.config import (
@@ -46,7 +53,8 @@ from kdpipe.pipeline.config import (
 from kdpipe.pipeline.device import pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (
-    TMP_SUFFIX, atomic_dir, atomic_write_json, disk_errors, dumps_json, ensure_dir, exclusive_lock,
+    TMP_SUFFIX, atomic_dir, atomic_write_bytes, atomic_write_json, disk_errors, dumps_json, ensure_dir,
+    exclusive_lock,
     read_json, remove_stale_tmp, safe_join, sha256_bytes,
 )
 from kdpipe.pipeline.loader import Batch, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
@@ -78,15 +86,19 @@ REFERENCE_EPOCHS = 3  # --n_epoch
 DEFAULT_BATCH_SIZE = 32
 
 # Settings that change how a run is operated, not what it computes: free to differ on resume.
+# (init_from is checked by its weights' hash, recorded in the identity instead of its path.)
 OPERATIONAL = ("cache", "out", "teacher", "device", "save_every", "keep_checkpoints", "log_every",
-               "prefetch", "record_samples")
+               "prefetch", "record_samples", "init_from", "report_to")
+# The run's length: may change on a rerun (the schedule follows the new length, see above).
+LENGTH = ("max_steps", "epochs")
 
 
 class StudentConfig(StageConfig):
     cache: str
     out: str
     teacher: str | None = None
-    init: Literal["teacher", "random"] = "teacher"
+    init: Literal["teacher", "random", "pretrained"] = "teacher"
+    init_from: str | None = None  # a save_pretrained folder (init=pretrained)
     layer_map: list[int] | None = None
     student_arch: Literal["teacher", "distilbert"] = "teacher"
     student_config: str | None = None
@@ -118,6 +130,7 @@ class StudentConfig(StageConfig):
     prefetch: int = Field(4, ge=0)  # 0: decode batches in the training thread
     device: str = "auto"
     record_samples: bool = False
+    report_to: Literal["none", "tensorboard"] = "none"  # transformers' report_to; metrics.jsonl always
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +141,8 @@ class StudentConfig(StageConfig):
                 data["epochs"] = REFERENCE_EPOCHS
             if data.get("batch_size") is None and data.get("batch_tokens") is None:
                 data["batch_size"] = DEFAULT_BATCH_SIZE
+            if data.get("init_from") and data.get("init") is None:
+                data["init"] = "pretrained"
         return data
 
     @model_validator(mode="after")
@@ -139,8 +154,17 @@ class StudentConfig(StageConfig):
             problems.append("give max_steps or epochs, not both")
         if self.batch_size is not None and self.batch_tokens is not None:
             problems.append("give batch_size or batch_tokens, not both")
-        if self.layer_map is not None and self.init == "random":
+        if self.layer_map is not None and self.init != "teacher":
             problems.append("layer_map only applies to init=teacher")
+        if (self.init == "pretrained") != bool(self.init_from):
+            problems.append("init_from (a model folder) goes with init=pretrained, and only with it")
+        if self.init_from:
+            shaped = [k for k in ("student_config", "student_layers", "student_hidden", "student_heads",
+                                  "student_intermediate") if getattr(self, k) is not None]
+            if self.student_arch != "teacher":
+                shaped.append("student_arch")
+            if shaped:
+                problems.append(f"init_from takes the architecture from its folder: drop {', '.join(shaped)}")
         if not all(0 <= b < 1 for b in self.adam_betas):
             problems.append("adam_betas must lie in [0, 1)")
         if problems:
@@ -232,7 +256,7 @@ def set_up(cfg: StudentConfig) -> Setup:
         teacher_head = (tensors["weight"], tensors.get("bias"))
     cachedir.check_shard_sizes(cache, manifest)  # cheap now; each shard's hash is checked when opened
 
-    problems = _mode_problems(cfg, manifest)
+    problems = _mode_problems(cfg, manifest) + _tensorboard_problem(cfg)
     t_index = next((i for i, t in enumerate(manifest.temperatures) if math.isclose(t, cfg.temperature)), 0)
     override = None
     if cfg.student_config:
@@ -242,8 +266,11 @@ def set_up(cfg: StudentConfig) -> Setup:
         override = read_json(p)
         if not isinstance(override, dict):
             raise KdpipeError(f"--student-config {p} must hold a JSON object")
-    scfg = stu.student_config(teacher_config, override, cfg.student_layers, cfg.student_hidden,
-                              cfg.student_heads, cfg.student_intermediate, cfg.student_arch)
+    if cfg.init_from:
+        scfg, init_sha = stu.pretrained_config(Path(cfg.init_from))
+    else:
+        scfg = stu.student_config(teacher_config, override, cfg.student_layers, cfg.student_hidden,
+                                  cfg.student_heads, cfg.student_intermediate, cfg.student_arch)
     if int(scfg.vocab_size) != manifest.vocab_size:
         problems.append(f"the student's vocabulary has {scfg.vocab_size} tokens but the cache's has "
                         f"{manifest.vocab_size}: its logits cannot be compared with the teacher's")
@@ -263,8 +290,10 @@ def set_up(cfg: StudentConfig) -> Setup:
     resolved["layer_map"] = layer_map
     student_dict = json.loads(scfg.to_json_string())
     student_dict.pop("transformers_version", None)
-    identity = {k: v for k, v in resolved.items() if k not in OPERATIONAL}
+    identity = {k: v for k, v in resolved.items() if k not in OPERATIONAL + LENGTH}
     identity["student_config"] = student_dict
+    if cfg.init_from:
+        identity["init_from_weights_sha256"] = init_sha
     loader = LoaderSpec(seed=cfg.seed, window=cfg.shuffle_window, batch_size=cfg.batch_size,
                         batch_tokens=cfg.batch_tokens, temperature_index=t_index,
                         pad_id=int(teacher_config.get("pad_token_id") or 0))
@@ -360,17 +389,27 @@ def _tokenizer(s: Setup) -> Any | None:
 
 # ------------------------------------------------------------------------------------------- run
 
-def _tensorboard(out: Path) -> Any | None:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
+def _tensorboard_problem(cfg: StudentConfig) -> list[str]:
+    import importlib.util
+
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return ["--report-to tensorboard needs the tensorboard package: pip install 'kdpipe[tensorboard]'"]
+    return []
+
+
+def _tensorboard(cfg: StudentConfig, out: Path) -> Any | None:
+    """A SummaryWriter into RUN_DIR/tensorboard with --report-to tensorboard, else None."""
+    if cfg.report_to != "tensorboard":
         return None
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
 
 
 def _trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
     return build_trainer(s.student_config, int(s.teacher_config["hidden_size"]), s.projection, s.optim,
-                         s.cfg.seed, s.cfg.init, s.layer_map, teacher_state, s.device)
+                         s.cfg.seed, s.cfg.init, s.layer_map, teacher_state, s.device,
+                         Path(s.cfg.init_from) if s.cfg.init_from else None)
 
 
 def open_stream(s: Setup, position: Position, w: distributed.World | None = None) -> Iterator[Batch]:
@@ -386,9 +425,11 @@ def open_stream(s: Setup, position: Position, w: distributed.World | None = None
 
 
 def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
-        stream: Iterator[Batch], w: distributed.World | None = None) -> dict[str, Any]:
-    """Updates from the start (or checkpoint) to total_steps: log, checkpoint, repeat. With
-    several ranks every rank trains; rank 0 alone writes metrics, samples and checkpoints."""
+        stream: Iterator[Batch], w: distributed.World | None = None, tokenizer: Any | None = None
+        ) -> dict[str, Any]:
+    """Updates from the start (or checkpoint) to total_steps: log, checkpoint, repeat; the last
+    step is always checkpointed (a later, longer rerun continues from it). With several ranks
+    every rank trains; rank 0 alone writes metrics, samples and checkpoints."""
     w = w or distributed.World()
     cfg, out = s.cfg, s.out
     spec = loss_spec(s)
@@ -403,7 +444,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
     total, warm = s.total_steps, warmup_steps(s.total_steps, cfg.warmup)
     prefetch = Prefetcher(stream, cfg.prefetch) if cfg.prefetch > 0 else None
     batches = iter(prefetch) if prefetch else stream
-    tb = _tensorboard(out) if writer else None
+    tb = _tensorboard(cfg, out) if writer else None
     bar = tqdm(total=total, initial=step, desc="student-train", unit=" step", mininterval=1.0,
                dynamic_ncols=True, disable=not writer)
     t_log, waited, timed_steps, timed_tokens = time.perf_counter(), 0.0, 0, 0  # timings: this process only
@@ -448,10 +489,10 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
                             tb.add_scalar(f"train/{k}", v, step)
                 t_log, waited, timed_steps, timed_tokens = now, 0.0, 0, 0
                 window = {k: 0.0 for k in WINDOW_KEYS}
-            if writer and step % cfg.save_every == 0 and step < total:
+            if writer and (step % cfg.save_every == 0 or step == total):
                 ckpt.save_checkpoint(out, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha,
                                      ckpt.TrainState(step, position, dict(window)), tr.student,
-                                     tr.hidden_map, tr.optimizer, cfg.keep_checkpoints)
+                                     tr.hidden_map, tr.optimizer, cfg.keep_checkpoints, tokenizer)
     finally:
         bar.close()
         if metrics:
@@ -477,12 +518,17 @@ def _close(f: Any) -> None:
 # ---------------------------------------------------------------------------------------- finish
 
 def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, result: dict[str, Any]) -> Path:
-    """RUN_DIR/final: a save_pretrained student (+ tokenizer), published by one rename."""
+    """RUN_DIR/final: a save_pretrained student (+ tokenizer, model card), published by one rename."""
     final = s.out / FINAL_DIR
+    old = s.out / f".final.old-{os.getpid()}"
     with atomic_dir(final, s.out / f".final.tmp-{os.getpid()}") as tmp:
-        tr.student.save_pretrained(tmp)
-        if tokenizer is not None:
-            stu.save_tokenizer(tokenizer, tmp, tr.student)
+        stu.save_pretrained(tr.student, tmp, tokenizer)
+        atomic_write_bytes(tmp / model_card.CARD_NAME, model_card.render(
+            architecture=type(tr.student).__name__, config=json.loads(tr.student.config.to_json_string()),
+            parameters=sum(p.numel() for p in tr.student.parameters()), teacher=s.teacher_path,
+            fingerprint=s.manifest.fingerprint, fingerprint_sha256=s.manifest.fingerprint_sha256,
+            cache=record.cache, run=record.model_dump(mode="json"), steps=result["steps"],
+            epoch=result["epoch"]).encode())
         save_file({k: v.detach().cpu().contiguous() for k, v in tr.hidden_map.state_dict().items()},
                   str(tmp / FINAL_HIDDEN_MAP_NAME))
         atomic_write_json(tmp / STUDENT_RECORD_NAME, {
@@ -490,6 +536,9 @@ def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, resu
             "steps": result["steps"], "epoch": result["epoch"], "init": record.init,
             "tokenizer": "copied from the teacher" if tokenizer is not None else "none (no teacher path known)",
         })
+        if final.exists():  # an extended run's earlier final/: moved aside, dropped once the new one is in
+            os.replace(final, old)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -523,12 +572,13 @@ def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> 
         tr, record = claimed.trainer, claimed.record
         if w.distributed:
             wrap_ddp(tr, loss_spec(s), s.teacher_head, w)
-        result = run(s, record, tr, claimed.start, claimed.stream, w)
+        result = run(s, record, tr, claimed.start, claimed.stream, w, claimed.tokenizer)
         final = distributed.agree(w, lambda: finish(s, record, tr, claimed.tokenizer, result)
                                   if w.is_main else None)
     if not w.is_main:
         return None
-    return _summary(s, "resumed" if claimed.resume_from else "trained", final=str(final), **result)
+    status = "extended" if claimed.extended else "resumed" if claimed.resume_from else "trained"
+    return _summary(s, status, final=str(final), **result)
 
 
 @dataclass
@@ -542,6 +592,7 @@ class Claimed:
     start: ckpt.TrainState | None = None
     tokenizer: Any | None = None
     summary: dict[str, Any] | None = None  # the run was already complete
+    extended: bool = False  # its length changed on this rerun
 
     def shared(self) -> dict[str, Any]:
         """What the other ranks need from rank 0 (plain data, broadcast)."""
@@ -551,12 +602,54 @@ class Claimed:
                 "resume_from": None if self.resume_from is None else str(self.resume_from)}
 
 
+def _final_steps(s: Setup) -> int | None:
+    """The steps RUN_DIR/final was trained for (its student record), None if unreadable."""
+    try:
+        steps = read_json(s.out / FINAL_DIR / STUDENT_RECORD_NAME).get("steps")
+    except (OSError, KdpipeError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
+def _check_length(s: Setup, record: RunRecord, meta: ckpt.CheckpointMeta | None) -> None:
+    """A rerun may change the run's length, but not to fewer steps than it has done, and a
+    finished run continues only from a checkpoint at its last step."""
+    done = meta.step if meta else 0
+    final = _final_steps(s) if (s.out / FINAL_DIR).is_dir() else None
+    if final is not None and final > s.total_steps or done > s.total_steps:
+        raise KdpipeError(f"run directory {s.out} has trained {max(done, final or 0)} steps; a length of "
+                          f"{s.total_steps} steps would undo some: give more (or the same) steps")
+    if final is not None and done != final:
+        raise KdpipeError(f"run directory {s.out} finished at step {final} but its latest checkpoint is at "
+                          f"step {done}: it cannot be extended (a run from an older kdpipe?)")
+
+
+def _record_length(s: Setup, record: RunRecord, meta: ckpt.CheckpointMeta | None) -> bool:
+    """run.json's total_steps follows the run's length; each change is kept in length_changes."""
+    if record.total_steps == s.total_steps:
+        return False
+    change = {"at_step": meta.step if meta else 0, "from_total_steps": record.total_steps,
+              "to_total_steps": s.total_steps, "config": {k: getattr(s.cfg, k) for k in LENGTH},
+              "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    updated = record.model_copy(update={"total_steps": s.total_steps,
+                                        "length_changes": [*record.length_changes, change]})
+    atomic_write_json(s.out / RUN_NAME, updated.model_dump(mode="json"))
+    return True
+
+
+def _stream_from(s: Setup, meta: ckpt.CheckpointMeta | None, w: distributed.World) -> Iterator[Batch]:
+    """The batches after a checkpoint (none when it is at the last step: only finish is left)."""
+    if meta is not None and meta.step >= s.total_steps:
+        return iter(())
+    return open_stream(s, meta.position if meta else Position(epoch=0, index=0), w)
+
+
 def _claim(s: Setup, held: ExitStack, online: Callable[[Batch], Batch] | None = None) -> Claimed:
     """Rank 0: check the run directory, take its lock (held until `held` closes), find the
     checkpoint to resume from, build the trainer and write run.json for a new run."""
     cfg = s.cfg
     record = check_run_dir(s)
-    if record is not None and (s.out / FINAL_DIR).is_dir():
+    if record is not None and (s.out / FINAL_DIR).is_dir() and _final_steps(s) == s.total_steps:
         return Claimed(summary=_summary(s, "already complete", final=str(s.out / FINAL_DIR)))
     tokenizer = _tokenizer(s)
     fresh = record is None or ckpt.latest_checkpoint(s.out) is None
@@ -570,14 +663,16 @@ def _claim(s: Setup, held: ExitStack, online: Callable[[Batch], Batch] | None = 
         meta = ckpt.read_meta(resume_from, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha)
     elif cfg.init == "teacher" and teacher_state is None:  # another process changed the run meanwhile
         teacher_state = _load_teacher_checked(s)
-    stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0), distributed.world())
+    if record is not None:
+        _check_length(s, record, meta)
+    stream = _stream_from(s, meta, distributed.world())
     if online is not None:
         stream = map(online, stream)
     tr = _trainer(s, teacher_state if meta is None else None)
     del teacher_state
     start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
                                  s.device) if meta else None
-    for p in s.out.glob(".final.tmp-*"):
+    for p in [*s.out.glob(".final.tmp-*"), *s.out.glob(".final.old-*")]:
         shutil.rmtree(p, ignore_errors=True)
     ckpt.remove_stale_tmp(s.out)
     remove_stale_tmp(s.out)  # a run.json temporary whose writer was killed before the rename
@@ -591,7 +686,11 @@ def _claim(s: Setup, held: ExitStack, online: Callable[[Batch], Batch] | None = 
             versions=package_versions(), code_revision=code_revision(),
         )
         atomic_write_json(s.out / RUN_NAME, record.model_dump(mode="json"))
-    return Claimed(record, resume_from, stream, tr, start, tokenizer)
+        extended = False
+    else:
+        extended = _record_length(s, record, meta)
+        record = RunRecord.model_validate(read_json(s.out / RUN_NAME))
+    return Claimed(record, resume_from, stream, tr, start, tokenizer, extended=extended)
 
 
 def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
@@ -606,7 +705,7 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
             raise KdpipeError(f"rank {w.rank} does not see the checkpoint {resume_from}: the run "
                               "directory must be on a file system every rank shares")
         meta = ckpt.read_meta(resume_from, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha)
-    stream = open_stream(s, meta.position if meta else Position(epoch=0, index=0), w)
+    stream = _stream_from(s, meta, w)
     if online is not None:
         stream = map(online, stream)
     tr = _trainer(s, None)
@@ -622,7 +721,11 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--out", help="Run directory to create or resume, or a URL (s3://bucket/path, ...).")
 @click.option("--teacher", help="Teacher folder, read only to initialise the student and copy its "
               "tokenizer; its weights must match the cache. [the path recorded in the cache]")
-@click.option("--init", type=click.Choice(["teacher", "random"]), help="Student initialisation. [teacher]")
+@click.option("--init", type=click.Choice(["teacher", "random", "pretrained"]),
+              help="Student initialisation: teacher layers, random, or a model folder (--init-from). [teacher]")
+@click.option("--init-from", help="Start the student from this save_pretrained folder (a run's final/ or "
+              "any checkpoints/step-N/, or another masked LM with the cache's vocabulary); its config "
+              "is the student's architecture.")
 @click.option("--layer-map", callback=ints_option, help="Teacher layer copied into each student layer, e.g. "
               "0,2,4. [every other layer]")
 @click.option("--student-arch", type=click.Choice(["teacher", "distilbert"]),
@@ -643,8 +746,9 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
               f"[{REFERENCE_TEMPERATURE}]")
 @click.option("--ce-masked-only", is_flag=True, default=None, help="Distil only at masked positions "
               "(the reference's restrict_ce_to_mask). [every non-padding token]")
-@click.option("--max-steps", type=int, help="Optimizer updates to run (instead of --epochs).")
-@click.option("--epochs", type=int, help="Passes over the cache. [3]")
+@click.option("--max-steps", type=int, help="Optimizer updates to run (instead of --epochs); may be raised "
+              "on a rerun to extend a run, finished or not (the schedule follows the new length).")
+@click.option("--epochs", type=int, help="Passes over the cache. [3] May be raised on a rerun, as --max-steps.")
 @click.option("--seed", type=int, help="Seed of the student init, dropout and data order. [0]")
 @click.option("--batch-size", type=int, help="Sequences per batch. [32]")
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch, instead of --batch-size.")
@@ -661,6 +765,9 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--log-every", type=int, help="Updates between metrics lines. [10]")
 @click.option("--prefetch", type=int, help="Batches decoded ahead in a background thread. [4]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
+@click.option("--report-to", type=click.Choice(["none", "tensorboard"]), help="Also log the metrics to "
+              "TensorBoard (RUN_DIR/tensorboard; pip install 'kdpipe[tensorboard]'). metrics.jsonl is "
+              "always written. [none]")
 @click.option("--record-samples", is_flag=True, default=None,
               help="Write the (seq_id, view) rows of every update to samples.jsonl.")
 def command(config_file: Path | None, **flags: Any) -> None:

@@ -123,6 +123,17 @@ def test_a_distilbert_student_trains_and_loads_as_plain_transformers(distil_run,
     assert len(out) == 3 and all(0 <= r["score"] <= 1 and r["sequence"].startswith("the") for r in out)
 
 
+def test_the_final_folder_has_a_model_card(distil_run, reference_cache):
+    card = (distil_run / "final" / "README.md").read_text()
+    manifest = json.loads((reference_cache / "manifest.json").read_text())
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and "pipeline_tag: fill-mask" in front and "- distilbert" in front
+    for needle in ("# DistilBertForMaskedLM distilled with kdpipe", manifest["fingerprint_sha256"],
+                   manifest["fingerprint"]["teacher"]["weights_sha256"], "5.0 · L_ce + 2.0 · L_mlm + 1.0 · L_cos",
+                   "| temperature | 1.5 |", "teacher layers [0]", "6 (", "No `kdpipe eval` report"):
+        assert needle in card, needle
+
+
 def test_a_distilbert_run_resumes_bit_identically(distil_run, reference_cache, tmp_path):
     run = Path(shutil.copytree(distil_run, tmp_path / "run"))
     shutil.rmtree(run / "final")  # as if killed after its checkpoint at step 3
@@ -173,3 +184,10 @@ def test_eval_measures_a_distilbert_beside_a_bert_student(distil_run, reference_
         assert speed[name].latency_ms.median > 0 and 0 <= mlm[name].top1_accuracy <= 1
         assert 0 <= acc[name].accuracy.median <= 1
     assert "| distil | student | DistilBertForMaskedLM |" in (tmp_path / "report" / "report.md").read_text()
+    # eval filled in the evaluation section of both students' model cards
+    assert sorted(json.loads(r.stdout)["model_cards"]) == sorted(
+        str(p.resolve() / "final" / "README.md") for p in (bert_run, distil_run))
+    card = (distil_run / "final" / "README.md").read_text()
+    assert "No `kdpipe eval` report" not in card
+    assert f"top-1 {100 * mlm['distil'].top1_accuracy:.1f}%" in card
+    assert f"dev accuracy {100 * acc['distil'].accuracy.median:.1f}%" in card and "ms at batch 1" in card

@@ -190,7 +190,8 @@ def test_two_rank_training_matches_one_rank_and_resumes_on_any_world_size(
     for name, t in w1.items():
         assert (w2[name] - t).abs().max() < 1e-4, name
     # one writer: only rank 0's files, no temporaries
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["latest", "step-0000008", "step-0000016"]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == [
+        "latest", "step-0000008", "step-0000016", "step-0000021"]  # the last step is checkpointed too
     assert not [p for p in two.rglob("*") if ".tmp" in p.name]
 
     # resume from the step-16 checkpoint, as after a kill: on two ranks bit-exact, on one the same rows
@@ -198,6 +199,8 @@ def test_two_rank_training_matches_one_rank_and_resumes_on_any_world_size(
         part = tmp_path / f"resumed-{ranks}"
         shutil.copytree(two, part)
         shutil.rmtree(part / "final")
+        shutil.rmtree(part / "checkpoints" / "step-0000021")
+        (part / "checkpoints" / "latest").write_text("step-0000016\n")
         if ranks == 2:
             out = json.loads(torchrun("student-train", *args, "--out", part).stdout)
         else:

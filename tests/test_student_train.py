@@ -56,9 +56,12 @@ def finished_run(tmp_path_factory, reference_cache, kdpipe_cli) -> Path:
 
 
 def partial_copy(run: Path, dest: Path) -> Path:
-    """A copy of a run as if it had been killed after its latest checkpoint (no final/)."""
+    """A copy of a run as if it had been killed after its checkpoint at step 39 (no final/, and
+    not the checkpoint every run writes at its last step)."""
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "final")
+    shutil.rmtree(dest / "checkpoints" / "step-0000042")
+    (dest / "checkpoints" / "latest").write_text("step-0000039\n")
     return dest
 
 
@@ -116,7 +119,7 @@ def test_final_loads_without_kdpipe_and_metrics_have_their_names(finished_run):
     record = json.loads((finished_run / "run.json").read_text())
     assert record["init"]["layer_map"] == [0] and record["total_steps"] == 42
     kept = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
-    assert kept == ["latest", "step-0000033", "step-0000036", "step-0000039"]
+    assert kept == ["latest", "step-0000036", "step-0000039", "step-0000042"]  # the last step included
 
 
 def test_rerunning_a_finished_run_changes_nothing(finished_run, reference_cache, digest):
@@ -139,7 +142,8 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_run_untouched(
          ("all 0",)),
         (("--cache", reference_cache, *RESUME, "--layer-map", "5"), ("teacher layer(s) 5", "2 layers")),
         (("--cache", reference_cache, *RESUME, "--alpha-ce", "1"), ("other settings", "alpha_ce: 5.0 -> 1.0")),
-        (("--cache", reference_cache, *BASE, "--epochs", "3", "--save-every", "3"), ("other settings", "epochs: 2 -> 3")),
+        (("--cache", reference_cache, *BASE, "--max-steps", "5", "--save-every", "3"),
+         ("has trained 39 steps", "length of 5 steps")),  # a length may grow, never shrink below what is done
         (("--cache", reference_cache, "--temperature", "2", "--batch-size", "8", "--epochs", "2"),
          ("temperature grid", "1, 1.5, 3")),
     ]
@@ -265,3 +269,88 @@ def test_a_narrower_student_learns_its_own_hidden_map_with_accumulation(tmp_path
     assert hmap["weight"].shape == (16, 16)  # (cache width d, student width)
     assert (out / "final" / "tokenizer_config.json").exists()  # from the cache: no teacher needed
     assert len([p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]) == 1
+
+
+# ------------------------------------------------------- checkpoints as models, longer runs, init-from
+
+def test_every_checkpoint_is_a_model_folder(finished_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM, pipeline
+
+    ckpt = finished_run / "checkpoints" / "step-0000039"
+    model = AutoModelForMaskedLM.from_pretrained(ckpt)
+    assert model.config.num_hidden_layers == 1
+    fill = pipeline("fill-mask", model=str(ckpt), top_k=2)
+    assert len(fill("the [MASK] film")) == 2
+    # the checkpoint at the last step holds the final weights
+    last, final = (load_file(str(p / "model.safetensors")) for p in (finished_run / "checkpoints" / "step-0000042",
+                                                                      finished_run / "final"))
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
+
+
+def test_a_finished_run_is_extended_with_the_schedule_of_its_new_length(tmp_path, reference_cache):
+    from safetensors.torch import load_file
+
+    from kdpipe.pipeline.schedule import lr_at, warmup_steps
+
+    out = tmp_path / "run"
+    args = ("--out", out, "--cache", reference_cache, *BASE, "--save-every", "4", "--log-every", "1")
+    assert invoke(*args, "--max-steps", "6").exit_code == 0
+    six = load_file(str(out / "final" / "model.safetensors"))
+    r = invoke(*args, "--max-steps", "9")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert (summary["status"], summary["steps"]) == ("extended", 9)
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == list(range(1, 10))
+    warm = warmup_steps(9, 0.05)
+    for m in lines[6:]:  # the new steps follow the schedule of a 9-step run
+        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, 5e-4, 9, warm))
+    record = json.loads((out / "run.json").read_text())
+    assert record["total_steps"] == 9
+    (change,) = record["length_changes"]
+    assert (change["at_step"], change["from_total_steps"], change["to_total_steps"]) == (6, 6, 9)
+    nine = load_file(str(out / "final" / "model.safetensors"))
+    assert any(not torch.equal(six[k], nine[k]) for k in six)
+    assert json.loads((out / "final" / "kdpipe_student.json").read_text())["steps"] == 9
+    assert not list(out.glob(".final.*"))
+    assert json.loads(invoke(*args, "--max-steps", "9").stdout)["status"] == "already complete"
+    assert_refused(invoke(*args, "--max-steps", "7"), "has trained 9 steps")
+
+
+def test_a_student_starts_from_any_model_folder(tmp_path, finished_run, reference_cache):
+    from safetensors.torch import load_file
+
+    src = finished_run / "checkpoints" / "step-0000039"
+    out = tmp_path / "run"
+    r = invoke("--out", out, "--cache", reference_cache, *BASE, "--init-from", src, "--max-steps", "1",
+               "--lr", "1e-12", "--alpha-cos", "0")
+    assert r.exit_code == 0, r.stderr
+    init = json.loads((out / "run.json").read_text())["init"]
+    assert init["init"] == "pretrained" and init["init_from"] == str(src)
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-8) for k in a)  # one step at lr 1e-12: the folder's weights
+    assert_refused(invoke("--out", tmp_path / "r2", "--cache", reference_cache, *BASE, "--init-from", src,
+                          "--student-layers", "2"), "architecture from its folder", "student_layers")
+    assert_refused(invoke("--out", tmp_path / "r3", "--cache", reference_cache, *BASE, "--init-from",
+                          tmp_path / "nothing"), "not a model folder")
+
+
+def test_report_to_tensorboard_logs_every_metric_and_the_gradient_norm(tmp_path, reference_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, plain = tmp_path / "tb", tmp_path / "plain"
+    common = ("--cache", reference_cache, *BASE, "--max-steps", "4", "--log-every", "2")
+    r = invoke("--out", out, *common, "--report-to", "tensorboard", "--max-grad-norm", "0.5")
+    assert r.exit_code == 0, r.stderr
+    lines = metrics(out)
+    assert all(m["grad_norm"] > 0.5 for m in lines)  # the norm before clipping
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/grad_norm", "train/lr", "train/loss_ce"} <= tags
+    assert [e.step for e in acc.Scalars("train/grad_norm")] == [2, 4]
+    assert acc.Scalars("train/grad_norm")[1].value == pytest.approx(lines[1]["grad_norm"], rel=1e-6)
+    # the default reports to metrics.jsonl only; the gradient norm is there without clipping too
+    assert invoke("--out", plain, *common, "--max-grad-norm", "0").exit_code == 0
+    assert not (plain / "tensorboard").exists() and all(m["grad_norm"] > 0 for m in metrics(plain))
