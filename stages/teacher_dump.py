@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
+from kdpipe.pipeline import cache_card
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import distributed
 from kdpipe.pipeline import projection as proj
@@ -307,7 +308,9 @@ def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, f
 
 def _schema(s: Setup) -> pa.Schema:
     t = _target_settings(s.cfg, s.model)
-    return shard_schema(s.vocab.size, t.top_k, len(t.temperatures), s.hidden_dim, s.cfg.targets, t.state_dim)
+    return cache_card.describe(
+        shard_schema(s.vocab.size, t.top_k, len(t.temperatures), s.hidden_dim, s.cfg.targets, t.state_dim),
+        s.fingerprint)
 
 
 def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
@@ -379,6 +382,7 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
         bytes_per_token_by_column={k: round(v / max(tokens, 1), 3) for k, v in sorted(by_column.items())},
         created_at=started, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    atomic_write_bytes(out / cache_card.CARD_NAME, cache_card.render(manifest).encode())  # before the manifest
     atomic_write_json(out / MANIFEST_NAME, manifest.model_dump(mode="json"))
     return manifest
 

@@ -152,3 +152,36 @@ def test_shard_footer_carries_the_fingerprint(reference_cache: Path) -> None:
     m = manifest_of(reference_cache)
     md = pq.read_schema(reference_cache / m["shards"][0]["path"]).metadata
     assert md[FINGERPRINT_KEY].decode() == m["fingerprint_sha256"]
+
+
+def test_shards_describe_themselves(reference_cache: Path) -> None:
+    """Decoding the top-k targets needs no manifest: the footer names log_z's temperatures, says
+    the logits are raw and where the targets sit; the probabilities it describes are the teacher's."""
+    m = manifest_of(reference_cache)
+    schema = pq.read_schema(reference_cache / m["shards"][0]["path"])
+    desc = json.loads(schema.metadata[b"kdpipe.description"])
+    assert desc["temperatures"] == [1.0, 1.5, 3.0] == m["temperatures"]
+    assert desc["targets"] == "topk" and desc["target_positions"] == "all" and desc["k"] == 8
+    assert "raw" in desc["topk_logits"] and desc["hidden"]["dim"] == 16
+    assert desc["hidden"]["projection"] == m["fingerprint"]["hidden"]["projection"]
+    log_z = schema.field("log_z").metadata
+    assert json.loads(log_z[b"kdpipe.temperatures"]) == [1.0, 1.5, 3.0] and log_z[b"kdpipe.positions"] == b"all"
+    assert b"raw" in schema.field("topk_logits").metadata[b"kdpipe.meaning"]
+    # with the footer alone: p_i = exp(z_i / T - log_z[T]) sums to at most 1 at every T
+    t = pq.read_table(reference_cache / m["shards"][0]["path"], columns=["topk_logits", "log_z"])
+    z = np.array(t.column("topk_logits").combine_chunks().flatten().to_pylist(), dtype=np.float64)  # (P, k)
+    lz = np.array(t.column("log_z").combine_chunks().flatten().to_pylist(), dtype=np.float64)  # (P, n_T)
+    for j, temp in enumerate(desc["temperatures"]):
+        p = np.exp(z / temp - lz[:, j:j + 1]).sum(-1)
+        assert (p <= 1 + 1e-2).all() and (p > 0).all()
+
+
+def test_datasets_loads_a_cache_folder_as_it_is(reference_cache: Path, tmp_path: Path) -> None:
+    import datasets
+
+    m = manifest_of(reference_cache)
+    card = (reference_cache / "README.md").read_text()
+    assert "configs:" in card and "shards/*.parquet" in card and m["fingerprint_sha256"] in card
+    ds = datasets.load_dataset(str(reference_cache), cache_dir=str(tmp_path / "hf"))
+    assert list(ds) == ["train"] and ds["train"].num_rows == m["rows"]
+    assert sum(ds["train"]["length"]) == m["tokens"]

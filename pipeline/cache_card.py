@@ -1,0 +1,121 @@
+"""What a cache says about itself, for readers without kdpipe: the shards' Parquet metadata and
+the dataset card (README.md) beside the manifest.
+
+Each shard's schema carries key-value metadata (`kdpipe.description`, JSON: the target mode and
+positions, the temperature grid in log_z's column order, that logits are raw, the projection,
+the vocabulary) and field metadata on the columns whose meaning depends on the dump's settings.
+The dataset card's `configs:` section names the shards, so `datasets.load_dataset(CACHE_DIR)`
+loads a cache as it is (without it, `datasets` would try to read the cache's JSON files as data).
+Both follow from the fingerprint alone: the same settings give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+CARD_NAME = "README.md"
+DESCRIPTION_KEY = b"kdpipe.description"
+MEANING_KEY = b"kdpipe.meaning"
+
+
+def _temps(fingerprint: dict[str, Any]) -> list[float]:
+    return [float(t) for t in fingerprint.get("targets", {}).get("temperatures", [])]
+
+
+def description(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The settings a reader needs to decode a shard's columns."""
+    t, h = fingerprint.get("targets", {}), fingerprint.get("hidden", {})
+    out: dict[str, Any] = {
+        "targets": t.get("mode"), "target_positions": t.get("positions"),
+        "target_positions_meaning": "every token of the row, in order" if t.get("positions") == "all"
+        else "the masked positions, in the order of mlm_positions",
+        "vocab_size": fingerprint.get("teacher", {}).get("vocab_size"),
+        "teacher_weights_sha256": fingerprint.get("teacher", {}).get("weights_sha256"),
+    }
+    if t.get("mode") == "topk":
+        out.update(k=t.get("k"), temperatures=_temps(fingerprint), topk_logits="raw (temperature 1, not softened)",
+                   log_z="log sum_v exp(z_v / T) over the full vocabulary; column j is at temperatures[j]",
+                   probability="p_i = exp(topk_logits_i / T - log_z[T]); the tail mass is 1 - sum_i p_i")
+    elif t.get("mode") == "sampled":
+        out.update(temperature=(_temps(fingerprint) or [None])[0], samples=t.get("samples"))
+    if h:
+        out["hidden"] = {"projection": h.get("projection"), "dim": h.get("dim"),
+                         "meaning": "teacher last hidden state @ projection.safetensors (H, dim)"}
+    return out
+
+
+_FIELD_MEANINGS = {
+    "input_ids": "the input as the teacher saw it, after masking",
+    "mlm_positions": "masked positions in the row, ascending",
+    "mlm_labels": "original token ids at mlm_positions",
+    "topk_ids": "ids of the teacher's k largest logits, by falling logit",
+    "topk_logits": "raw logits (temperature 1) of topk_ids",
+    "sample_ids": "distinct tokens drawn from the teacher's softened distribution",
+    "sample_counts": "how often each of sample_ids was drawn",
+    "teacher_state": "the teacher decoder's input: logits = state @ W.T + b (head.safetensors)",
+}
+
+
+def describe(schema: pa.Schema, fingerprint: dict[str, Any]) -> pa.Schema:
+    """The shard schema with its description (key-value metadata) and each column's meaning
+    (field metadata; log_z's names its temperatures, hidden its projection)."""
+    desc = description(fingerprint)
+    fields = []
+    for f in schema:
+        meaning = _FIELD_MEANINGS.get(f.name)
+        extra: dict[bytes, bytes] = {}
+        if f.name == "log_z":
+            meaning = "log sum_v exp(z_v / T) over the full vocabulary, one column per temperature"
+            extra[b"kdpipe.temperatures"] = json.dumps(desc.get("temperatures")).encode()
+        elif f.name == "hidden" and "hidden" in desc:
+            meaning = "teacher last hidden state @ projection.safetensors"
+            extra[b"kdpipe.projection"] = str(desc["hidden"]["projection"]).encode()
+        if f.name in ("topk_ids", "topk_logits", "log_z", "sample_ids", "sample_counts", "teacher_state"):
+            extra[b"kdpipe.positions"] = str(desc["target_positions"]).encode()
+        if meaning:
+            f = f.with_metadata({**(f.metadata or {}), MEANING_KEY: meaning.encode(), **extra})
+        fields.append(f)
+    metadata = {**(schema.metadata or {}), DESCRIPTION_KEY: json.dumps(desc, sort_keys=True).encode()}
+    return pa.schema(fields, metadata=metadata)
+
+
+def render(manifest: Any) -> str:
+    """The dataset card of a finished cache (a Manifest): configs, then what the columns hold."""
+    fp = manifest.fingerprint
+    desc = description(fp)
+    temps = ", ".join(f"{x:g}" for x in desc.get("temperatures", [])) or "–"
+    lines = [
+        "---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
+        "    path: shards/*.parquet", "tags:", "- kdpipe", "- knowledge-distillation", "- teacher-logits", "---", "",
+        "# kdpipe teacher cache", "",
+        "Teacher outputs for offline knowledge distillation of a masked LM, written by `kdpipe teacher-dump`: "
+        "one row per (sequence, mask view). `datasets.load_dataset(\"path/to/this/folder\")` or "
+        "`pyarrow.parquet.read_table(\"shards\")` reads it; `manifest.json` lists every shard with its "
+        "SHA-256, and `fingerprint.json` what the cache depends on.", "",
+        "| setting | value |", "| :--- | :--- |",
+        f"| fingerprint SHA-256 | `{manifest.fingerprint_sha256}` |",
+        f"| teacher | {fp.get('teacher', {}).get('model_type')}, weights SHA-256 "
+        f"`{fp.get('teacher', {}).get('weights_sha256')}` |",
+        f"| vocabulary | {manifest.vocab_size} |",
+        f"| sequences | {manifest.sequences} of up to {manifest.seq_len} tokens, {manifest.rows} rows, "
+        f"{manifest.tokens} tokens |",
+        f"| targets | {manifest.targets}, at {desc['target_positions_meaning']} |",
+        f"| top-k | {manifest.top_k} |", f"| temperatures (log_z columns, in order) | {temps} |",
+        f"| hidden states | {fp.get('hidden', {}).get('projection')} projection to {manifest.hidden_dim} dims |",
+        f"| bytes per token | {manifest.bytes_per_token} |", "",
+        "## Columns", "",
+        "Per-token columns hold one entry per token (no padding); target columns one per target position.", "",
+        "| column | meaning |", "| :--- | :--- |",
+        "| seq_id | position of the sequence in the packed corpus |", "| view | which mask draw |",
+        "| length | tokens, [CLS] and [SEP] included |",
+        *[f"| {k} | {v} |" for k, v in _FIELD_MEANINGS.items()],
+        "| hidden | teacher last hidden state @ projection.safetensors |",
+        "| log_z | log sum_v exp(z_v / T) over the full vocabulary, one column per temperature above |", "",
+        "Logits are stored raw. At temperature T the teacher's probability of top-k token i is "
+        "exp(topk_logits_i / T - log_z[T]), exact; the mass outside the top-k is one minus their sum. "
+        "Each shard's Parquet metadata (`kdpipe.description`) and field metadata say the same.", "",
+    ]
+    return "\n".join(lines)
