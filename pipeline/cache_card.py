@@ -22,18 +22,18 @@ MEANING_KEY = b"kdpipe.meaning"
 
 
 def _temps(fingerprint: dict[str, Any]) -> list[float]:
-    return [float(t) for t in fingerprint.get("targets", {}).get("temperatures", [])]
+    return [float(t) for t in (fingerprint.get("targets") or {}).get("temperatures") or []]
 
 
 def description(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The settings a reader needs to decode a shard's columns."""
-    t, h = fingerprint.get("targets", {}), fingerprint.get("hidden", {})
+    t, h = (fingerprint.get("targets") or {}), (fingerprint.get("hidden") or {})
     out: dict[str, Any] = {
         "targets": t.get("mode"), "target_positions": t.get("positions"),
         "target_positions_meaning": "every token of the row, in order" if t.get("positions") == "all"
         else "the masked positions, in the order of mlm_positions",
-        "vocab_size": fingerprint.get("teacher", {}).get("vocab_size"),
-        "teacher_weights_sha256": fingerprint.get("teacher", {}).get("weights_sha256"),
+        "vocab_size": (fingerprint.get("teacher") or {}).get("vocab_size"),
+        "teacher_weights_sha256": (fingerprint.get("teacher") or {}).get("weights_sha256"),
     }
     if t.get("mode") == "topk":
         out.update(k=t.get("k"), temperatures=_temps(fingerprint), topk_logits="raw (temperature 1, not softened)",
@@ -97,14 +97,14 @@ def render(manifest: Any) -> str:
         "SHA-256, and `fingerprint.json` what the cache depends on.", "",
         "| setting | value |", "| :--- | :--- |",
         f"| fingerprint SHA-256 | `{manifest.fingerprint_sha256}` |",
-        f"| teacher | {fp.get('teacher', {}).get('model_type')}, weights SHA-256 "
-        f"`{fp.get('teacher', {}).get('weights_sha256')}` |",
+        f"| teacher | {(fp.get('teacher') or {}).get('model_type')}, weights SHA-256 "
+        f"`{(fp.get('teacher') or {}).get('weights_sha256')}` |",
         f"| vocabulary | {manifest.vocab_size} |",
         f"| sequences | {manifest.sequences} of up to {manifest.seq_len} tokens, {manifest.rows} rows, "
         f"{manifest.tokens} tokens |",
         f"| targets | {manifest.targets}, at {desc['target_positions_meaning']} |",
         f"| top-k | {manifest.top_k} |", f"| temperatures (log_z columns, in order) | {temps} |",
-        f"| hidden states | {fp.get('hidden', {}).get('projection')} projection to {manifest.hidden_dim} dims |",
+        f"| hidden states | {(fp.get('hidden') or {}).get('projection')} projection to {manifest.hidden_dim} dims |",
         f"| bytes per token | {manifest.bytes_per_token} |", "",
         "## Columns", "",
         "Per-token columns hold one entry per token (no padding); target columns one per target position.", "",

@@ -33,13 +33,13 @@ def render(*, architecture: str, config: dict[str, Any], parameters: int, teache
     """The card of a finished run: `config` the student's config.json, `fingerprint` the cache
     manifest's, `run` the run record's resolved config and init report."""
     cfg, init = run["config"], run["init"]
-    t = fingerprint.get("teacher", {})
-    targets, masking = fingerprint.get("targets", {}), fingerprint.get("masking", {})
-    seqs, hidden = fingerprint.get("sequences", {}), fingerprint.get("hidden", {})
+    t = (fingerprint.get("teacher") or {})
+    targets, masking = (fingerprint.get("targets") or {}), (fingerprint.get("masking") or {})
+    seqs, hidden = (fingerprint.get("sequences") or {}), (fingerprint.get("hidden") or {})
     layers = config.get("num_hidden_layers", config.get("n_layers"))
     width = config.get("hidden_size", config.get("dim"))
     heads = config.get("num_attention_heads", config.get("n_heads"))
-    temps = ", ".join(f"{x:g}" for x in targets.get("temperatures", [])) or "–"
+    temps = ", ".join(f"{x:g}" for x in targets.get("temperatures") or []) or "–"
     if cfg.get("init") == "teacher":
         how_init = f"teacher layers {init.get('layer_map')} (embeddings and MLM head copied where shapes match)"
     elif cfg.get("init") == "pretrained":
@@ -64,7 +64,7 @@ def render(*, architecture: str, config: dict[str, Any], parameters: int, teache
         "## Teacher", "",
         *_rows([("teacher", f"`{teacher}`" if teacher else "not recorded"), ("model_type", t.get("model_type")),
                 ("hidden size", t.get("hidden_size")), ("weights SHA-256", f"`{t.get('weights_sha256')}`"),
-                ("tokenizer SHA-256", f"`{fingerprint.get('tokenizer', {}).get('sha256')}`")]), "",
+                ("tokenizer SHA-256", f"`{(fingerprint.get('tokenizer') or {}).get('sha256')}`")]), "",
         "## Cache", "",
         *_rows([("cache", f"`{cache}`"), ("fingerprint SHA-256", f"`{fingerprint_sha256}`"),
                 ("targets", f"{targets.get('mode')}, k = {targets.get('k')}, at {targets.get('positions')} "
@@ -75,7 +75,7 @@ def render(*, architecture: str, config: dict[str, Any], parameters: int, teache
                 ("masking", f"{masking.get('mask_prob')} of tokens ({masking.get('mask_token_prob')} [MASK], "
                             f"{masking.get('random_token_prob')} random), {masking.get('views')} view(s), "
                             f"seed {masking.get('seed')}"),
-                ("corpus", ", ".join(f"`{f.get('name')}`" for f in fingerprint.get("corpus", {}).get("files", []))
+                ("corpus", ", ".join(f"`{f.get('name')}`" for f in (fingerprint.get("corpus") or {}).get("files", []))
                  or "–")]), "",
         "## Distillation", "",
         *_rows([("loss", f"{cfg.get('alpha_ce')} · L_ce + {cfg.get('alpha_mlm')} · L_mlm + "

@@ -185,3 +185,18 @@ def test_datasets_loads_a_cache_folder_as_it_is(reference_cache: Path, tmp_path:
     ds = datasets.load_dataset(str(reference_cache), cache_dir=str(tmp_path / "hf"))
     assert list(ds) == ["train"] and ds["train"].num_rows == m["rows"]
     assert sum(ds["train"]["length"]) == m["tokens"]
+
+
+def test_a_cache_without_targets_or_hidden_states_is_described_too() -> None:
+    """Mode none (teacher-adapt's cache) has no targets, temperatures or projection."""
+    from types import SimpleNamespace
+
+    from kdpipe.pipeline import cache_card
+
+    fp = {"targets": {"mode": "none", "positions": "all", "temperatures": None}, "hidden": None,
+          "teacher": {"model_type": "bert", "vocab_size": 50, "weights_sha256": None}}
+    schema = cache_card.describe(shard_schema(50, mode="none"), fp)
+    assert json.loads(schema.metadata[b"kdpipe.description"])["targets"] == "none"
+    m = SimpleNamespace(fingerprint=fp, fingerprint_sha256="0" * 64, vocab_size=50, sequences=3, seq_len=8,
+                        rows=3, tokens=20, targets="none", top_k=0, hidden_dim=0, bytes_per_token=1.0)
+    assert "configs:" in cache_card.render(m)
