@@ -1,5 +1,12 @@
 """Text in, packed token-id sequences out, streamed so memory stays flat in the corpus size.
 
+What `--data` reads: text files (one document per line; any extension that is not one of the
+others, so a `.cor` corpus needs no renaming), JSON lines, Parquet, CSV/TSV (a text column), each
+also compressed (.gz, .bz2, .xz, .zst); a `save_to_disk` folder (Dataset or DatasetDict: --data-split
+picks the split); a local dataset repository folder (a README.md whose YAML front matter
+`datasets` reads, beside its data files); globs and plain folders of files; the name of a dataset
+available offline. `--format` says what a file is where its name does not.
+
 Sequence ids are positions in this deterministic stream: the same corpus, tokenizer, length and
 packing give the same sequence for the same id, which is what lets a shard be redone alone.
 """
@@ -21,7 +28,12 @@ import numpy as np
 from kdpipe.pipeline.errors import KdpipeError
 
 Packing = Literal["pack", "line"]
-_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+             ".csv": "csv", ".tsv": "tsv"}
+_COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+# --format: what a --data file or folder is (auto: from its name, or what a folder holds)
+FORMATS = ("auto", "text", "json", "parquet", "csv", "tsv", "disk", "repo")
+_FOLDER_FORMATS = ("disk", "repo")
 _TOKENIZE_BATCH = 512
 _LONG_TEXT = 1 << 16  # characters: longer documents are tokenized in pieces
 
@@ -48,12 +60,47 @@ def _expand(sources: Iterable[str]) -> list[Path]:
     return files
 
 
+def _suffix(path: Path) -> str:
+    """The format suffix, under any compression suffix: a.txt.gz -> .txt."""
+    name = path.name.lower()
+    for c in _COMPRESSION:
+        if name.endswith(c):
+            name = name[: -len(c)]
+    return Path(name).suffix
+
+
+def _open_text_bytes(path: Path) -> Any:
+    """The file's bytes, decompressed by its suffix (for the UTF-8 check)."""
+    kind = _COMPRESSION.get(path.suffix.lower())
+    if kind == "gzip":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if kind == "bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if kind == "xz":
+        import lzma
+
+        return lzma.open(path, "rb")
+    if kind == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return None
+
+
 def _hash_and_check(path: Path, builder: str) -> dict[str, Any]:
-    """SHA-256 of a file, checking on the way that a text file decodes as UTF-8."""
+    """SHA-256 of a file (as stored), checking on the way that a text file decodes as UTF-8
+    (once decompressed: a compressed file is read twice)."""
     h = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")() if builder != "parquet" else None
     size = 0
     try:
+        if decoder is not None and path.suffix.lower() in _COMPRESSION:
+            _check_utf8(path)
+            decoder = None
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
@@ -74,14 +121,50 @@ def _hash_and_check(path: Path, builder: str) -> dict[str, Any]:
     return {"name": path.name, "bytes": size, "sha256": h.hexdigest()}
 
 
+def _check_utf8(path: Path) -> None:
+    decoder, at = codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with _open_text_bytes(path) as f:
+            while block := f.read(1 << 20):
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    raise KdpipeError(f"corpus file {path} is not valid UTF-8 once decompressed "
+                                      f"(byte offset {at + e.start})") from None
+                at += len(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise KdpipeError(f"corpus file {path} ends in the middle of a UTF-8 character") from None
+    except (OSError, EOFError, ValueError) as e:
+        if isinstance(e, KdpipeError):
+            raise
+        raise KdpipeError(f"corpus file {path} cannot be decompressed: {e}") from None
+
+
+def folder_format(path: Path) -> str | None:
+    """disk (a save_to_disk folder), repo (a dataset repository: README.md with YAML front
+    matter) or None (a plain folder of files)."""
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return "disk"
+    readme = path / "README.md"
+    if readme.is_file():
+        with open(readme, encoding="utf-8", errors="replace") as f:
+            if f.readline().strip() == "---":
+                return "repo"
+    return None
+
 def looks_like_path(spec: str) -> bool:
     """A spec meant as a local file (so a missing one is 'not found', not a dataset lookup)."""
-    return (spec.startswith(("/", "./", "../", "~")) or Path(spec).suffix.lower() in _BUILDERS
-            or Path(spec).suffix.lower() in {".csv", ".tsv"})
+    return (spec.startswith(("/", "./", "../", "~")) or _suffix(Path(spec)) in _BUILDERS
+            or Path(spec).suffix.lower() in _COMPRESSION)
 
 
-def resolve_corpus(sources: Iterable[str], text_column: str = "text", split: str = "train") -> Corpus:
-    """Local files (text, JSON lines, Parquet; globs and folders allowed) or a dataset name."""
+def resolve_corpus(sources: Iterable[str], text_column: str = "text", split: str = "train",
+                   data_format: str = "auto") -> Corpus:
+    """Local files (see the module docstring; globs and folders allowed), a save_to_disk or
+    dataset repository folder, or a dataset name."""
+    if data_format not in FORMATS:
+        raise KdpipeError(f"unknown --format {data_format!r} (choose from {', '.join(FORMATS)})")
     sources = list(sources)
     if not sources:
         raise KdpipeError("no corpus given (--data)")
@@ -99,24 +182,53 @@ def resolve_corpus(sources: Iterable[str], text_column: str = "text", split: str
     if not local:
         if len(resolved) != 1 or looks_like_path(resolved[0]):
             raise KdpipeError(f"corpus file(s) not found: {', '.join(resolved)}")
+        if data_format in _FOLDER_FORMATS:
+            raise KdpipeError(f"--format {data_format} needs a folder; {resolved[0]} does not exist")
         return _dataset_corpus(resolved[0], text_column, split)
+    folders = {s: data_format if data_format in _FOLDER_FORMATS else folder_format(Path(s))
+               for s in local if Path(s).is_dir()}
+    if any(folders.values()) or data_format in _FOLDER_FORMATS:
+        if len(local) != 1 or not folders:
+            raise KdpipeError(f"a save_to_disk or dataset repository folder is read alone: give it as the "
+                              f"only --data ({', '.join(local)})")
+        return _folder_corpus(Path(local[0]), folders[local[0]], text_column, split)
     files = _expand(local)
     if not files:
         raise KdpipeError(f"no corpus files match {', '.join(local)}")
-    kinds = {_BUILDERS.get(p.suffix.lower()) for p in files}
-    if None in kinds:
-        bad = [str(p) for p in files if p.suffix.lower() not in _BUILDERS]
-        raise KdpipeError(
-            f"unsupported corpus file type: {bad[0]} (use .txt, .jsonl/.json or .parquet)"
-        )
+    # a name that is no other format is plain text (checked as UTF-8 below)
+    kinds = {data_format if data_format != "auto" else _BUILDERS.get(_suffix(p), "text") for p in files}
     if len(kinds) > 1:
-        raise KdpipeError("corpus files must all be of one format (text, JSON lines or Parquet)")
+        raise KdpipeError(f"corpus files must all be of one format (these are {', '.join(sorted(kinds))}); "
+                          "give --format to read them all as one")
     builder = kinds.pop()
     fps = [_hash_and_check(p, builder) for p in files]
     if sum(f["bytes"] for f in fps) == 0:
         raise KdpipeError(f"corpus is empty: {', '.join(str(p) for p in files)}")
     fingerprint = {"format": builder, "files": fps, "text_column": text_column}
     return Corpus(builder, tuple(files), None, "train", text_column, fingerprint)
+
+
+def _folder_corpus(path: Path, kind: str, text_column: str, split: str) -> Corpus:
+    """A save_to_disk folder (disk) or a dataset repository folder (repo), every file hashed."""
+    files = sorted(q for q in path.rglob("*") if q.is_file() and ".cache" not in q.relative_to(path).parts)
+    fps = [{**_hash_and_check(q, "parquet"), "name": q.relative_to(path).as_posix()} for q in files]
+    if kind == "disk" and (path / "dataset_dict.json").is_file():
+        splits = read_splits(path)
+        if split not in splits:
+            raise KdpipeError(f"dataset {path} has no split {split!r} (splits: {', '.join(splits)}); "
+                              "set --data-split")
+    fingerprint = {"format": kind, "files": fps, "split": split, "text_column": text_column}
+    return Corpus(kind, (path,), None, split, text_column, fingerprint)
+
+
+def read_splits(path: Path) -> list[str]:
+    import json
+
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        raise KdpipeError(f"{path / 'dataset_dict.json'} is not a readable save_to_disk index") from None
+    return [str(x) for x in splits]
 
 
 def _dataset_corpus(name: str, text_column: str, split: str) -> Corpus:
@@ -139,15 +251,22 @@ def iter_texts(corpus: Corpus) -> Iterator[str]:
     import datasets
 
     datasets.disable_progress_bars()
-    if corpus.files:
+    if corpus.builder == "disk":
+        ds = datasets.load_from_disk(str(corpus.files[0]))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[corpus.split]
+    elif corpus.builder == "repo":
+        ds = datasets.load_dataset(str(corpus.files[0]), split=corpus.split, streaming=True)
+    elif corpus.files:
+        builder, extra = ("csv", {"delimiter": "\t"}) if corpus.builder == "tsv" else (corpus.builder, {})
         ds = datasets.load_dataset(
-            corpus.builder, data_files=[str(p) for p in corpus.files], split="train", streaming=True
+            builder, data_files=[str(p) for p in corpus.files], split="train", streaming=True, **extra
         )
     else:
         ds = datasets.load_dataset(corpus.builder, corpus.config_name, split=corpus.split)
     column = corpus.text_column
     try:
-        for row in ds:
+        for row in ds:  # a save_to_disk Dataset is memory-mapped: rows are read as they are needed
             if column not in row:
                 raise KdpipeError(
                     f"corpus has no column {column!r} (columns: {', '.join(row)}); set --text-column"

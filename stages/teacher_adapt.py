@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import torch
@@ -46,6 +46,7 @@ class AdaptConfig(StageConfig):
     heldout: list[str] = []
     heldout_sequences: int = Field(64, ge=1)
     text_column: str = "text"
+    format: Literal["auto", "text", "json", "parquet", "csv", "tsv", "disk", "repo"] = "auto"
     seq_len: int = Field(128, ge=8, le=65535)
     max_sequences: int | None = Field(None, ge=1)
     max_steps: int = Field(100, ge=1)
@@ -100,7 +101,7 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     remove_stale_tmp(out)
     teacher_path = resolve_model_path(cfg.teacher)
     dump = teacher_dump.DumpConfig(
-        teacher=cfg.teacher, data=cfg.data, out=str(out / "cache"), text_column=cfg.text_column,
+        teacher=cfg.teacher, data=cfg.data, out=str(out / "cache"), text_column=cfg.text_column, format=cfg.format,
         seq_len=cfg.seq_len, max_sequences=cfg.max_sequences, seed=cfg.seed, targets="none",
         shard_size=256)
     dumped = teacher_dump.main(dump)
@@ -141,6 +142,8 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
 @click.option("--heldout", multiple=True, help="Held-out text for accuracy before/after; repeatable.")
 @click.option("--heldout-sequences", type=int, help="Held-out sequences scored. [64]")
 @click.option("--text-column", help="Column holding the text. [text]")
+@click.option("--format", type=click.Choice(["auto", "text", "json", "parquet", "csv", "tsv", "disk", "repo"]),
+              help="What --data is, as for teacher-dump. [auto]")
 @click.option("--seq-len", type=int, help="Tokens per sequence. [128]")
 @click.option("--max-sequences", type=int, help="Use only the first N sequences of the corpus.")
 @click.option("--max-steps", type=int, help="Optimizer steps. [100]")

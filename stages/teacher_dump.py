@@ -66,6 +66,7 @@ class DumpConfig(StageConfig):
     out: str
     text_column: str = "text"
     data_split: str = "train"
+    format: Literal["auto", "text", "json", "parquet", "csv", "tsv", "disk", "repo"] = "auto"
     seq_len: int = Field(128, ge=8, le=65535)
     packing: Literal["pack", "line"] = "pack"
     max_sequences: int | None = Field(None, ge=1)
@@ -174,7 +175,7 @@ def _count(cfg: DumpConfig, corpus: corpus_mod.Corpus, tokenizer: Any, vocab_siz
 
 def set_up(cfg: DumpConfig) -> Setup:
     teacher_path = resolve_model_path(cfg.teacher)
-    corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split)  # a bad --data fails fast
+    corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split, cfg.format)  # fails fast
     tokenizer = load_tokenizer(teacher_path)
     model = load_teacher(teacher_path) if cfg.mode.uses_teacher else None
     mcfg = model.config if model is not None else load_model_config(teacher_path)
@@ -485,11 +486,16 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
                "--data wiki.txt --out caches/wiki --top-k 32 --temperatures 1,2,4")
 @config_option
 @click.option("--teacher", help="Masked-LM checkpoint folder (or builtin:NAME).")
-@click.option("--data", multiple=True, help="Text/JSONL/Parquet files, globs or folders, or a "
+@click.option("--data", multiple=True, help="Text (any extension), JSONL, Parquet, CSV/TSV files, "
+              "also .gz/.bz2/.xz/.zst, globs or folders; a save_to_disk or dataset repository folder; or a "
               "dataset name available offline; repeatable.")
 @click.option("--out", help="Cache directory to create or resume, or a URL (s3://bucket/path, ...).")
 @click.option("--text-column", help="Column holding the text (JSONL/Parquet/datasets). [text]")
-@click.option("--data-split", help="Split of a named dataset. [train]")
+@click.option("--data-split", help="Split of a named dataset, or of a save_to_disk DatasetDict or dataset "
+              "repository folder. [train]")
+@click.option("--format", type=click.Choice(list(corpus_mod.FORMATS)), help="What --data is, where its name "
+              "does not say: text, json (lines), parquet, csv, tsv, disk (a save_to_disk folder), repo (a "
+              "dataset repository folder). [auto: from the name; any other extension is text]")
 @click.option("--seq-len", type=int, help="Tokens per sequence, [CLS]/[SEP] included. [128]")
 @click.option("--packing", type=click.Choice(["pack", "line"]), help="pack: join documents into "
               "full sequences; line: one document per sequence, batches bucketed by length. [pack]")
