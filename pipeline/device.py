@@ -1,10 +1,21 @@
-"""The device is whatever torch offers: CUDA with bf16 autocast where available, else CPU."""
+"""The device is whatever torch offers, and the precision the user's choice.
+
+Precision (--precision): fp32 (no autocast), bf16 or fp16 (torch.autocast to that dtype, on CUDA or
+CPU), auto (bf16 on CUDA, fp32 on CPU: what training and eval default to). --tf32 lets CUDA's
+float32 matmuls and convolutions use TF32 (PyTorch's own default leaves matmuls in full fp32).
+The dump runs the teacher at the precision its config names (fp32 by default, auto not offered):
+the targets it stores never depend on an autocast nobody asked for.
+"""
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_default = "auto"  # what autocast() uses when not told: set per stage by configure()
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -13,8 +24,24 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA; full precision on CPU, where bf16 is slower and inexact."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 on CUDA, fp32 elsewhere; the others as they are."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def configure(precision: str = "auto", tf32: bool = False) -> None:
+    """A stage's precision for every autocast() that names none, and TF32 on or off."""
+    global _default
+    _default = precision
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def autocast(device: torch.device, precision: str | None = None) -> AbstractContextManager:
+    """Autocast to the precision's dtype (none for fp32); `precision` None: the stage's."""
+    p = resolve_precision(_default if precision is None else precision, device)
+    if p == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[p])

@@ -47,6 +47,10 @@ def settings(config: dict[str, Any], device: torch.device, models: list[Model],
     content (weights and file hashes), so a moved run directory is still the same student."""
     asked = {"mlm": heldout is not None, "downstream": bool(tasks), "speed": speed}
     out: dict[str, Any] = {"device": str(device)}
+    if config.get("precision", "auto") != "auto":  # recorded only when chosen: older reports still match
+        out["precision"] = config["precision"]
+    if config.get("tf32"):
+        out["tf32"] = True
     out.update({section: {k: config[k] for k in keys}
                 for section, keys in SECTION_KEYS.items() if asked[section]})
     inputs = {

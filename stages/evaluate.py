@@ -33,7 +33,7 @@ from kdpipe.pipeline import downstream, mlm_eval, model_card, report_dir, sectio
 from kdpipe.pipeline import report as render
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.config import MAX_SEED, StageConfig, build_config, config_option, echo_json
-from kdpipe.pipeline.device import pick_device
+from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.fsutil import (
     atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, sha256_bytes,
 )
@@ -83,6 +83,8 @@ class EvalConfig(StageConfig):
     speed_repeats: int = Field(10, ge=1)
     speed_warmup: int = Field(2, ge=0)
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    tf32: bool = False
     model_cards: bool = True  # fill in the evaluation section of each kdpipe student's model card
 
     @field_validator("students", "tasks", "heldout")
@@ -96,6 +98,9 @@ class EvalConfig(StageConfig):
     def _probs(self) -> "EvalConfig":
         if self.mask_token_prob + self.random_token_prob > 1:
             raise ValueError("mask_token_prob + random_token_prob must not exceed 1")
+        if self.precision == "fp16" and self.tasks:
+            raise ValueError("precision fp16 would fine-tune without loss scaling: use bf16 (or fp32) with "
+                             "--task, or fp16 for the masked-LM and speed sections alone")
         return self
 
     def heldout_spec(self) -> mlm_eval.Heldout:
@@ -244,6 +249,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     if storage.is_url(cfg.out):
         return storage.staged(cfg, main, writes={"out": "report"})
     s = set_up(cfg)
+    configure(cfg.precision, cfg.tf32)
     ensure_dir(s.out, "report directory")
     with exclusive_lock(s.out, "report directory"):
         s.parts.remove_stale_tmp()
@@ -316,6 +322,9 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 @click.option("--speed-seq-len", type=int, help="Tokens per sequence of the speed test. [128]")
 @click.option("--speed-repeats", type=int, help="Timed repeats per model (median reported). [10]")
 @click.option("--speed-warmup", type=int, help="Untimed warm-up calls per model. [2]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast of every "
+              "forward pass (speed, masked LM, fine-tuning). [auto: bf16 on CUDA, fp32 on CPU]")
+@click.option("--tf32/--no-tf32", default=None, help="Let CUDA use TF32 for float32 matmuls. [off]")
 @click.option("--model-cards/--no-model-cards", default=None, help="Fill in the evaluation section of each "
               "kdpipe student's model card (final/README.md) from this report. [on]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")

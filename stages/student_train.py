@@ -50,7 +50,7 @@ from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.config import (
     MAX_SEED, StageConfig, build_config, config_option, echo_json, floats_option, ints_option,
 )
-from kdpipe.pipeline.device import pick_device
+from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_dir, atomic_write_bytes, atomic_write_json, disk_errors, dumps_json, ensure_dir,
@@ -131,6 +131,8 @@ class StudentConfig(StageConfig):
     device: str = "auto"
     record_samples: bool = False
     report_to: Literal["none", "tensorboard"] = "none"  # transformers' report_to; metrics.jsonl always
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    tf32: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -165,6 +167,9 @@ class StudentConfig(StageConfig):
                 shaped.append("student_arch")
             if shaped:
                 problems.append(f"init_from takes the architecture from its folder: drop {', '.join(shaped)}")
+        if self.precision == "fp16":
+            problems.append("precision fp16 would need loss scaling (a GradScaler), which student-train "
+                            "does not do: use bf16 (or fp32)")
         if not all(0 <= b < 1 for b in self.adam_betas):
             problems.append("adam_betas must lie in [0, 1)")
         if problems:
@@ -562,6 +567,7 @@ def main(cfg: StudentConfig, online: Callable[[Batch], Batch] | None = None) -> 
         distributed.agree(w, lambda: distributed.refuse_url(w, "--cache/--out", f"{cfg.cache} {cfg.out}"))
         return storage.staged(cfg, lambda c: main(c, online), reads=("cache",), writes={"out": "run"})
     s = distributed.agree(w, lambda: set_up(cfg))
+    configure(cfg.precision, cfg.tf32)
     with ExitStack() as held:
         claimed = distributed.agree(w, lambda: _claim(s, held, online) if w.is_main else None)
         shared = distributed.broadcast(w, claimed.shared() if w.is_main else None)
@@ -765,6 +771,9 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--log-every", type=int, help="Updates between metrics lines. [10]")
 @click.option("--prefetch", type=int, help="Batches decoded ahead in a background thread. [4]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="Autocast of the student's "
+              "forward pass (the losses are float32). [auto: bf16 on CUDA, fp32 on CPU]")
+@click.option("--tf32/--no-tf32", default=None, help="Let CUDA use TF32 for float32 matmuls. [off]")
 @click.option("--report-to", type=click.Choice(["none", "tensorboard"]), help="Also log the metrics to "
               "TensorBoard (RUN_DIR/tensorboard; pip install 'kdpipe[tensorboard]'). metrics.jsonl is "
               "always written. [none]")

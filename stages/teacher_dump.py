@@ -38,7 +38,7 @@ from kdpipe.pipeline import distributed
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.config import StageConfig, build_config, config_option, echo_json, floats_option
-from kdpipe.pipeline.device import pick_device
+from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_dir, atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock,
@@ -88,6 +88,8 @@ class DumpConfig(StageConfig):
     batch_size: int = Field(32, ge=1)
     zstd_level: int = Field(3, ge=1, le=22)
     device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # of the teacher's forward pass
+    tf32: bool = False
     dry_run: bool = False
 
     @field_validator("temperatures")
@@ -199,7 +201,8 @@ def set_up(cfg: DumpConfig) -> Setup:
         "schema_version": SCHEMA_VERSION,
         "teacher": {"weights_sha256": weights_sha256(model) if model is not None else None,
                     "model_type": mcfg.model_type,
-                    "hidden_size": int(mcfg.hidden_size), "vocab_size": vocab_size},
+                    "hidden_size": int(mcfg.hidden_size), "vocab_size": vocab_size,
+                    **_precision_fingerprint(cfg)},
         "tokenizer": {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)},
         "corpus": {**corpus.fingerprint, "max_sequences": cfg.max_sequences},
         "sequences": {"seq_len": cfg.seq_len, "packing": cfg.packing, "count": n_seq, "tokens": n_tok},
@@ -215,6 +218,17 @@ def set_up(cfg: DumpConfig) -> Setup:
     }
     return Setup(cfg, Path(cfg.out), tokenizer, model, mcfg, corpus, vocab, vocab.random_pool(), n_seq,
                  n_tok, weights, fingerprint, hidden_dim)
+
+
+def _precision_fingerprint(cfg: DumpConfig) -> dict[str, Any]:
+    """The teacher's precision changes the stored values, so a cache records it; fp32 without
+    TF32, the default, adds nothing (a cache made before the choice existed keeps its fingerprint)."""
+    out: dict[str, Any] = {}
+    if cfg.precision != "fp32":
+        out["precision"] = cfg.precision
+    if cfg.tf32:
+        out["tf32"] = True
+    return out
 
 
 def _target_settings(cfg: DumpConfig, model: torch.nn.Module | None) -> TargetSettings:
@@ -322,7 +336,7 @@ def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
 
     def runner_for(p: torch.Tensor) -> TeacherRunner:
         return TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device,
-                             mode=s.cfg.targets)
+                             mode=s.cfg.targets, precision=s.cfg.precision)
 
     proj_path = s.out / cachedir.PROJECTION_NAME
     if proj_path.exists():
@@ -394,7 +408,8 @@ def dry_run(s: Setup) -> dict[str, Any]:
     width = s.fingerprint["teacher"]["hidden_size"]
     runner = None if s.model is None else TeacherRunner(
         s.model, s.cfg.top_k, tuple(s.cfg.temperatures),
-        proj.random_orthogonal(width, max(s.hidden_dim, 1), s.cfg.seed), device, mode=s.cfg.targets)
+        proj.random_orthogonal(width, max(s.hidden_dim, 1), s.cfg.seed), device, mode=s.cfg.targets,
+        precision=s.cfg.precision)
     seqs = list(itertools.islice(_sequences(s), max(1, 2 * s.cfg.batch_size // s.cfg.mask_views)))
     dump_shard(s.rows, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
     t0 = time.perf_counter()
@@ -467,6 +482,7 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
         distributed.agree(w, lambda: distributed.refuse_url(w, "--out", cfg.out))
         return storage.staged(cfg, main, writes={"out": "cache"})
     s = distributed.agree(w, lambda: set_up(cfg))
+    configure("fp32", cfg.tf32)  # the teacher runner names its own precision
     if cfg.dry_run:
         return {"dry_run": dry_run(s)} if w.is_main else None
     with ExitStack() as held:
@@ -491,6 +507,10 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
               "dataset name available offline; repeatable.")
 @click.option("--out", help="Cache directory to create or resume, or a URL (s3://bucket/path, ...).")
 @click.option("--text-column", help="Column holding the text (JSONL/Parquet/datasets). [text]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Precision of the teacher's "
+              "forward pass; bf16/fp16 change the stored targets, and the cache's fingerprint records it. [fp32]")
+@click.option("--tf32/--no-tf32", default=None, help="Let CUDA use TF32 for float32 matmuls (recorded in "
+              "the fingerprint). [off]")
 @click.option("--data-split", help="Split of a named dataset, or of a save_to_disk DatasetDict or dataset "
               "repository folder. [train]")
 @click.option("--format", type=click.Choice(list(corpus_mod.FORMATS)), help="What --data is, where its name "
