@@ -15,6 +15,17 @@ from a masked-LM checkpoint, the pooler included, start from the seeded initiali
 (no decay on biases and LayerNorm), linear warm-up then linear decay, gradient clipping at 1.0.
 The seed fixes the head's initialisation, dropout and the order of examples; teacher and
 students see the same order for the same seed.
+
+A fixed learning rate and epoch count can leave one model near chance while suiting another, so
+the comparison measures the recipe, not the models. A sweep chooses both per model, by the same
+procedure for every model and never by the dev split that is reported: the training examples
+are carved (SHA-256 ranked again, `tune_split`) into a tuning split and the rest; for each
+learning rate of the grid one fine-tuning on the rest runs for the largest epoch count of the
+grid and is scored on the tuning split after each epoch count of the grid (a run whose linear
+decay spans the largest count and that stops after fewer epochs is the same run up to then, so
+one run per rate scores every count). The best point (`choose`) is then fine-tuned on all the
+training examples with each reporting seed: the chosen rate, stopped after the chosen epochs of
+a schedule spanning the grid's largest count.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,11 +256,11 @@ class Split:
         return {"method": SPLIT_METHOD, "seed": self.seed, "dev_fraction": self.dev_fraction,
                 "examples": examples, "train": len(self.train), "dev": len(self.dev),
                 "train_pool": self.train_pool, "dev_pool": self.dev_pool,
-                "train_indices_sha256": _indices_sha(self.train),
-                "dev_indices_sha256": _indices_sha(self.dev), "file": file}
+                "train_indices_sha256": indices_sha(self.train),
+                "dev_indices_sha256": indices_sha(self.dev), "file": file}
 
 
-def _indices_sha(ix: list[int]) -> str:
+def indices_sha(ix: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, ix)).encode()).hexdigest()
 
 
@@ -272,6 +283,18 @@ def split_indices(n: int, dev_fraction: float, seed: int, max_train: int | None 
     return Split(train, dev, len(train_pool), len(dev_pool), seed, dev_fraction)
 
 
+def tune_split(train: list[int], fraction: float, seed: int) -> list[int]:
+    """The sweep's tuning split: round(n * fraction) of the training examples (at least one, and
+    one left to fine-tune on), ranked by SHA-256("kdpipe-tune:{seed}:{index}"), ascending."""
+    if not 0 < fraction < 1:
+        raise KdpipeError(f"tune fraction must be between 0 and 1, got {fraction}")
+    if len(train) < 2:
+        raise KdpipeError(f"cannot carve a tuning split from {len(train)} training example(s)")
+    n_tune = min(len(train) - 1, max(1, round(len(train) * fraction)))
+    rank = lambda i: hashlib.sha256(f"kdpipe-tune:{seed}:{i}".encode()).digest()  # noqa: E731
+    return sorted(sorted(train, key=rank)[:n_tune])
+
+
 # ---------------------------------------------------------------------------------- fine-tune
 
 
@@ -284,6 +307,31 @@ class Recipe:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     eval_batch_size: int = 64
+    # the warm-up and linear decay span this many epochs [epochs]; more than `epochs` when a sweep
+    # chose to stop before the end of its schedule
+    schedule_epochs: int | None = None
+
+    @property
+    def horizon(self) -> int:
+        return self.schedule_epochs or self.epochs
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One (learning rate, epochs) of a sweep, scored on the tuning split (mean over its seeds)."""
+
+    lr: float
+    epochs: int
+    accuracy: float
+    macro_f1: float
+
+
+def choose(points: list[SweepPoint]) -> SweepPoint:
+    """The best point: highest tuning accuracy, then macro-F1; ties go to fewer epochs, then the
+    lower rate (the cheaper, more conservative setting)."""
+    if not points:
+        raise ValueError("a sweep needs at least one point")
+    return max(points, key=lambda p: (p.accuracy, p.macro_f1, -p.epochs, -p.lr))
 
 
 @dataclass(frozen=True)
@@ -314,6 +362,17 @@ def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> En
                    enc(split.dev), class_indices(task, split.dev))
 
 
+def carve(data: Encoded, train: list[int], tune: list[int]) -> Encoded:
+    """The sweep's data from a task's encoding: `data`'s training examples (indices `train`, in
+    that order) outside `tune` to fine-tune on, those in `tune` to score."""
+    pos = {ix: p for p, ix in enumerate(train)}
+    held = set(tune)
+    fit = [pos[i] for i in train if i not in held]
+    scored = [pos[i] for i in tune]
+    return Encoded([data.train_ids[p] for p in fit], [data.train_y[p] for p in fit],
+                   [data.train_ids[p] for p in scored], [data.train_y[p] for p in scored])
+
+
 def linear_schedule(step: int, warmup: int, total: int) -> float:
     """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`
     (student-train's schedule.lr_at with a peak of 1)."""
@@ -341,23 +400,28 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names: list[str],
-                       recipe: Recipe, seed: int, device: torch.device) -> dict[str, Any]:
-    """Fine-tune a fresh classifier from `model_path` with `seed`; accuracy and macro-F1 on dev,
-    and the dev predictions themselves (kept in the eval part for paired comparisons)."""
+def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str], recipe: Recipe,
+             seed: int, device: torch.device,
+             after_epoch: Callable[[int, torch.nn.Module], None] | None = None
+             ) -> tuple[torch.nn.Module, int, float]:
+    """A fresh classifier from `model_path` fine-tuned on `data`'s training examples for
+    `recipe.epochs` epochs of a schedule spanning `recipe.horizon`; `after_epoch(epochs done,
+    model)` is called after each epoch (scoring there uses no random numbers, so it does not change
+    the run). Returns the model, its optimizer steps and the seconds spent training."""
     torch.manual_seed(seed)
     model = load_classifier(model_path, label_names).to(device)
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
     n = len(data.train_ids)
     per_epoch = math.ceil(n / recipe.batch_size)
-    total = per_epoch * recipe.epochs
+    total = per_epoch * recipe.horizon
     warmup = int(recipe.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, warmup, total))
     order_rng = torch.Generator().manual_seed(seed)
     y_all = torch.tensor(data.train_y, dtype=torch.long)
-    t0 = time.perf_counter()
-    model.train()
-    for _ in range(recipe.epochs):
+    seconds = 0.0
+    for epoch in range(recipe.epochs):
+        t0 = time.perf_counter()
+        model.train()
         perm = torch.randperm(n, generator=order_rng).tolist()
         for b in range(0, n, recipe.batch_size):
             ix = perm[b:b + recipe.batch_size]
@@ -370,13 +434,46 @@ def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-    train_seconds = time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
+        if after_epoch is not None:
+            after_epoch(epoch + 1, model)
+    return model, per_epoch * recipe.epochs, seconds
+
+
+def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names: list[str],
+                       recipe: Recipe, seed: int, device: torch.device) -> dict[str, Any]:
+    """Fine-tune a fresh classifier from `model_path` with `seed`; accuracy and macro-F1 on dev,
+    and the dev predictions themselves (kept in the eval part for paired comparisons)."""
+    model, steps, train_seconds = finetune(model_path, pad_id, data, label_names, recipe, seed, device)
     preds = predict(model, data.dev_ids, pad_id, recipe.eval_batch_size, device)
     gold = data.dev_y
     return {"seed": seed, "accuracy": metrics.accuracy(preds, gold),
-            "macro_f1": metrics.macro_f1(preds, gold), "steps": total,
-            "train_seconds": round(train_seconds, 3),
+            "macro_f1": metrics.macro_f1(preds, gold), "steps": steps,
+            "train_seconds": round(train_seconds, 3), "lr": recipe.lr, "epochs": recipe.epochs,
+            "schedule_epochs": recipe.horizon,
             "dev_predictions": preds}  # class indices in dev order: paired comparisons between models
+
+
+def sweep_rate(model_path: str, pad_id: int, data: Encoded, label_names: list[str], recipe: Recipe,
+               epochs: list[int], seed: int, device: torch.device) -> dict[str, Any]:
+    """One learning rate of a sweep: fine-tune on `data`'s training side (the training examples
+    outside the tuning split) for max(epochs) epochs at `recipe.lr` and score `data`'s dev side
+    (the tuning split) after each epoch count in `epochs`."""
+    wanted = set(epochs)
+    scores: dict[str, dict[str, float]] = {}
+
+    def score(done: int, model: torch.nn.Module) -> None:
+        if done in wanted:
+            preds = predict(model, data.dev_ids, pad_id, recipe.eval_batch_size, device)
+            scores[str(done)] = {"accuracy": metrics.accuracy(preds, data.dev_y),
+                                 "macro_f1": metrics.macro_f1(preds, data.dev_y)}
+
+    longest = max(epochs)
+    run = Recipe(**{**recipe.__dict__, "epochs": longest, "schedule_epochs": longest})
+    _, steps, seconds = finetune(model_path, pad_id, data, label_names, run, seed, device, score)
+    return {"lr": recipe.lr, "seed": seed, "scores": scores, "steps": steps,
+            "train_seconds": round(seconds, 3), "fit_examples": len(data.train_ids),
+            "tune_examples": len(data.dev_ids)}
 
 
 @torch.inference_mode()

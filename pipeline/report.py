@@ -204,15 +204,38 @@ def render_markdown(report: Report) -> str:
                    f"{sp.dev_pool} dev examples (indices in `{sp.file}`, dev SHA-256 "
                    f"`{sp.dev_indices_sha256[:12]}`).  ")
         r = t.recipe
-        out.append(f"Recipe: lr {r['lr']}, {r['epochs']} epoch(s), batch {r['batch_size']}, max length "
-                   f"{r['max_length']}, weight decay {r['weight_decay']}, warm-up {r['warmup_ratio']}; "
-                   f"seeds {', '.join(map(str, r['seeds']))}.")
+        sw = r.get("sweep")
+        rest = (f"batch {r['batch_size']}, max length {r['max_length']}, weight decay "
+                f"{r['weight_decay']}, warm-up {r['warmup_ratio']}; seeds {', '.join(map(str, r['seeds']))}.")
+        if sw:
+            out.append(f"Recipe chosen per model by a sweep: lr in {{{', '.join(f'{x:g}' for x in sw['lr'])}}} "
+                       f"× epochs in {{{', '.join(map(str, sw['epochs']))}}}, each fine-tuned on "
+                       f"{sw['fit_examples']} of the training examples and scored on the other "
+                       f"{sw['tune_examples']} (the tuning split, never the dev split; seed(s) "
+                       f"{', '.join(map(str, sw['seeds']))}). Chosen: {sw['rule']}. Each model is then "
+                       f"fine-tuned on all {sp.train} training examples at its chosen lr, stopped after "
+                       f"its chosen epochs of a schedule spanning {max(sw['epochs'])}; " + rest)
+        else:
+            out.append(f"Recipe: lr {r['lr']}, {r['epochs']} epoch(s), " + rest)
         out.append("")
         rows = [[x.model, spread_pct(x.accuracy), num(x.accuracy_retention, 1), spread_pct(x.macro_f1),
-                 num(x.macro_f1_retention, 1)] for x in t.results]
+                 num(x.macro_f1_retention, 1)] + ([f"{x.lr:g}", str(x.epochs)] if sw else [])
+                for x in t.results]
         out.append(table(["model", "accuracy % median (min–max)", "% of teacher",
-                          "macro-F1 % median (min–max)", "% of teacher"], rows))
+                          "macro-F1 % median (min–max)", "% of teacher"] + (["lr", "epochs"] if sw else []),
+                         rows))
         out.append("")
+        if sw:
+            grid = [(lr, e) for lr in sw["lr"] for e in sw["epochs"]]
+            rows = []
+            for x in t.results:
+                acc = {(p.lr, p.epochs): p.accuracy for p in x.sweep}
+                rows.append([x.model] + [(f"**{pct(acc.get(g))}**" if g == (x.lr, x.epochs) else pct(acc.get(g)))
+                                         for g in grid])
+            out.append("Tuning-split accuracy % of each sweep point (the chosen one in bold):")
+            out.append("")
+            out.append(table(["model"] + [f"lr {lr:g}, {e} ep" for lr, e in grid], rows))
+            out.append("")
 
     if report.speed:
         s = report.speed

@@ -33,6 +33,7 @@ SECTION_KEYS = {
                    "max_train_examples", "max_dev_examples", "lr", "epochs", "batch_size",
                    "max_length", "weight_decay", "warmup_ratio", "eval_batch_size"),
     "speed": ("speed_batch_size", "speed_seq_len", "speed_repeats", "speed_warmup"),
+    "sweep": ("sweep_lr", "sweep_epochs", "tune_fraction", "sweep_seeds"),
 }
 
 
@@ -45,7 +46,8 @@ def settings(config: dict[str, Any], device: torch.device, models: list[Model],
     Only the settings of the sections asked for are included, and `--seeds` is not: each seed is
     its own part, so more seeds later reuse the ones done. Models and inputs are identified by
     content (weights and file hashes), so a moved run directory is still the same student."""
-    asked = {"mlm": heldout is not None, "downstream": bool(tasks), "speed": speed}
+    asked = {"mlm": heldout is not None, "downstream": bool(tasks), "speed": speed,
+             "sweep": bool(tasks) and bool(config["sweep_lr"] or config["sweep_epochs"])}
     out: dict[str, Any] = {"device": str(device)}
     if config.get("precision", "auto") != "auto":  # recorded only when chosen: older reports still match
         out["precision"] = config["precision"]
@@ -107,9 +109,15 @@ def task_key(task: str, model: str, seed: int) -> str:
     return f"task/{task}/{model}/seed{seed}"
 
 
+def sweep_key(task: str, model: str, lr: float, seed: int) -> str:
+    """One learning rate of a model's sweep on a task (every epoch count of the grid is in it)."""
+    return f"sweep/{task}/{model}/lr{lr:g}/seed{seed}"
+
+
 @dataclass(frozen=True)
 class Parts:
-    """parts/speed.json, parts/mlm/<model>.json, parts/task/<task>/<model>/seed<k>.json."""
+    """parts/speed.json, parts/mlm/<model>.json, parts/task/<task>/<model>/seed<k>.json,
+    parts/sweep/<task>/<model>/lr<lr>/seed<k>.json."""
 
     out: Path  # the report directory
     settings_sha: str  # of eval.json's content
@@ -157,10 +165,14 @@ def split_file(task: str) -> str:
     return f"{SPLITS_DIR}/{task}.json"
 
 
-def write_splits(out: Path, tasks: list[downstream.Task], splits: dict[str, downstream.Split]) -> None:
+def write_splits(out: Path, tasks: list[downstream.Task], splits: dict[str, downstream.Split],
+                 tunes: dict[str, list[int]]) -> None:
+    """Each task's indices; `tune` (a sweep's tuning split, part of `train`) when there is one."""
     ensure_dir(out / SPLITS_DIR, "report directory")
     for t in tasks:
         sp = splits[t.name]
+        tune = {"tune": tunes[t.name]} if t.name in tunes else {}
         atomic_write_json(out / split_file(t.name), {
             "task": t.name, "spec": t.spec, "method": downstream.SPLIT_METHOD, "seed": sp.seed,
-            "dev_fraction": sp.dev_fraction, "examples": len(t.texts), "train": sp.train, "dev": sp.dev})
+            "dev_fraction": sp.dev_fraction, "examples": len(t.texts), "train": sp.train, "dev": sp.dev,
+            **tune})

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 from kdpipe.pipeline import downstream, metrics, speed
 from kdpipe.pipeline.mlm_eval import Heldout
 from kdpipe.schemas.report import (
-    AblationRow, MlmResult, MlmSection, SeedScore, SpeedResult, SpeedSection, Spread,
+    AblationRow, MlmResult, MlmSection, SeedScore, SpeedResult, SpeedSection, Spread, SweepPoint,
     TaskModelResult, TaskSection, TaskSplit,
 )
 
@@ -56,26 +57,57 @@ def mlm_section(parts: dict[str, dict[str, Any]], heldout: Heldout,
                         for n in students})
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """The grid a sweep tried per model, and how it was scored."""
+
+    lrs: list[float]
+    epochs: list[int]
+    tune_fraction: float
+    seeds: int
+
+
+SWEEP_RULE = ("highest tuning accuracy (mean over the sweep seeds), then macro-F1; ties to fewer "
+              "epochs, then the lower rate")
+
+
 def task_section(task: downstream.Task, split: downstream.Split, split_file: str,
-                 recipe: downstream.Recipe, scores: dict[str, list[dict[str, Any]]]) -> TaskSection:
-    """`scores`: model name -> its task part data seed by seed, teacher first."""
+                 recipe: downstream.Recipe, scores: dict[str, list[dict[str, Any]]],
+                 sweep: Sweep | None = None, tune: list[int] | None = None,
+                 points: dict[str, list[downstream.SweepPoint]] | None = None) -> TaskSection:
+    """`scores`: model name -> its task part data seed by seed, teacher first; with a sweep, `tune`
+    is the tuning split and `points` each model's scored grid."""
     per_model = {n: [SeedScore(**{k: v for k, v in d.items() if k in SeedScore.model_fields})
                      for d in seeds] for n, seeds in scores.items()}
     acc = {n: spread([x.accuracy for x in v]) for n, v in per_model.items()}
     f1 = {n: spread([x.macro_f1 for x in v]) for n, v in per_model.items()}
     t = next(iter(per_model))
     kept = lambda sp, n: None if n == t else metrics.retention(sp[n].median, sp[t].median)  # noqa: E731
+
+    def used(n: str) -> dict[str, Any]:  # what the model's parts were fine-tuned with
+        d = scores[n][0]
+        return {"lr": d.get("lr", recipe.lr), "epochs": d.get("epochs", recipe.epochs),
+                "schedule_epochs": d.get("schedule_epochs", recipe.horizon)}
+
     results = [TaskModelResult(model=n, seeds=v, accuracy=acc[n], macro_f1=f1[n],
-                               accuracy_retention=kept(acc, n), macro_f1_retention=kept(f1, n))
+                               accuracy_retention=kept(acc, n), macro_f1_retention=kept(f1, n),
+                               **used(n), sweep=[SweepPoint(**p.__dict__) for p in (points or {}).get(n, [])])
                for n, v in per_model.items()]
     seeds = [x.seed for x in per_model[t]]
+    record = split.record(len(task.texts), split_file)
+    sweep_record = None
+    if sweep is not None and tune is not None:
+        record.update(tune=len(tune), tune_indices_sha256=downstream.indices_sha(tune))
+        sweep_record = {"lr": sweep.lrs, "epochs": sweep.epochs, "tune_fraction": sweep.tune_fraction,
+                        "seeds": list(range(sweep.seeds)), "tune_examples": len(tune),
+                        "fit_examples": len(split.train) - len(tune), "rule": SWEEP_RULE}
     return TaskSection(
         name=task.name, spec=task.spec, fingerprint=task.fingerprint, text_column=task.text_column,
         label_column=task.label_column, labels=task.label_names, label_counts=task.label_counts(),
-        dropped_rows=task.dropped, split=TaskSplit(**split.record(len(task.texts), split_file)),
+        dropped_rows=task.dropped, split=TaskSplit(**record),
         recipe={**recipe.__dict__, "seeds": seeds, "optimizer": "AdamW",
                 "schedule": "linear warm-up, linear decay", "grad_clip": 1.0,
-                "model": "AutoModelForSequenceClassification"},
+                "model": "AutoModelForSequenceClassification", "sweep": sweep_record},
         results=results)
 
 

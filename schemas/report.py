@@ -6,7 +6,8 @@ percentages of the teacher's score; times are milliseconds, throughputs sequence
 
 REPORT_DIR/
   eval.json        settings and input fingerprints the parts were computed with (written first)
-  parts/*.json     one finished unit each: mlm-<model>, speed, task-<task>-<model>-seed<k>
+  parts/*.json     one finished unit each: mlm-<model>, speed, task-<task>-<model>-seed<k>,
+                   sweep-<task>-<model>-lr<lr>-seed<k> (one learning rate of a sweep)
   splits/*.json    each task's train/dev example indices
   report.json      this schema; report.md and *.png beside it
 """
@@ -120,6 +121,15 @@ class SeedScore(_Frozen):
     train_seconds: float
 
 
+class SweepPoint(_Frozen):
+    """One (learning rate, epochs) a sweep tried: its scores on the tuning split, seeds averaged."""
+
+    lr: float
+    epochs: int
+    accuracy: float
+    macro_f1: float
+
+
 class TaskModelResult(_Frozen):
     model: str
     seeds: list[SeedScore]
@@ -127,6 +137,12 @@ class TaskModelResult(_Frozen):
     macro_f1: Spread
     accuracy_retention: float | None = None  # % of the teacher's median
     macro_f1_retention: float | None = None
+    # the rate and epochs this model was fine-tuned with (a sweep's choice, or the fixed recipe's),
+    # and the epochs its schedule spans; None in reports made before they were recorded
+    lr: float | None = None
+    epochs: int | None = None
+    schedule_epochs: int | None = None
+    sweep: list[SweepPoint] = []  # every point of its sweep, when there was one
 
 
 class TaskSplit(_Frozen):
@@ -141,6 +157,8 @@ class TaskSplit(_Frozen):
     train_indices_sha256: str
     dev_indices_sha256: str
     file: str  # splits/<task>.json, relative to the report directory
+    tune: int | None = None  # a sweep's tuning split: this many of the `train` examples
+    tune_indices_sha256: str | None = None
 
 
 class TaskSection(_Frozen):
@@ -194,7 +212,7 @@ class Part(_Frozen):
 
     format: Literal["kdpipe-eval-part"] = PART_FORMAT
     format_version: Literal[1] = REPORT_VERSION
-    kind: Literal["mlm", "speed", "task"]
+    kind: Literal["mlm", "speed", "task", "sweep"]
     key: str  # the file name without .json
     settings_sha256: str  # of eval.json's content: a part from other settings is never used
     data: dict[str, Any]

@@ -19,7 +19,7 @@ are reused. Finish: assemble report.json, report.md and the plots, each written 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +32,9 @@ from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import downstream, mlm_eval, model_card, report_dir, sections, speed
 from kdpipe.pipeline import report as render
 from kdpipe.pipeline import storage
-from kdpipe.pipeline.config import MAX_SEED, StageConfig, build_config, config_option, echo_json
+from kdpipe.pipeline.config import (
+    MAX_SEED, StageConfig, build_config, config_option, echo_json, floats_option, ints_option,
+)
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.fsutil import (
     atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, sha256_bytes,
@@ -40,7 +42,7 @@ from kdpipe.pipeline.fsutil import (
 from kdpipe.pipeline.masking import MaskingSpec
 from kdpipe.pipeline.models import Model, load_model, read_curves, resolve_models, split_name
 from kdpipe.pipeline.provenance import provenance
-from kdpipe.pipeline.report_dir import Parts, task_key
+from kdpipe.pipeline.report_dir import Parts, sweep_key, task_key
 from kdpipe.schemas.report import MARKDOWN_NAME, REPORT_NAME, ModelEntry, Report
 
 
@@ -76,6 +78,11 @@ class EvalConfig(StageConfig):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     eval_batch_size: int = Field(64, ge=1)
+    # a sweep choosing lr and epochs per model on a tuning split carved from the training examples
+    sweep_lr: list[float] = []
+    sweep_epochs: list[int] = []
+    tune_fraction: float = Field(0.2, gt=0, lt=1)
+    sweep_seeds: int = Field(1, ge=1, le=100)
     # size and speed
     speed: bool = True
     speed_batch_size: int = Field(32, ge=1)
@@ -94,6 +101,15 @@ class EvalConfig(StageConfig):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("sweep_lr", "sweep_epochs")
+    @classmethod
+    def _grid(cls, v: list[Any]) -> list[Any]:
+        if any(x <= 0 for x in v):
+            raise ValueError("must be positive")
+        if len(set(v)) != len(v):
+            raise ValueError("must be distinct")
+        return sorted(v)
+
     @model_validator(mode="after")
     def _probs(self) -> "EvalConfig":
         if self.mask_token_prob + self.random_token_prob > 1:
@@ -102,6 +118,14 @@ class EvalConfig(StageConfig):
             raise ValueError("precision fp16 would fine-tune without loss scaling: use bf16 (or fp32) with "
                              "--task, or fp16 for the masked-LM and speed sections alone")
         return self
+
+    @property
+    def sweeping(self) -> bool:
+        return bool(self.sweep_lr or self.sweep_epochs)
+
+    def grid(self) -> tuple[list[float], list[int]]:
+        """The sweep's learning rates and epoch counts; an axis not given is the fixed value."""
+        return self.sweep_lr or [self.lr], self.sweep_epochs or [self.epochs]
 
     def heldout_spec(self) -> mlm_eval.Heldout:
         masking = MaskingSpec(self.mask_prob, self.mask_token_prob, self.random_token_prob, 0.0,
@@ -127,6 +151,7 @@ class Setup:
     heldout: corpus_mod.Corpus | None
     tasks: list[downstream.Task]
     splits: dict[str, downstream.Split]
+    tunes: dict[str, list[int]]  # task -> its tuning split (training examples), when sweeping
     settings: dict[str, Any]  # eval.json content
     parts: Parts
     warnings: list[str]
@@ -152,6 +177,8 @@ def set_up(cfg: EvalConfig) -> Setup:
                                   cfg.task_split)
     splits = {t.name: downstream.split_indices(len(t.texts), cfg.dev_fraction, cfg.split_seed,
                                                cfg.max_train_examples, cfg.max_dev_examples) for t in tasks}
+    tunes = {name: downstream.tune_split(sp.train, cfg.tune_fraction, cfg.split_seed)
+             for name, sp in splits.items()} if cfg.sweeping else {}
     load_model(teacher)
     for s in students:
         load_model(s, teacher.tokenizer)
@@ -163,8 +190,30 @@ def set_up(cfg: EvalConfig) -> Setup:
     device = pick_device(cfg.device)
     settings = report_dir.settings(cfg.model_dump(mode="json"), device, models, tasks, heldout, cfg.speed)
     out = Path(cfg.out)
-    return Setup(cfg, out, device, models, heldout, tasks, splits, settings,
+    return Setup(cfg, out, device, models, heldout, tasks, splits, tunes, settings,
                  Parts(out, sha256_bytes(dumps_json(settings))), warnings)
+
+
+def sweep_points(s: Setup, task: str, model: str) -> list[downstream.SweepPoint]:
+    """Every (lr, epochs) of the grid with its tuning scores, from the finished sweep parts."""
+    lrs, epochs = s.cfg.grid()
+    points = []
+    for lr in lrs:
+        runs = [s.parts.done(sweep_key(task, model, lr, k))["scores"] for k in range(s.cfg.sweep_seeds)]
+        for e in epochs:
+            points.append(downstream.SweepPoint(
+                lr, e, sum(r[str(e)]["accuracy"] for r in runs) / len(runs),
+                sum(r[str(e)]["macro_f1"] for r in runs) / len(runs)))
+    return points
+
+
+def model_recipe(s: Setup, task: str, model: str) -> downstream.Recipe:
+    """The recipe a model is fine-tuned with on a task: the fixed one, or its sweep's choice."""
+    recipe = s.cfg.recipe()
+    if not s.cfg.sweeping:
+        return recipe
+    best = downstream.choose(sweep_points(s, task, model))
+    return replace(recipe, lr=best.lr, epochs=best.epochs, schedule_epochs=max(s.cfg.grid()[1]))
 
 
 def run(s: Setup) -> dict[str, int]:
@@ -189,26 +238,61 @@ def run(s: Setup) -> dict[str, int]:
                 s.parts.write("mlm", f"mlm/{name}", data)
                 done += 1
     encoded: dict[tuple[str, str], downstream.Encoded] = {}  # one encoding per task and tokenizer
-    recipe = s.cfg.recipe()
+
+    def data(task: downstream.Task, m: Model) -> downstream.Encoded:
+        ek = (task.name, m.tokenizer_sha)
+        if ek not in encoded:
+            encoded[ek] = downstream.encode_task(m.tokenizer, task, s.splits[task.name], s.cfg.max_length)
+        m.module.cpu()  # fine-tuning loads its own copy; free the accelerator
+        return encoded[ek]
+
+    if s.cfg.sweeping:
+        lrs, epochs = s.cfg.grid()
+        base = s.cfg.recipe()
+        for task in s.tasks:
+            for m in s.models:
+                for lr in lrs:
+                    for k in range(s.cfg.sweep_seeds):
+                        key = sweep_key(task.name, m.name, lr, k)
+                        if s.parts.read(key) is not None:
+                            reused += 1
+                            continue
+                        sweep_data = downstream.carve(data(task, m), s.splits[task.name].train,
+                                                      s.tunes[task.name])
+                        result = downstream.sweep_rate(str(m.path), m.tokenizer.pad_token_id, sweep_data,
+                                                       task.label_names, replace(base, lr=lr), epochs, k,
+                                                       s.device)
+                        s.parts.write("sweep", key, {**result, "model": m.name, "task": task.name})
+                        done += 1
+                        say(f"{task.name} | {m.name} | sweep lr {lr:g} seed {k}: tuning accuracy "
+                            + ", ".join(f"{e} ep {result['scores'][str(e)]['accuracy']:.4f}" for e in epochs)
+                            + f" ({result['train_seconds']:.1f} s)")
+    recipes = {(t.name, m.name): model_recipe(s, t.name, m.name) for t in s.tasks for m in s.models}
     for seed in range(s.cfg.seeds):
         for task in s.tasks:
             for m in s.models:
                 key = task_key(task.name, m.name, seed)
-                if s.parts.read(key) is not None:
+                recipe = recipes[task.name, m.name]
+                if fits(s.parts.read(key), recipe):
                     reused += 1
                     continue
-                ek = (task.name, m.tokenizer_sha)
-                if ek not in encoded:
-                    encoded[ek] = downstream.encode_task(m.tokenizer, task, s.splits[task.name],
-                                                         s.cfg.max_length)
-                m.module.cpu()  # fine-tuning loads its own copy; free the accelerator
                 result = downstream.finetune_and_score(str(m.path), m.tokenizer.pad_token_id,
-                                                       encoded[ek], task.label_names, recipe, seed, s.device)
+                                                       data(task, m), task.label_names, recipe, seed, s.device)
                 s.parts.write("task", key, {**result, "model": m.name, "task": task.name})
                 done += 1
                 say(f"{task.name} | {m.name} | seed {seed}: accuracy {result['accuracy']:.4f}, "
-                    f"macro-F1 {result['macro_f1']:.4f} ({result['train_seconds']:.1f} s)")
+                    f"macro-F1 {result['macro_f1']:.4f} (lr {recipe.lr:g}, {recipe.epochs} epochs, "
+                    f"{result['train_seconds']:.1f} s)")
     return {"computed": done, "reused": reused}
+
+
+def fits(part: dict[str, Any] | None, recipe: downstream.Recipe) -> bool:
+    """Whether a fine-tuning part was made with `recipe`'s rate and epochs (a part from before
+    they were recorded was made with the fixed recipe of the same settings)."""
+    if part is None:
+        return False
+    return (part.get("lr", recipe.lr), part.get("epochs", recipe.epochs),
+            part.get("schedule_epochs", recipe.horizon)) == (recipe.lr, recipe.epochs, recipe.horizon)
 
 
 def finish(s: Setup) -> Report:
@@ -217,8 +301,10 @@ def finish(s: Setup) -> Report:
     names = [m.name for m in s.models]
     scores = {t.name: {n: [done(task_key(t.name, n, k)) for k in range(cfg.seeds)] for n in names}
               for t in s.tasks}
+    sweep = sections.Sweep(*cfg.grid(), cfg.tune_fraction, cfg.sweep_seeds) if cfg.sweeping else None
     tasks = [sections.task_section(t, s.splits[t.name], report_dir.split_file(t.name), cfg.recipe(),
-                                   scores[t.name])
+                                   scores[t.name], sweep, s.tunes.get(t.name),
+                                   {n: sweep_points(s, t.name, n) for n in names} if sweep else None)
              for t in s.tasks]
     baseline = (cfg.baseline or names[1]) if tasks and len(s.students) >= 2 else None
     predictions = {task: {n: [d.get("dev_predictions") for d in seeds] for n, seeds in by_model.items()}
@@ -256,7 +342,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         resumed = report_dir.guard_settings(s.out, s.settings)
         for w in s.warnings:
             say(f"warning: {w}")
-        report_dir.write_splits(s.out, s.tasks, s.splits)
+        report_dir.write_splits(s.out, s.tasks, s.splits, s.tunes)
         counts = run(s)
         report = finish(s)
     cards = fill_model_cards(s, report) if cfg.model_cards else []
@@ -317,6 +403,14 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 @click.option("--weight-decay", type=float, help="AdamW weight decay. [0.01]")
 @click.option("--warmup-ratio", type=float, help="Share of steps of linear warm-up. [0.1]")
 @click.option("--eval-batch-size", type=int, help="Batch size of scoring. [64]")
+@click.option("--sweep-lr", callback=floats_option, help="Learning rates a sweep tries per model, "
+              "e.g. 5e-5,1e-4,2e-4, each scored on a tuning split of the training examples; the "
+              "best is then fine-tuned on all of them. [no sweep: --lr]")
+@click.option("--sweep-epochs", callback=ints_option, help="Epoch counts the sweep tries, e.g. "
+              "2,3,4 (one run per rate, scored after each). [no sweep: --epochs]")
+@click.option("--tune-fraction", type=float, help="Share of the training examples the sweep "
+              "scores on (never the dev split). [0.2]")
+@click.option("--sweep-seeds", type=int, help="Seeds per sweep point; their mean decides. [1]")
 @click.option("--speed/--no-speed", default=None, help="Measure latency and throughput. [on]")
 @click.option("--speed-batch-size", type=int, help="Batch size of the throughput test. [32]")
 @click.option("--speed-seq-len", type=int, help="Tokens per sequence of the speed test. [128]")

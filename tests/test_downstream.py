@@ -143,3 +143,63 @@ def test_finetune_is_deterministic_per_seed(tmp_path: Path, teacher_dir: Path, t
     assert {k: v for k, v in a.items() if k != "train_seconds"} == \
         {k: v for k, v in b.items() if k != "train_seconds"}
     assert a["steps"] == 2 * 3 and 0 <= a["accuracy"] <= 1 and 0 <= a["macro_f1"] <= 1
+
+
+# -------------------------------------------------------------------------------------- sweep
+
+def test_tune_split_is_a_fixed_part_of_the_training_examples() -> None:
+    split = downstream.split_indices(1000, 0.1, seed=0, max_train=500)
+    tune = downstream.tune_split(split.train, 0.2, seed=0)
+    assert tune == downstream.tune_split(split.train, 0.2, seed=0) == sorted(tune)
+    assert len(tune) == 100 and set(tune) < set(split.train) and not set(tune) & set(split.dev)
+    assert downstream.tune_split(split.train, 0.2, seed=1) != tune
+    # its own SHA-256 ranking, not the dev split's: the first-ranked training examples are not it
+    assert tune != sorted(sorted(split.train, key=lambda i: downstream.split_rank(0, i))[:100])
+    assert len(downstream.tune_split([4, 9], 0.01, seed=0)) == 1  # one each side, however small
+    assert len(downstream.tune_split([4, 9], 0.99, seed=0)) == 1
+    with pytest.raises(KdpipeError, match="from 1 training example"):
+        downstream.tune_split([3], 0.5, seed=0)
+
+
+def test_choose_prefers_accuracy_then_f1_then_the_cheaper_point() -> None:
+    P = downstream.SweepPoint
+    assert downstream.choose([P(1e-4, 2, 0.8, 0.7), P(2e-4, 3, 0.9, 0.1)]) == P(2e-4, 3, 0.9, 0.1)
+    assert downstream.choose([P(1e-4, 2, 0.8, 0.7), P(2e-4, 3, 0.8, 0.75)]) == P(2e-4, 3, 0.8, 0.75)
+    assert downstream.choose([P(1e-4, 4, 0.8, 0.7), P(2e-4, 2, 0.8, 0.7)]) == P(2e-4, 2, 0.8, 0.7)
+    assert downstream.choose([P(2e-4, 2, 0.8, 0.7), P(1e-4, 2, 0.8, 0.7)]) == P(1e-4, 2, 0.8, 0.7)
+
+
+def test_one_sweep_run_scores_every_epoch_count_as_a_stopped_run_would(tmp_path: Path, teacher_dir: Path,
+                                                                      tokenizer) -> None:
+    """A rate's sweep run, scored after 1 and 3 epochs, gives what a run of the chosen epochs of a
+    3-epoch schedule gives on the same data: the final fine-tuning repeats the point it chose."""
+    task = downstream.load_task(str(write(tmp_path / "t.jsonl",
+                                          [{"text": r["sentence"], "label": r["y"]} for r in ROWS])))
+    split = downstream.split_indices(len(task.texts), 0.2, seed=0)
+    tune = downstream.tune_split(split.train, 0.25, seed=0)
+    enc = downstream.encode_task(tokenizer, task, split, max_length=16)
+    data = downstream.carve(enc, split.train, tune)
+    fit = [i for i in split.train if i not in tune]
+    assert data.train_y == downstream.class_indices(task, fit) and data.dev_y == downstream.class_indices(task, tune)
+    assert len(data.train_ids) == 18 and len(data.dev_ids) == 6
+    recipe = downstream.Recipe(lr=2e-3, epochs=1, batch_size=4, max_length=16, eval_batch_size=4)
+    cpu = torch.device("cpu")
+    swept = downstream.sweep_rate(str(teacher_dir), tokenizer.pad_token_id, data, task.label_names,
+                                  recipe, [1, 3], seed=2, device=cpu)
+    assert set(swept["scores"]) == {"1", "3"} and swept["steps"] == 3 * 5
+    for e in (1, 3):
+        stopped = downstream.finetune_and_score(
+            str(teacher_dir), tokenizer.pad_token_id, data, task.label_names,
+            downstream.Recipe(**{**recipe.__dict__, "epochs": e, "schedule_epochs": 3}), seed=2, device=cpu)
+        assert stopped["steps"] == 5 * e and (stopped["epochs"], stopped["schedule_epochs"]) == (e, 3)
+        assert swept["scores"][str(e)] == {"accuracy": stopped["accuracy"], "macro_f1": stopped["macro_f1"]}
+    # the weights too: scoring after an epoch leaves the run as it was, bit for bit
+    ft = lambda r, hook=None: downstream.finetune(  # noqa: E731
+        str(teacher_dir), tokenizer.pad_token_id, data, task.label_names, r, 2, cpu, hook)[0]
+    seen: dict[int, list[torch.Tensor]] = {}
+    ft(downstream.Recipe(**{**recipe.__dict__, "epochs": 3}),
+       lambda done, m: seen.__setitem__(done, [p.detach().clone() for p in m.parameters()]))
+    stopped = ft(downstream.Recipe(**{**recipe.__dict__, "schedule_epochs": 3}))
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], stopped.parameters()))
+    # and the schedule is what differs from a plain 1-epoch run, whose decay reaches 0 after 1 epoch
+    assert any(not torch.equal(a, b) for a, b in zip(ft(recipe).parameters(), stopped.parameters()))

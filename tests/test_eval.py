@@ -362,3 +362,74 @@ def test_heldout_text_the_student_was_distilled_on_is_flagged(work: Path, teache
     report = Report.model_validate_json((out / "report.json").read_text())
     assert len(report.warnings) == 1 and "student leaky was distilled" in report.warnings[0]
     assert "> **Warnings**" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ sweep
+
+SWEEP = ("--sweep-lr", "3e-4,3e-3", "--sweep-epochs", "1,2", "--tune-fraction", "0.25")
+
+
+def sweep_args(work: Path, teacher_dir: Path, out: Path) -> list[str | Path]:
+    return ["--teacher", teacher_dir, "--student", work / "full", "--student", work / "no-ce",
+            "--task", work / "task.jsonl", "--out", out, "--no-speed", "--seeds", "2",
+            "--batch-size", "8", "--max-train-examples", "40", *SWEEP]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(work: Path, teacher_dir: Path) -> Path:
+    out = work / "sweep-report"
+    summary = ok(kdpipe(*sweep_args(work, teacher_dir, out)))
+    # 3 models x 2 rates (each scored after 1 and 2 epochs), then 3 models x 2 seeds
+    assert summary["computed"] == 6 + 6 and summary["reused"] == 0
+    return out
+
+
+def test_sweep_chooses_per_model_on_the_tuning_split_and_reports_it(sweep_dir: Path) -> None:
+    report = Report.model_validate_json((sweep_dir / "report.json").read_text())
+    (task,) = report.tasks
+    split = json.loads((sweep_dir / task.split.file).read_text())
+    tune, train, dev = set(split["tune"]), set(split["train"]), set(split["dev"])
+    assert len(tune) == task.split.tune == 10 and tune < train and not tune & dev  # never the dev split
+    sw = task.recipe["sweep"]
+    assert (sw["lr"], sw["epochs"], sw["tune_examples"], sw["fit_examples"]) == ([3e-4, 3e-3], [1, 2], 10, 30)
+    for r in task.results:
+        assert {(p.lr, p.epochs) for p in r.sweep} == {(3e-4, 1), (3e-4, 2), (3e-3, 1), (3e-3, 2)}
+        best = downstream.choose([downstream.SweepPoint(p.lr, p.epochs, p.accuracy, p.macro_f1)
+                                  for p in r.sweep])
+        assert (r.lr, r.epochs, r.schedule_epochs) == (best.lr, best.epochs, 2)
+        for x in r.seeds:  # the final fine-tunings ran with the choice, on all 40 training examples
+            part = json.loads((sweep_dir / "parts" / "task" / task.name / r.model / f"seed{x.seed}.json").read_text())
+            assert (part["data"]["lr"], part["data"]["epochs"]) == (best.lr, best.epochs)
+            assert x.steps == 5 * best.epochs  # ceil(40 / 8) per epoch
+        for p in r.sweep:  # each point is the part's tuning score
+            part = json.loads((sweep_dir / "parts" / "sweep" / task.name / r.model / f"lr{p.lr:g}" /
+                               "seed0.json").read_text())["data"]
+            assert part["scores"][str(p.epochs)]["accuracy"] == p.accuracy
+            assert (part["fit_examples"], part["tune_examples"], part["steps"]) == (30, 10, 2 * 4)
+    md = (sweep_dir / "report.md").read_text()
+    assert "Recipe chosen per model by a sweep" in md and "never the dev split" in md
+    assert "Tuning-split accuracy % of each sweep point" in md and md.count("**") >= 2 * 3
+
+
+def test_sweep_resumes_without_redoing_finished_parts(tmp_path: Path, work: Path, teacher_dir: Path,
+                                                     sweep_dir: Path) -> None:
+    out = Path(shutil.copytree(sweep_dir, tmp_path / "report"))
+    before = parts_mtimes(out)
+    summary = ok(kdpipe(*sweep_args(work, teacher_dir, out)))
+    assert summary["computed"] == 0 and summary["reused"] == 12 and parts_mtimes(out) == before
+    gone = "parts/sweep/task/no-ce/lr0.003/seed0.json"
+    old = json.loads((out / gone).read_text())["data"]
+    (out / gone).unlink()
+    summary = ok(kdpipe(*sweep_args(work, teacher_dir, out)))
+    assert summary["computed"] == 1 and summary["reused"] == 11  # the choice is the same, so no final redone
+    new = json.loads((out / gone).read_text())["data"]
+    assert old["scores"] == new["scores"]
+    one_line_error(kdpipe(*sweep_args(work, teacher_dir, out)[:-2], "--tune-fraction", "0.5"),
+                   "other settings", "sweep.tune_fraction: 0.25 → 0.5")
+
+
+def test_sweep_grid_must_be_positive_and_distinct(work: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    args = sweep_args(work, teacher_dir, tmp_path / "r")[:-6]
+    one_line_error(kdpipe(*args, "--sweep-lr", "1e-4,1e-4"), "sweep_lr", "distinct")
+    one_line_error(kdpipe(*args, "--sweep-epochs", "0,2"), "sweep_epochs", "positive")
+    assert not (tmp_path / "r").exists()
