@@ -310,6 +310,7 @@ class Recipe:
     # the warm-up and linear decay span this many epochs [epochs]; more than `epochs` when a sweep
     # chose to stop before the end of its schedule
     schedule_epochs: int | None = None
+    group_by_length: bool = False  # batches of similar length (see `train_batches`)
 
     @property
     def horizon(self) -> int:
@@ -373,6 +374,29 @@ def carve(data: Encoded, train: list[int], tune: list[int]) -> Encoded:
                    [data.train_ids[p] for p in scored], [data.train_y[p] for p in scored])
 
 
+GROUP_POOL = 16  # batches per pool that `train_batches` sorts by length
+
+
+def train_batches(lengths: list[int], batch_size: int, rng: torch.Generator,
+                  group_by_length: bool) -> list[list[int]]:
+    """One epoch's batches of example positions: a random permutation cut into batches or, when
+    grouping, cut into pools of GROUP_POOL batches that are each sorted by length, then cut and
+    shuffled as batches (what transformers' group_by_length does). Short sentences then stop
+    paying for the padding of long ones: about half the tokens of a movie-sentiment epoch are
+    padding otherwise (27 tokens on average, 50 in a random batch of 32). Either way every batch
+    but the last is full, so an epoch has the same number of steps."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=rng).tolist()
+    if not group_by_length:
+        return [perm[b:b + batch_size] for b in range(0, n, batch_size)]
+    pool = batch_size * GROUP_POOL
+    out: list[list[int]] = []
+    for c in range(0, n, pool):
+        chunk = sorted(perm[c:c + pool], key=lambda i: lengths[i])
+        out += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [out[i] for i in torch.randperm(len(out), generator=rng).tolist()]
+
+
 def linear_schedule(step: int, warmup: int, total: int) -> float:
     """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total`
     (student-train's schedule.lr_at with a peak of 1)."""
@@ -418,13 +442,12 @@ def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, warmup, total))
     order_rng = torch.Generator().manual_seed(seed)
     y_all = torch.tensor(data.train_y, dtype=torch.long)
+    lengths = [len(x) for x in data.train_ids]
     seconds = 0.0
     for epoch in range(recipe.epochs):
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(n, generator=order_rng).tolist()
-        for b in range(0, n, recipe.batch_size):
-            ix = perm[b:b + recipe.batch_size]
+        for ix in train_batches(lengths, recipe.batch_size, order_rng, recipe.group_by_length):
             ids, att = pad([data.train_ids[i] for i in ix], pad_id)
             with autocast(device):
                 out = model(input_ids=ids.to(device), attention_mask=att.to(device),

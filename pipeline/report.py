@@ -205,7 +205,8 @@ def render_markdown(report: Report) -> str:
                    f"`{sp.dev_indices_sha256[:12]}`).  ")
         r = t.recipe
         sw = r.get("sweep")
-        rest = (f"batch {r['batch_size']}, max length {r['max_length']}, weight decay "
+        rest = (f"batch {r['batch_size']}" + (" (grouped by length)" if r.get("group_by_length") else "")
+                + f", max length {r['max_length']}, weight decay "
                 f"{r['weight_decay']}, warm-up {r['warmup_ratio']}; seeds {', '.join(map(str, r['seeds']))}.")
         if sw:
             out.append(f"Recipe chosen per model by a sweep: lr in {{{', '.join(f'{x:g}' for x in sw['lr'])}}} "

@@ -35,6 +35,7 @@ SECTION_KEYS = {
     "speed": ("speed_batch_size", "speed_seq_len", "speed_repeats", "speed_warmup"),
     "sweep": ("sweep_lr", "sweep_epochs", "tune_fraction", "sweep_seeds"),
 }
+LATER_KEYS = {"group_by_length": False}  # downstream settings and their value when not in use
 
 
 # ----------------------------------------------------------------------------------- eval.json
@@ -55,6 +56,8 @@ def settings(config: dict[str, Any], device: torch.device, models: list[Model],
         out["tf32"] = True
     out.update({section: {k: config[k] for k in keys}
                 for section, keys in SECTION_KEYS.items() if asked[section]})
+    if asked["downstream"]:  # settings added later: present only when used, so older reports resume
+        out["downstream"].update({k: config[k] for k, off in LATER_KEYS.items() if config[k] != off})
     inputs = {
         "models": {m.name: {"role": m.role, "weights_sha256": m.entry["weights_sha256"],
                             "tokenizer_sha256": m.tokenizer_sha} for m in models},

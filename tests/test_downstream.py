@@ -203,3 +203,20 @@ def test_one_sweep_run_scores_every_epoch_count_as_a_stopped_run_would(tmp_path:
     assert all(torch.equal(a, b) for a, b in zip(seen[1], stopped.parameters()))
     # and the schedule is what differs from a plain 1-epoch run, whose decay reaches 0 after 1 epoch
     assert any(not torch.equal(a, b) for a, b in zip(ft(recipe).parameters(), stopped.parameters()))
+
+
+def test_length_grouped_batches_cover_every_example_once_with_less_padding() -> None:
+    lengths = [3 + (i * 37) % 50 for i in range(1000)]
+    plain = downstream.train_batches(lengths, 32, torch.Generator().manual_seed(0), False)
+    grouped = downstream.train_batches(lengths, 32, torch.Generator().manual_seed(0), True)
+    again = downstream.train_batches(lengths, 32, torch.Generator().manual_seed(0), True)
+    assert grouped == again and len(grouped) == len(plain) == 32  # ceil(1000 / 32) steps either way
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert sum(len(b) < 32 for b in grouped) == 1
+    # the same permutation underneath: without grouping, exactly the old recipe's batches
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    assert plain == [perm[b:b + 32] for b in range(0, 1000, 32)]
+    padded = lambda bs: sum(len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
+    assert padded(grouped) < 0.7 * padded(plain)
+    first = [max(lengths[i] for i in b) for b in grouped[:8]]
+    assert first != sorted(first)  # batch order is shuffled, not longest last

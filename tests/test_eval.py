@@ -372,7 +372,7 @@ SWEEP = ("--sweep-lr", "3e-4,3e-3", "--sweep-epochs", "1,2", "--tune-fraction", 
 def sweep_args(work: Path, teacher_dir: Path, out: Path) -> list[str | Path]:
     return ["--teacher", teacher_dir, "--student", work / "full", "--student", work / "no-ce",
             "--task", work / "task.jsonl", "--out", out, "--no-speed", "--seeds", "2",
-            "--batch-size", "8", "--max-train-examples", "40", *SWEEP]
+            "--batch-size", "8", "--max-train-examples", "40", "--group-by-length", *SWEEP]
 
 
 @pytest.fixture(scope="module")
@@ -406,8 +406,10 @@ def test_sweep_chooses_per_model_on_the_tuning_split_and_reports_it(sweep_dir: P
                                "seed0.json").read_text())["data"]
             assert part["scores"][str(p.epochs)]["accuracy"] == p.accuracy
             assert (part["fit_examples"], part["tune_examples"], part["steps"]) == (30, 10, 2 * 4)
+    assert task.recipe["group_by_length"] is True
     md = (sweep_dir / "report.md").read_text()
     assert "Recipe chosen per model by a sweep" in md and "never the dev split" in md
+    assert "batch 8 (grouped by length)" in md
     assert "Tuning-split accuracy % of each sweep point" in md and md.count("**") >= 2 * 3
 
 
@@ -426,6 +428,14 @@ def test_sweep_resumes_without_redoing_finished_parts(tmp_path: Path, work: Path
     assert old["scores"] == new["scores"]
     one_line_error(kdpipe(*sweep_args(work, teacher_dir, out)[:-2], "--tune-fraction", "0.5"),
                    "other settings", "sweep.tune_fraction: 0.25 → 0.5")
+
+
+def test_settings_added_later_are_recorded_only_when_used(sweep_dir: Path, report_dir: Path) -> None:
+    """So a report directory made before them resumes (its eval.json lacks them)."""
+    used = json.loads((sweep_dir / "eval.json").read_text())["settings"]
+    plain = json.loads((report_dir / "eval.json").read_text())["settings"]
+    assert used["downstream"]["group_by_length"] is True and used["sweep"]["sweep_epochs"] == [1, 2]
+    assert "group_by_length" not in plain["downstream"] and "sweep" not in plain
 
 
 def test_sweep_grid_must_be_positive_and_distinct(work: Path, teacher_dir: Path, tmp_path: Path) -> None:
