@@ -406,8 +406,8 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 @click.option("--warmup-ratio", type=float, help="Share of steps of linear warm-up. [0.1]")
 @click.option("--eval-batch-size", type=int, help="Batch size of scoring. [64]")
 @click.option("--group-by-length/--no-group-by-length", default=None, help="Fine-tune on batches "
-              "of similar length (pools of 16 batches sorted by length, then shuffled): less "
-              "padding, about 40% less time on short sentences. [off]")
+              "of similar length (pools of 16 batches sorted by length, then shuffled): about half "
+              "the padded tokens of random batches on movie sentiment. [off]")
 @click.option("--sweep-lr", callback=floats_option, help="Learning rates a sweep tries per model, "
               "e.g. 5e-5,1e-4,2e-4, each scored on a tuning split of the training examples; the "
               "best is then fine-tuned on all of them. [no sweep: --lr]")
