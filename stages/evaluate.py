@@ -11,7 +11,9 @@ Set up: resolve and check every input before any compute (model folders, tokeniz
 text, task files with their columns and classes), then compare the settings with
 REPORT_DIR/eval.json: a directory made with other settings is refused, naming what differs.
 Run: speed (all models interleaved), masked LM on held-out text (one pass, the teacher's logits
-shared by every student), then the fine-tunes seed by seed, task by task, model by model. Each
+shared by every student), with a sweep (`--sweep-lr`, `--sweep-epochs`) each model's sweep runs,
+one per learning rate, then the fine-tunes seed by seed, task by task, model by model, each with
+its model's recipe (the sweep's choice, see `pipeline/downstream.py`, or the fixed one). Each
 finished unit is written atomically under parts/ and never redone: an interrupted eval, `kill -9`
 included, resumes where it stopped. `--seeds` may be raised on a rerun; the seeds already done
 are reused. Finish: assemble report.json, report.md and the plots, each written atomically.
