@@ -76,6 +76,17 @@ def split_heldout(text: Path, workdir: Path) -> tuple[Path, Path]:
     return train, heldout
 
 
+def eval_config(workdir: Path, teacher: str, heldout_txt: Path, s: Sizes, device: str) -> evaluate.EvalConfig:
+    """The demo's eval: teacher and student on held-out text, movie sentiment and speed."""
+    return evaluate.EvalConfig(
+        teacher=f"teacher={teacher}", students=[f"student={workdir / 'student'}"],
+        out=str(workdir / "report"), heldout=[str(heldout_txt)],
+        heldout_sequences=s.heldout_sequences, tasks=["builtin:movie-sentiment"],
+        max_train_examples=s.task_train, max_dev_examples=s.task_dev, seeds=s.seeds,
+        sweep_lr=list(s.task_lrs), sweep_epochs=list(s.task_epochs), group_by_length=True,
+        max_length=64, speed_repeats=5, device=device)
+
+
 def main(workdir: Path, sizes: Sizes, device: str = "auto") -> dict[str, Any]:
     workdir = ensure_dir(workdir, "demo directory")
     timings: dict[str, float] = {}
@@ -103,13 +114,7 @@ def main(workdir: Path, sizes: Sizes, device: str = "auto") -> dict[str, Any]:
         cache=str(workdir / "cache"), out=str(workdir / "student"), teacher=teacher,
         student_layers=3, max_steps=s.train_steps, batch_size=s.train_batch, ce_masked_only=True,
         save_every=50, device=device))
-    report = timed("eval", evaluate.main, evaluate.EvalConfig(
-        teacher=f"teacher={teacher}", students=[f"student={workdir / 'student'}"],
-        out=str(workdir / "report"), heldout=[str(heldout_txt)],
-        heldout_sequences=s.heldout_sequences, tasks=["builtin:movie-sentiment"],
-        max_train_examples=s.task_train, max_dev_examples=s.task_dev, seeds=s.seeds,
-        sweep_lr=list(s.task_lrs), sweep_epochs=list(s.task_epochs), group_by_length=True,
-        max_length=64, speed_repeats=5, device=device))
+    report = timed("eval", evaluate.main, eval_config(workdir, teacher, heldout_txt, s, device))
     return {"report": str(workdir / "report" / "report.md"), "seconds": timings,
             "teacher_accuracy_before_after": [adapted.get("accuracy_before"), adapted.get("accuracy_after")],
             "eval": report}
