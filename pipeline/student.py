@@ -29,8 +29,8 @@ from torch import nn
 
 from kdpipe.pipeline import distilbert
 from kdpipe.pipeline.errors import KdpipeError
-from kdpipe.schemas.checkpoint import FINAL_HIDDEN_MAP_NAME, HIDDEN_MAP_FILE
 from kdpipe.pipeline.teacher import quiet_transformers
+from kdpipe.schemas.checkpoint import FINAL_HIDDEN_MAP_NAME, HIDDEN_MAP_FILE
 
 _LAYER_KEY = re.compile(r"^(.*?\.layer\.)(\d+)\.(.+)$")  # bert.encoder.layer.3.attention...
 
@@ -132,15 +132,8 @@ def mlm_head(model: nn.Module) -> nn.Module:
 def save_pretrained(model: nn.Module, folder: Path, tokenizer: Any | None = None) -> None:
     """The student as a plain transformers folder (config.json, model.safetensors) and its
     tokenizer where one is known, without transformers' progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model.save_pretrained(str(folder))
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder, model)
 

@@ -617,7 +617,7 @@ def _final_steps(s: Setup) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-def _check_length(s: Setup, record: RunRecord, meta: ckpt.CheckpointMeta | None) -> None:
+def _check_length(s: Setup, meta: ckpt.CheckpointMeta | None) -> None:
     """A rerun may change the run's length, but not to fewer steps than it has done, and a
     finished run continues only from a checkpoint at its last step."""
     done = meta.step if meta else 0
@@ -670,7 +670,7 @@ def _claim(s: Setup, held: ExitStack, online: Callable[[Batch], Batch] | None = 
     elif cfg.init == "teacher" and teacher_state is None:  # another process changed the run meanwhile
         teacher_state = _load_teacher_checked(s)
     if record is not None:
-        _check_length(s, record, meta)
+        _check_length(s, meta)
     stream = _stream_from(s, meta, distributed.world())
     if online is not None:
         stream = map(online, stream)
