@@ -37,6 +37,8 @@ from kdpipe.stages import student_train, teacher_dump
 # with 100 warm-up steps reached 16% masked-token accuracy after 100 steps, 31% after 461.
 ADAPT_LR = 2e-4
 ADAPT_WARMUP_STEPS = 100
+# OUT's layout: the labels-only cache, the training run, the published teacher, the accuracy report
+CACHE_DIR, RUN_DIR, MODEL_DIR, ADAPT_NAME = "cache", "run", "model", "adapt.json"
 
 
 class AdaptConfig(StageConfig):
@@ -101,25 +103,25 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     remove_stale_tmp(out)
     teacher_path = resolve_model_path(cfg.teacher)
     dump = teacher_dump.DumpConfig(
-        teacher=cfg.teacher, data=cfg.data, out=str(out / "cache"), text_column=cfg.text_column, format=cfg.format,
-        seq_len=cfg.seq_len, max_sequences=cfg.max_sequences, seed=cfg.seed, targets="none",
-        shard_size=256)
+        teacher=cfg.teacher, data=cfg.data, out=str(out / CACHE_DIR), text_column=cfg.text_column,
+        format=cfg.format, seq_len=cfg.seq_len, max_sequences=cfg.max_sequences, seed=cfg.seed,
+        targets="none", shard_size=256)
     dumped = teacher_dump.main(dump)
-    layers = int(read_json(out / "cache" / TEACHER_CONFIG_NAME)["num_hidden_layers"])
+    layers = int(read_json(out / CACHE_DIR / TEACHER_CONFIG_NAME)["num_hidden_layers"])
     train = student_train.StudentConfig(
-        cache=str(out / "cache"), out=str(out / "run"), teacher=cfg.teacher, init="teacher",
+        cache=str(out / CACHE_DIR), out=str(out / RUN_DIR), teacher=cfg.teacher, init="teacher",
         student_layers=layers, layer_map=list(range(layers)), alpha_ce=0.0, alpha_cos=0.0,
         alpha_mlm=1.0, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup=min(0.99, cfg.warmup_steps / cfg.max_steps), weight_decay=cfg.weight_decay,
         seed=cfg.seed, save_every=cfg.save_every, device=cfg.device)
     trained = student_train.main(train)
-    model_dir = out / "model"
+    model_dir = out / MODEL_DIR
     if not model_dir.exists():
-        _publish(out / "run" / FINAL_DIR, model_dir)
+        _publish(out / RUN_DIR / FINAL_DIR, model_dir)
     summary: dict[str, Any] = {"teacher": cfg.teacher, "model": str(model_dir),
                                "steps": trained.get("total_steps"), "cache_tokens": dumped.get("tokens")}
     if cfg.heldout:
-        report_path = out / "adapt.json"
+        report_path = out / ADAPT_NAME
         done = read_json(report_path) if report_path.is_file() else {}
         if "accuracy_after" not in done:
             tokenizer = load_tokenizer(teacher_path)
