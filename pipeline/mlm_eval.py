@@ -22,6 +22,7 @@ import torch
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import metrics
 from kdpipe.pipeline.device import autocast
+from kdpipe.pipeline.dump import length_batches
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import read_json
 from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, mask_sequence
@@ -109,10 +110,9 @@ def heldout_batches(h: Heldout, corpus: corpus_mod.Corpus, tokenizer: Any, vocab
     vocab = Vocabulary(vocab_size, tokenizer.mask_token_id, special)
     pool = vocab.random_pool()
     masked = [mask_sequence(seq, i, 0, h.masking, vocab, pool) for i, seq in enumerate(seqs)]
-    order = sorted(range(len(masked)), key=lambda i: (-len(masked[i].input_ids), i))
     batches = []
-    for b in range(0, len(order), h.batch_size):
-        rows = [masked[i] for i in order[b:b + h.batch_size]]
+    for batch in length_batches(masked, h.batch_size):
+        rows = [masked[i] for i in batch]
         ids, att = pad([r.input_ids for r in rows], tokenizer.pad_token_id)
         sel = torch.zeros_like(ids, dtype=torch.bool)
         for j, r in enumerate(rows):
