@@ -16,6 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from kdpipe.pipeline.modes import MODES
+
 CARD_NAME = "README.md"
 DESCRIPTION_KEY = b"kdpipe.description"
 MEANING_KEY = b"kdpipe.meaning"
@@ -35,12 +37,8 @@ def description(fingerprint: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": (fingerprint.get("teacher") or {}).get("vocab_size"),
         "teacher_weights_sha256": (fingerprint.get("teacher") or {}).get("weights_sha256"),
     }
-    if t.get("mode") == "topk":
-        out.update(k=t.get("k"), temperatures=_temps(fingerprint), topk_logits="raw (temperature 1, not softened)",
-                   log_z="log sum_v exp(z_v / T) over the full vocabulary; column j is at temperatures[j]",
-                   probability="p_i = exp(topk_logits_i / T - log_z[T]); the tail mass is 1 - sum_i p_i")
-    elif t.get("mode") == "sampled":
-        out.update(temperature=(_temps(fingerprint) or [None])[0], samples=t.get("samples"))
+    if (mode := MODES.get(t.get("mode"))) is not None:  # the mode's own settings
+        out.update(mode.describe(t, _temps(fingerprint)))
     if h:
         out["hidden"] = {"projection": h.get("projection"), "dim": h.get("dim"),
                          "meaning": "teacher last hidden state @ projection.safetensors (H, dim)"}
@@ -51,12 +49,9 @@ _FIELD_MEANINGS = {
     "input_ids": "the input as the teacher saw it, after masking",
     "mlm_positions": "masked positions in the row, ascending",
     "mlm_labels": "original token ids at mlm_positions",
-    "topk_ids": "ids of the teacher's k largest logits, by falling logit",
-    "topk_logits": "raw logits (temperature 1) of topk_ids",
-    "sample_ids": "distinct tokens drawn from the teacher's softened distribution",
-    "sample_counts": "how often each of sample_ids was drawn",
-    "teacher_state": "the teacher decoder's input: logits = state @ W.T + b (head.safetensors)",
+    **{c: m for mode in MODES.values() for c, m in mode.column_meanings.items()},
 }
+_TARGET_COLUMNS = {c for mode in MODES.values() for c in mode.columns}  # one entry per target position
 
 
 def describe(schema: pa.Schema, fingerprint: dict[str, Any]) -> pa.Schema:
@@ -73,7 +68,7 @@ def describe(schema: pa.Schema, fingerprint: dict[str, Any]) -> pa.Schema:
         elif f.name == "hidden" and "hidden" in desc:
             meaning = "teacher last hidden state @ projection.safetensors"
             extra[b"kdpipe.projection"] = str(desc["hidden"]["projection"]).encode()
-        if f.name in ("topk_ids", "topk_logits", "log_z", "sample_ids", "sample_counts", "teacher_state"):
+        if f.name in _TARGET_COLUMNS:
             extra[b"kdpipe.positions"] = str(desc["target_positions"]).encode()
         if meaning:
             f = f.with_metadata({**(f.metadata or {}), MEANING_KEY: meaning.encode(), **extra})

@@ -97,6 +97,13 @@ class TargetMode:
         after the fields every mode has)."""
         return []
 
+    column_meanings: dict[str, str] = {}  # what each of `columns` holds, for the dataset card
+
+    def describe(self, targets: dict[str, Any], temperatures: list[float]) -> dict[str, Any]:
+        """What a reader needs to decode the columns, from the fingerprint's targets section and
+        its temperatures (pipeline/cache_card.py)."""
+        return {}
+
     def fingerprint(self, s: TargetSettings) -> dict[str, Any]:
         """What the stored targets depend on besides the mode and position set."""
         return {}

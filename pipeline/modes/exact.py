@@ -35,6 +35,9 @@ class Exact(TargetMode):
             return ["exact targets keep the teacher's hidden state unprojected: use hidden_proj identity"]
         return []
 
+    column_meanings = {
+        "teacher_state": "the teacher decoder's input: logits = state @ W.T + b (head.safetensors)"}
+
     def fields(self, ids: pa.DataType, k: int, n_temperatures: int, state_dim: int) -> list[pa.Field]:
         return [pa.field("teacher_state", pa.list_(pa.list_(pa.float16(), state_dim)), nullable=False)]
 

@@ -47,6 +47,12 @@ class Sampled(TargetMode):
             pa.field("sample_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
         ]
 
+    column_meanings = {"sample_ids": "distinct tokens drawn from the teacher's softened distribution",
+                       "sample_counts": "how often each of sample_ids was drawn"}
+
+    def describe(self, targets: dict[str, Any], temperatures: list[float]) -> dict[str, Any]:
+        return {"temperature": (temperatures or [None])[0], "samples": targets.get("samples")}
+
     def fingerprint(self, s: TargetSettings) -> dict[str, Any]:
         return {"temperatures": list(s.temperatures), "samples": s.samples}
 

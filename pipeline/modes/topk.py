@@ -38,6 +38,15 @@ class TopK(TargetMode):
             pa.field("log_z", pa.list_(pa.list_(pa.float32(), n_temperatures)), nullable=False),
         ]
 
+    column_meanings = {"topk_ids": "ids of the teacher's k largest logits, by falling logit",
+                       "topk_logits": "raw logits (temperature 1) of topk_ids"}
+
+    def describe(self, targets: dict[str, Any], temperatures: list[float]) -> dict[str, Any]:
+        return {"k": targets.get("k"), "temperatures": temperatures,
+                "topk_logits": "raw (temperature 1, not softened)",
+                "log_z": "log sum_v exp(z_v / T) over the full vocabulary; column j is at temperatures[j]",
+                "probability": "p_i = exp(topk_logits_i / T - log_z[T]); the tail mass is 1 - sum_i p_i"}
+
     def fingerprint(self, s: TargetSettings) -> dict[str, Any]:
         return {"k": s.top_k, "temperatures": list(s.temperatures)}
 
