@@ -255,7 +255,7 @@ def _full_after(count: int, spec: LoaderSpec) -> bool:
 
 
 def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position,
-                 epochs: int | None = None, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+                 epochs: int | None = None, part: tuple[int, int] = (0, 1), workers: int = 1) -> Iterator[Batch]:
     """Batches from `start` to the end of epoch `epochs - 1` (forever when None), in order.
     part = (rank, world): the share of every global batch this rank trains on (see the top)."""
     rows: list[tuple[_Window, int]] = []

@@ -144,12 +144,20 @@ def encode_shard(table: pa.Table, sink: Any, zstd_level: int) -> None:
     )
 
 
-def write_shard(path: Path, table: pa.Table, fingerprint_sha256: str, zstd_level: int) -> None:
-    """Write atomically; the fingerprint in the footer ties the file to its cache's settings."""
+def shard_bytes(table: pa.Table, fingerprint_sha256: str, zstd_level: int) -> pa.Buffer:
+    """The file's bytes; the fingerprint in the footer ties the file to its cache's settings."""
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint_sha256.encode()}
     )
-    atomic_write(path, lambda f: encode_shard(table, f, zstd_level))
+    sink = pa.BufferOutputStream()
+    encode_shard(table, sink, zstd_level)
+    return sink.getvalue()
+
+
+def write_shard(path: Path, table: pa.Table, fingerprint_sha256: str, zstd_level: int) -> None:
+    """Write atomically (the stage writes through `writers.ShardWriters`)."""
+    buf = shard_bytes(table, fingerprint_sha256, zstd_level)
+    atomic_write(path, lambda f: f.write(buf))
 
 
 def column_bytes(path: Path) -> dict[str, int]:

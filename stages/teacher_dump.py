@@ -17,7 +17,7 @@ import json
 import time
 from collections import Counter
 from contextlib import ExitStack
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,8 +50,9 @@ from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES, MODES, TargetMode, T
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.provenance import provenance
 from kdpipe.pipeline.shards import (
-    column_bytes, encode_shard, read_fingerprint, shard_path, to_table, write_shard,
+    column_bytes, encode_shard, read_fingerprint, shard_path, to_table,
 )
+from kdpipe.pipeline.writers import MAX_WRITERS, ShardWriters, default_writers
 from kdpipe.pipeline.teacher import (
     TeacherRunner, decoder_of, load_model_config, load_teacher, load_tokenizer,
     resolve_model_path, save_head, tokenizer_sha256, weights_sha256,
@@ -87,6 +88,7 @@ class DumpConfig(StageConfig):
     shard_size: int = Field(1024, ge=1)
     batch_size: int = Field(32, ge=1)
     zstd_level: int = Field(3, ge=1, le=22)
+    writers: int = Field(default_factory=default_writers, ge=1, le=MAX_WRITERS)  # bytes never depend on it
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # of the teacher's forward pass
     tf32: bool = False
@@ -275,50 +277,55 @@ def run(s: Setup, w: distributed.World | None = None) -> Manifest | None:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     device = distributed.local_device(pick_device(s.cfg.device), w)
 
+    written: dict[Path, str] = {}
+
     def dump_own() -> None:
         if not w.is_main and not (out / FINGERPRINT_NAME).is_file():
             raise KdpipeError(f"rank {w.rank} does not see the cache {out} that rank 0 set up: the "
                               "cache directory must be on a file system every rank shares")
         ensure_dir(out / "shards", "cache directory")
         # other ranks load the projection rank 0 fitted and saved before they got here
-        _dump_shards(s, _prepare_runner(s, device), w, fp_sha, schema)
+        written.update(_dump_shards(s, _prepare_runner(s, device), w, fp_sha, schema))
 
     distributed.agree(w, dump_own)  # every rank's shards exist past this point
     if not w.is_main:
         return None
     n_shards = -(-s.n_sequences // s.cfg.shard_size)
-    return finish(s, fp_sha, n_shards, started)
+    return finish(s, fp_sha, n_shards, started, written)
 
 
 def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, fp_sha: str,
-                 schema: pa.Schema) -> None:
+                 schema: pa.Schema) -> dict[Path, str]:
     """The shards rank w.rank owns that are not finished yet. Every rank reads (tokenises) the
     whole corpus: sequences are numbered by their place in the stream (bench/scale.py measures
-    this repeated part)."""
-    out = s.out
-    n_shards = -(-s.n_sequences // s.cfg.shard_size)
-    seqs_iter = _sequences(s)
-    pending: Future | None = None
+    this repeated part). Returns the SHA-256 of each shard written."""
     total = s.n_tokens * s.cfg.mask_views if not w.distributed else None  # a rank's share is unknown
     # the bar is closed on an error too, so the error message starts a line of its own
     with tqdm(total=total, desc="teacher-dump", unit=" tok", unit_scale=True, mininterval=1.0,
-              smoothing=0.1, disable=not w.is_main) as bar, \
-            ThreadPoolExecutor(max_workers=1) as writer:  # encode+compress overlaps the next forward
-        for index in range(n_shards):
-            seqs = list(itertools.islice(seqs_iter, s.cfg.shard_size))
-            if not w.owns_shard(index):
-                continue
-            path = out / shard_path(index)
-            if _shard_done(path, fp_sha):
-                bar.update(sum(len(x) for x in seqs) * s.cfg.mask_views)
-                continue
-            data = dump_shard(s.rows, runner, index * s.cfg.shard_size, seqs)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(write_shard, path, to_table(data, schema), fp_sha, s.cfg.zstd_level)
-            bar.update(data.tokens)
-        if pending is not None:
-            pending.result()
+              smoothing=0.1, disable=not w.is_main) as bar:
+        with ShardWriters(s.cfg.writers, schema, fp_sha, s.cfg.zstd_level) as pool:
+            dump_shards(s.rows, runner, _sequences(s), s.n_sequences, s.cfg.shard_size, s.out, fp_sha, pool,
+                        owns=w.owns_shard, progress=bar.update)
+        return pool.written
+
+
+def dump_shards(rows: RowSpec, runner: Any, seqs: Iterator[np.ndarray], n_sequences: int, shard_size: int,
+                out: Path, fp_sha: str, pool: ShardWriters, owns: Callable[[int], bool] = lambda i: True,
+                progress: Callable[[int], None] = lambda n: None) -> None:
+    """The shard loop: mask and run the teacher here, encode in the pool's workers (the next
+    forward overlaps them), skip shards already finished with these settings."""
+    for index in range(-(-n_sequences // shard_size)):
+        chunk = list(itertools.islice(seqs, shard_size))
+        if not owns(index):
+            continue
+        path = out / shard_path(index)
+        if _shard_done(path, fp_sha):
+            progress(sum(len(x) for x in chunk) * rows.views)
+            continue
+        data = dump_shard(rows, runner, index * shard_size, chunk)
+        pool.submit(path, data)
+        progress(data.tokens)
+    pool.drain()
 
 
 def _schema(s: Setup) -> pa.Schema:
@@ -364,8 +371,10 @@ def _save_tokenizer(s: Setup) -> list[FileEntry]:
 
 # ---------------------------------------------------------------------------------------- finish
 
-def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
-    """Hash every shard and write the manifest: the commit point of the cache."""
+def finish(s: Setup, fp_sha: str, n_shards: int, started: str, hashed: dict[Path, str] | None = None
+           ) -> Manifest:
+    """Hash every shard (unless this run wrote it and hashed its bytes then) and write the
+    manifest: the commit point of the cache."""
     import pyarrow.parquet as pq
 
     out, size, mode = s.out, s.cfg.shard_size, s.cfg.mode
@@ -378,7 +387,7 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str) -> Manifest:
         tokens = int(pq.read_table(path, columns=["length"]).column("length").to_numpy().sum())
         entries.append(ShardEntry(path=rel, index=index, first_seq=index * size, num_seqs=num_seqs,
                                   rows=md.num_rows, tokens=tokens, bytes=path.stat().st_size,
-                                  sha256=sha256_file(path)))
+                                  sha256=(hashed or {}).get(path) or sha256_file(path)))
         by_column.update(column_bytes(path))
     tokens = sum(e.tokens for e in entries)
     total = sum(e.bytes for e in entries)
@@ -539,6 +548,8 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
 @click.option("--shard-size", type=int, help="Sequences per shard (the unit of resumption). [1024]")
 @click.option("--batch-size", type=int, help="Sequences per teacher batch. [32]")
 @click.option("--zstd-level", type=int, help="zstd level of the shards. [3]")
+@click.option("--writers", type=int, help="Processes encoding and compressing shards (the bytes "
+              "are the same whatever the number). [cores - 1, at least 1]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
 @click.option("--dry-run", is_flag=True, default=None, help="Estimate size and time; write nothing.")
 def command(config_file: Path | None, **flags: Any) -> None:

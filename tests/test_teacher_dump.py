@@ -151,28 +151,53 @@ def test_a_second_writer_is_refused(tmp_path: Path, kdpipe_inproc, one_line_erro
 
 # ------------------------------------------------------------------------ resumption
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("writers", ["1", "2"])
 def test_kill_9_mid_dump_then_rerun_is_byte_identical(tmp_path: Path, reference_cache: Path, kdpipe_popen,
-                                                      kdpipe_cli, teacher_dir, corpus_file, dump_args) -> None:
+                                                      kdpipe_cli, teacher_dir, corpus_file, dump_args,
+                                                      writers: str) -> None:
+    """Also with a pool of writer processes: the workers die with the parent and publish nothing,
+    and the rerun (with another number of writers) ends with the same bytes."""
     out = tmp_path / "cache"
     proc = kdpipe_popen("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file, "--out", out,
-                        *dump_args)
+                        *dump_args, "--writers", writers)
     deadline = time.monotonic() + 90
     try:
         while not list((out / "shards").glob("shard-*.parquet")):
             assert proc.poll() is None, "the dump ended before any shard appeared"
             assert time.monotonic() < deadline, "no shard appeared in 90 s"
             time.sleep(0.005)
+        workers = children(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    if writers != "1":
+        assert len(workers) >= int(writers), workers
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in workers):
+            assert time.monotonic() < deadline, "writer processes outlived the killed dump"
+            time.sleep(0.05)
     assert not (out / "manifest.json").exists(), "killed mid-dump: no manifest yet"
     n_total = len(manifest(reference_cache)["shards"])
     n_done = len(list((out / "shards").glob("shard-*.parquet")))
     assert 1 <= n_done < n_total
 
     rerun = json.loads(kdpipe_cli("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file,
-                                  "--out", out, *dump_args).stdout)
+                                  "--out", out, *dump_args, "--writers", "3" if writers == "1" else "1").stdout)
     assert rerun["status"] == "resumed"
     assert without_timestamps(manifest(out)) == without_timestamps(manifest(reference_cache))
     for name in ("fingerprint.json", "projection.safetensors", "teacher_config.json"):
@@ -395,6 +420,14 @@ def test_unusable_teacher(tmp_path: Path, make, needle, kdpipe_inproc, one_line_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("writers", ["0", "-2", "100000", "two"])
+def test_bad_writer_counts_are_one_line(tmp_path: Path, writers: str, kdpipe_inproc, one_line_error,
+                                        teacher_dir, small_corpus_file) -> None:
+    out = tmp_path / "cache"
+    one_line_error(dump(kdpipe_inproc, teacher_dir, small_corpus_file, out, "--writers", writers), "writers")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (("--top-k", "5000"), "larger than the vocabulary"),
     (("--seq-len", "512"), "over the teacher's limit of 128"),
@@ -429,11 +462,13 @@ def test_output_dir_with_unrelated_files(tmp_path: Path, kdpipe_inproc, one_line
     assert digest(out) == before, "a refused run must leave a foreign folder as it was"
 
 
+@pytest.mark.parametrize("writers", ["1", "2"])
 def test_disk_full_mid_dump_leaves_the_cache_intact(copy_cache, kdpipe_cli, one_line_error, digest,
-                                                    teacher_dir, corpus_file, dump_args) -> None:
+                                                    teacher_dir, corpus_file, dump_args, writers: str) -> None:
     """A real writer hitting a file-size limit (RLIMIT_FSIZE: write() fails with EFBIG, as it
     fails with ENOSPC on a full disk) while resuming: a one-line error naming the file, the
-    finished shards untouched, no temporary left; the cache then resumes normally."""
+    finished shards untouched, no temporary left; the cache then resumes normally. The same
+    with a pool of writer processes."""
     cache = copy_cache()
     for p in sorted((cache / "shards").glob("shard-*.parquet"))[-5:]:
         p.unlink()
@@ -445,7 +480,7 @@ def test_disk_full_mid_dump_leaves_the_cache_intact(copy_cache, kdpipe_cli, one_
         resource.setrlimit(resource.RLIMIT_FSIZE, (smallest // 2, resource.RLIM_INFINITY))
 
     proc = kdpipe_cli("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file, "--out", cache,
-                      *dump_args, check=False, preexec_fn=limit)
+                      *dump_args, "--writers", writers, check=False, preexec_fn=limit)
     one_line_error(proc, "file too large", "shards/shard-")
     after = digest(cache)
     before.pop("run_info.json"), after.pop("run_info.json")  # rewritten (it records --out)

@@ -1,0 +1,129 @@
+"""Shard writers: Arrow table, zstd Parquet encoding and SHA-256 of shards, off the main thread.
+
+On an accelerator the teacher outruns one core's encoding, so shards are encoded by a pool of
+worker processes (`--writers N`); one writer is a thread, as cheap as it gets. A worker only turns
+`ShardData` into the file's bytes and their hash: the parent writes them (temporary name, fsync,
+rename), so a worker that outlives a killed parent can publish nothing, and a disk error is
+reported where every other write's is. At most N shards are in flight (queued or encoding), and
+one more is being made by the caller, so memory stays flat whatever the corpus size.
+
+Each shard's bytes are a function of its data alone: the same whatever the number of writers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+
+from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.fsutil import atomic_write_bytes
+from kdpipe.pipeline.shards import ShardData, shard_bytes, to_table
+
+MAX_WRITERS = 256
+
+
+def default_writers() -> int:
+    """One core for the main thread (teacher feeding, masking), the others encode."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores - 1, 32))
+
+
+def check_writers(n: int) -> int:
+    if not isinstance(n, int) or n < 1 or n > MAX_WRITERS:
+        raise KdpipeError(f"--writers must be a whole number from 1 to {MAX_WRITERS}, not {n}")
+    return n
+
+
+def encode(data: ShardData, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> tuple[bytes, str]:
+    """A shard's file bytes and their SHA-256 (what a worker does)."""
+    buf = shard_bytes(to_table(data, schema), fingerprint_sha256, zstd_level)
+    return buf.to_pybytes(), hashlib.sha256(buf).hexdigest()
+
+
+def _ready(_: int) -> int:
+    return os.getpid()
+
+
+def _die_with(parent: int) -> None:
+    """Worker initializer: exit once the parent is gone. A killed parent closes no pipe a worker
+    would notice (the workers hold both ends of their queues), so each one watches for itself."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kdpipe-watch-parent", daemon=True).start()
+
+
+class ShardWriters:
+    """Encode shards in `n` workers, write each one atomically in order of submission.
+
+    `submit` blocks while n shards are in flight; `close` waits for all and raises the first
+    error. `written` maps each path written to its SHA-256 (the manifest needs it)."""
+
+    def __init__(self, n: int, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> None:
+        self.n = check_writers(n)
+        self.args = (schema, fingerprint_sha256, zstd_level)
+        self.written: dict[Path, str] = {}
+        self._pool: Executor = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-writer") if n == 1 else \
+            ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_die_with, initargs=(os.getpid(),))
+        if n > 1:  # start every worker now (a fresh interpreter each), not one per early shard
+            list(self._pool.map(_ready, range(n)))
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-shard-io")  # write + fsync + rename
+        self._encoding: deque[tuple[Path, Future]] = deque()
+        self._writing: Future | None = None
+
+    def submit(self, path: Path, data: ShardData) -> None:
+        while len(self._encoding) >= self.n:
+            self._write_oldest()
+        self._encoding.append((path, self._pool.submit(encode, data, *self.args)))
+
+    def _write_oldest(self) -> None:
+        path, fut = self._encoding.popleft()
+        data, sha = fut.result()
+        if self._writing is not None:
+            self._writing.result()  # one file at a time: its bytes are freed before the next
+        self._writing = self._io.submit(self._write, path, data, sha)
+
+    def _write(self, path: Path, data: bytes, sha: str) -> None:
+        atomic_write_bytes(path, data)
+        self.written[path] = sha
+
+    def drain(self) -> None:
+        """Write everything submitted so far."""
+        while self._encoding:
+            self._write_oldest()
+        if self._writing is not None:
+            self._writing.result()
+
+    def close(self) -> None:
+        """Write everything submitted; on an error, drop what is queued and raise it."""
+        try:
+            self.drain()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for _, fut in self._encoding:
+            fut.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True)
+
+    def __enter__(self) -> "ShardWriters":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.shutdown()  # the error in flight is the one to report
+
