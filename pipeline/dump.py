@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence
+from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence, mask_sequences
 from kdpipe.pipeline.modes import TargetMode, get_mode
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.shards import PER_SAMPLE, PER_TARGET, ShardData
@@ -57,11 +57,8 @@ def length_batches(rows: list, batch_size: int) -> list[list[int]]:
 def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray]
                ) -> ShardData:
     """Mask, run the teacher (unless the mode is none) and gather one shard's rows in row order."""
-    rows, meta = [], []
-    for j, seq in enumerate(seqs):
-        for v, m in enumerate(mask_rows(spec, first_seq + j, seq)):
-            rows.append(m)
-            meta.append((first_seq + j, v))
+    rows = mask_sequences(seqs, first_seq, spec.views, spec.masking, spec.vocab, spec.pool, spec.weights)
+    meta = [(first_seq + j, v) for j in range(len(seqs)) for v in range(spec.views)]
     masked = spec.target_positions == "masked"
     n_target = np.array([len(r.positions) if masked else len(r.input_ids) for r in rows], dtype=np.int64)
     per_row: list[dict[str, np.ndarray]] = [{} for _ in rows]

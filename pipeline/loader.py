@@ -18,7 +18,8 @@ number of ranks without skipping or repeating a row. Each rank reads the windows
 decodes and trains on its own rows only.
 Only the current window is in memory (each shard opened through `cache.open_shard`, its hash
 checked before use, then read a row group at a time), so memory is flat in the cache size.
-A background thread decodes and pads the next batches while the model trains on this one.
+A background thread decodes and pads the next batches while the model trains on this one; with
+`workers` > 1, the next window is decoded and batches collated in a pool of threads as well.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -81,6 +85,11 @@ class Batch:
     sample_counts: torch.Tensor | None = None  # (P, S) int64
     teacher_state: torch.Tensor | None = None  # (P, H') float32, the teacher decoder's input
     part: BatchPart | None = None  # with several ranks: this rank's share of the global batch
+
+    def pinned(self) -> "Batch":
+        """The tensors in page-locked memory, so `to(cuda)` copies without blocking."""
+        return dataclasses.replace(self, **{f: getattr(self, f).pin_memory() for f in _TENSORS
+                                            if getattr(self, f) is not None})
 
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
@@ -224,18 +233,36 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
     )
 
 
+def _read_window(cache_dir: Path, manifest: Manifest, window: list[ShardEntry], mode: TargetMode,
+                 pool: ThreadPoolExecutor | None) -> "Future[_Window] | _Window":
+    """A window's shards decoded (hash check, Parquet decode) in the pool, one shard a thread,
+    or here and now without one."""
+    if pool is None:
+        return _Window(concat([read_shard(cache_dir, e, manifest) for e in window]), mode)
+    parts = [pool.submit(read_shard, cache_dir, e, manifest) for e in window]
+    return pool.submit(lambda: _Window(concat([f.result() for f in parts]), mode))
+
+
 def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position,
-                epochs: int | None) -> Iterator[tuple[_Window, int, int, int, EpochPlan]]:
-    """(window, row in window, epoch, index of the row in the epoch, plan) from `start` on."""
+                epochs: int | None, pool: ThreadPoolExecutor | None = None
+                ) -> Iterator[tuple[_Window, int, int, int, EpochPlan]]:
+    """(window, row in window, epoch, index of the row in the epoch, plan) from `start` on. With a
+    pool, the next window of the epoch is decoded while this one's rows are handed out."""
     epoch, index = start.epoch, start.index
     mode = get_mode(manifest.targets)
     while epochs is None or epoch < epochs:
         plan = EpochPlan(manifest.shards, spec.seed, epoch, spec.window)
         if plan.rows == 0:
             raise KdpipeError("the cache lists no rows to train on")
+        ahead = None
         while index < plan.rows:
             w = plan.window_of(index)
-            win = _Window(concat([read_shard(cache_dir, e, manifest) for e in plan.windows[w]]), mode)
+            win = ahead if ahead is not None else _read_window(cache_dir, manifest, plan.windows[w], mode, pool)
+            ahead = None
+            if pool is not None:
+                win = win.result()
+                if w + 1 < len(plan.windows):
+                    ahead = _read_window(cache_dir, manifest, plan.windows[w + 1], mode, pool)
             order = plan.window_order(w)
             base = int(plan.starts[w])
             for i in range(index - base, len(order)):
@@ -255,23 +282,57 @@ def _full_after(count: int, spec: LoaderSpec) -> bool:
 
 
 def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position,
-                 epochs: int | None = None, part: tuple[int, int] = (0, 1), workers: int = 1) -> Iterator[Batch]:
+                 epochs: int | None = None, part: tuple[int, int] = (0, 1), workers: int = 1,
+                 pin_memory: bool = False) -> Iterator[Batch]:
     """Batches from `start` to the end of epoch `epochs - 1` (forever when None), in order.
-    part = (rank, world): the share of every global batch this rank trains on (see the top)."""
+    part = (rank, world): the share of every global batch this rank trains on (see the top).
+    workers > 1: the next window's shards are decoded and the next batches collated in that many
+    threads (pyarrow, hashlib and numpy's copies release the GIL), at most 2 x workers batches
+    ahead; the batches are the same. pin_memory: batches in page-locked memory, for
+    non-blocking copies to a CUDA device."""
+    if workers < 1:
+        raise KdpipeError(f"loader workers must be at least 1, not {workers}")
+    if workers == 1:
+        yield from _batches(cache_dir, manifest, spec, start, epochs, part, None, pin_memory)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="kdpipe-loader") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for job in _batches(cache_dir, manifest, spec, start, epochs, part, pool, pin_memory):
+                ahead.append(pool.submit(job))
+                while len(ahead) > 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
+def _batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position, epochs: int | None,
+             part: tuple[int, int], pool: ThreadPoolExecutor | None, pin_memory: bool) -> Iterator:
+    """The batches of `iter_batches`, each as it is (no pool) or as a job that makes it (pool)."""
     rows: list[tuple[_Window, int]] = []
     longest = 0
     cur = (start.epoch, start.index)  # (epoch, index after the last row taken)
     plan_rows = 1
     rank, world = part
 
-    def emit() -> Batch:
+    def emit() -> Any:
         ep, idx = cur
         pos = Position(ep + 1, 0) if idx >= plan_rows else Position(ep, idx)
-        if world == 1:
-            return collate(rows, spec, pos, ep + idx / plan_rows)
-        return _share(rows, rank, world, spec, pos, ep + idx / plan_rows)
+        taken, progress = rows, ep + idx / plan_rows
 
-    for win, r, epoch, index, plan in _row_stream(Path(cache_dir), manifest, spec, start, epochs):
+        def make() -> Batch:
+            if world == 1:
+                b = collate(taken, spec, pos, progress)
+            else:
+                b = _share(taken, rank, world, spec, pos, progress)
+            return b.pinned() if pin_memory else b
+
+        return make if pool is not None else make()
+
+    for win, r, epoch, index, plan in _row_stream(Path(cache_dir), manifest, spec, start, epochs, pool):
         length = int(win.data.length[r])
         if rows and (cur[0] != epoch or _full_before(len(rows), longest, length, spec)):
             yield emit()  # full, or the epoch ended (a batch never crosses an epoch's end)

@@ -281,11 +281,27 @@ class TeacherRunner:
         """target_mask (B, T) bool: where targets are stored (default: every non-padding position);
         uniforms (P, N): the draws' uniforms in the sampled mode, one row per target position."""
         h, x = self._forward(input_ids, attention_mask)  # (B, T, H), (B, T, H')
-        valid = attention_mask.to(self.device).bool()
-        targets = valid if target_mask is None else target_mask.to(self.device)
-        hidden = (h[valid] @ self.projection).cpu().numpy()  # (N, d)
-        x = x[targets]  # (P, H')
-        return TeacherOutputs(hidden, **self.mode.reduce(self, x, uniforms))
+        valid = self._where(attention_mask)
+        targets = valid if target_mask is None else self._where(target_mask)
+        hidden = h.flatten(0, 1)[valid] @ self.projection  # (N, d)
+        x = x.flatten(0, 1)[targets]  # (P, H')
+        return TeacherOutputs(**self._to_host({"hidden": hidden, **self.mode.reduce(self, x, uniforms)}))
+
+    def _where(self, mask: torch.Tensor) -> torch.Tensor:
+        """(n,) flat indices of a host (B, T) mask's true entries, on the device: found on the host,
+        so indexing with them does not wait for the device (a boolean mask on the device would)."""
+        return torch.nonzero(mask.reshape(-1).cpu().bool()).reshape(-1).to(self.device, non_blocking=True)
+
+    def _to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Numpy arrays of device tensors. On CUDA every copy goes into page-locked memory without
+        blocking, and the host waits once for all of them."""
+        if self.device.type != "cuda":
+            return {n: t.cpu().numpy() for n, t in tensors.items()}
+        host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in tensors.items()}
+        for n, t in tensors.items():
+            host[n].copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return {n: t.numpy() for n, t in host.items()}
 
     def logit_chunks(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, (C, V) float32 logits) of each chunk of `self.chunk` decoder inputs; the

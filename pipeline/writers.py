@@ -23,22 +23,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from kdpipe.pipeline.cores import MAX_WORKERS
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.shards import ShardData, shard_bytes, to_table
 
-MAX_WRITERS = 256
-
-
-def default_writers() -> int:
-    """One core for the main thread (teacher feeding, masking), the others encode."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores - 1, 32))
-
-
 def check_writers(n: int) -> int:
-    if not isinstance(n, int) or n < 1 or n > MAX_WRITERS:
-        raise KdpipeError(f"--writers must be a whole number from 1 to {MAX_WRITERS}, not {n}")
+    if not isinstance(n, int) or n < 1 or n > MAX_WORKERS:
+        raise KdpipeError(f"--writers must be a whole number from 1 to {MAX_WORKERS}, not {n}")
     return n
 
 

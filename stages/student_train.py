@@ -50,6 +50,7 @@ from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.config import (
     MAX_SEED, StageConfig, build_config, config_option, echo_json, floats_option, ints_option,
 )
+from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
 from kdpipe.pipeline.fsutil import (
@@ -88,7 +89,7 @@ DEFAULT_BATCH_SIZE = 32
 # Settings that change how a run is operated, not what it computes: free to differ on resume.
 # (init_from is checked by its weights' hash, recorded in the identity instead of its path.)
 OPERATIONAL = ("cache", "out", "teacher", "device", "save_every", "keep_checkpoints", "log_every",
-               "prefetch", "record_samples", "init_from", "report_to")
+               "prefetch", "record_samples", "init_from", "report_to", "loader_workers")
 # The run's length: may change on a rerun (the schedule follows the new length, see above).
 LENGTH = ("max_steps", "epochs")
 
@@ -128,6 +129,7 @@ class StudentConfig(StageConfig):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     prefetch: int = Field(4, ge=0)  # 0: decode batches in the training thread
+    loader_workers: int = Field(default_factory=lambda: default_workers(4), ge=1, le=MAX_WORKERS)
     device: str = "auto"
     record_samples: bool = False
     report_to: Literal["none", "tensorboard"] = "none"  # transformers' report_to; metrics.jsonl always
@@ -421,8 +423,8 @@ def open_stream(s: Setup, position: Position, w: distributed.World | None = None
     """The batches from `position` on (this rank's share of each); the first is decoded now, so a
     corrupt first window of the cache is refused before anything in the run directory changes."""
     w = w or distributed.World()
-    stream = iter_batches(s.cache, s.manifest, s.loader, position,
-                          epochs=s.cfg.epochs, part=(w.rank, w.size))
+    stream = iter_batches(s.cache, s.manifest, s.loader, position, epochs=s.cfg.epochs, part=(w.rank, w.size),
+                          workers=s.cfg.loader_workers, pin_memory=s.device.type == "cuda")
     first = next(stream, None)
     if first is None:
         raise KdpipeError(f"the cache has no rows left to train on from position {position}")
@@ -770,6 +772,8 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--keep-checkpoints", type=int, help="Checkpoints kept. [3]")
 @click.option("--log-every", type=int, help="Updates between metrics lines. [10]")
 @click.option("--prefetch", type=int, help="Batches decoded ahead in a background thread. [4]")
+@click.option("--loader-workers", type=int, help="Threads decoding shards and collating batches "
+              "(the batches are the same whatever the number). [cores - 1, 1 to 4]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="Autocast of the student's "
               "forward pass (the losses are float32). [auto: bf16 on CUDA, fp32 on CPU]")

@@ -38,6 +38,7 @@ from kdpipe.pipeline import distributed
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.config import StageConfig, build_config, config_option, echo_json, floats_option
+from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
@@ -52,11 +53,11 @@ from kdpipe.pipeline.provenance import provenance
 from kdpipe.pipeline.shards import (
     column_bytes, encode_shard, read_fingerprint, shard_path, to_table,
 )
-from kdpipe.pipeline.writers import MAX_WRITERS, ShardWriters, default_writers
 from kdpipe.pipeline.teacher import (
     TeacherRunner, decoder_of, load_model_config, load_teacher, load_tokenizer,
     resolve_model_path, save_head, tokenizer_sha256, weights_sha256,
 )
+from kdpipe.pipeline.writers import ShardWriters
 from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME, FileEntry, Manifest, ShardEntry
 from kdpipe.schemas.shard import SCHEMA_VERSION, shard_schema
 
@@ -88,7 +89,7 @@ class DumpConfig(StageConfig):
     shard_size: int = Field(1024, ge=1)
     batch_size: int = Field(32, ge=1)
     zstd_level: int = Field(3, ge=1, le=22)
-    writers: int = Field(default_factory=default_writers, ge=1, le=MAX_WRITERS)  # bytes never depend on it
+    writers: int = Field(default_factory=default_workers, ge=1, le=MAX_WORKERS)  # bytes never depend on it
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # of the teacher's forward pass
     tf32: bool = False

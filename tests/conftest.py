@@ -47,6 +47,16 @@ def _env() -> dict[str, str]:
     return env
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def run_kdpipe(*args: str | Path, check: bool = True, timeout: float = 120,
                preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """`kdpipe ARGS` in a real subprocess; `check` asserts exit 0 and shows stderr if not."""

@@ -146,3 +146,41 @@ def test_a_shard_changed_after_its_first_check_is_caught_on_the_next_open(copy_c
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptCacheError, match=entry.path):
         open_shard(cache, entry)
+
+
+BATCH_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidden", "topk_ids",
+                 "topk_logits", "log_z")
+
+
+@pytest.mark.parametrize("part", [(0, 1), (1, 2)])
+def test_worker_threads_give_the_same_batches(reference_cache, manifest, part):
+    """Decoding windows ahead and collating in threads changes nothing a batch holds, from the
+    start or from a resumed position, alone or as one rank's share."""
+    s = spec(window=2)
+    for start in (DataPosition(0, 0), DataPosition(0, 33), DataPosition(1, 5)):
+        one = list(iter_batches(reference_cache, manifest, s, start, epochs=2, part=part))
+        many = list(iter_batches(reference_cache, manifest, s, start, epochs=2, part=part, workers=3))
+        assert len(many) == len(one) > 0
+        for a, b in zip(one, many):
+            assert a.position == b.position and a.epoch_progress == b.epoch_progress
+            assert a.seq_id.tolist() == b.seq_id.tolist() and a.view.tolist() == b.view.tolist()
+            for name in BATCH_TENSORS:
+                assert getattr(a, name).equal(getattr(b, name)), name
+            if part[1] > 1:
+                assert a.part.global_tokens == b.part.global_tokens
+
+
+def test_a_corrupt_shard_is_refused_by_the_worker_threads_too(copy_cache):
+    cache = copy_cache()
+    m = load_manifest(cache)
+    p = cache / m.shards[-1].path
+    p.write_bytes(p.read_bytes()[:-9] + b"corrupted")
+    with pytest.raises(CorruptCacheError, match="corrupt cache"):
+        list(iter_batches(cache, m, spec(window=1), DataPosition(0, 0), epochs=1, workers=2))
+
+
+def test_zero_loader_workers_is_refused(reference_cache, manifest):
+    from kdpipe.pipeline.errors import KdpipeError
+
+    with pytest.raises(KdpipeError, match="at least 1"):
+        next(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0), workers=0))

@@ -228,3 +228,29 @@ def test_count_is_ceil_of_the_share(maskable: int, hundredths: int, smoothing: f
     spec = MaskingSpec(mask_prob=p, seed=seed, smoothing=smoothing)
     m = mask_sequence(arr, 0, 0, spec, VOCAB, POOL, w)
     check_invariants(arr, m, spec)
+
+
+@pytest.mark.parametrize("smoothing, mask_prob, views", [(0.0, 0.15, 1), (0.7, 0.14, 3), (0.0, 0.5, 2)])
+def test_a_shard_at_once_is_every_row_bit_for_bit(smoothing: float, mask_prob: float, views: int) -> None:
+    """`mask_sequences` (what the dump calls) gives each row exactly what `mask_sequence` gives
+    it alone: the cache's bytes do not depend on how many rows are masked together."""
+    from kdpipe.pipeline.masking import mask_sequences
+
+    rng = np.random.default_rng(7)
+    seqs = packed_sequences(20, length=40, seed=2) + [
+        np.array([2, 3], dtype=np.int64),  # nothing maskable
+        np.array([2, 9, 3], dtype=np.int64),  # one maskable token
+        rng.integers(5, V, size=7).astype(np.int64),
+    ]
+    counts = rng.integers(0, 50, size=V)
+    weights = token_weights(counts, smoothing, VOCAB.special_ids) if smoothing else None
+    spec = MaskingSpec(mask_prob=mask_prob, smoothing=smoothing, seed=11)
+    got = mask_sequences(seqs, 1000, views, spec, VOCAB, POOL, weights)
+    assert len(got) == len(seqs) * views
+    for j, seq in enumerate(seqs):
+        for v in range(views):
+            one = mask_sequence(seq, 1000 + j, v, spec, VOCAB, POOL, weights)
+            m = got[j * views + v]
+            for name in ("input_ids", "positions", "labels"):
+                a, b = getattr(m, name), getattr(one, name)
+                assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (j, v, name)

@@ -121,9 +121,10 @@ class TargetMode:
         return None
 
     def reduce(self, runner: TeacherRunner, x: torch.Tensor, uniforms: torch.Tensor | None
-               ) -> dict[str, np.ndarray]:
+               ) -> dict[str, torch.Tensor]:
         """The target columns (per target position, row-major; sample_len etc. included) from the
-        (P, H') decoder inputs at the target positions."""
+        (P, H') decoder inputs at the target positions, on the device (the runner copies them
+        to the host, all at once)."""
         return {}
 
     # -------------------------------------------------------------------------------- loading

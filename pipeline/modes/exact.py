@@ -45,8 +45,8 @@ class Exact(TargetMode):
         return {"top_k": 0, "temperatures": [], "samples": None, "state_dim": s.state_dim}
 
     def reduce(self, runner: TeacherRunner, x: torch.Tensor, uniforms: torch.Tensor | None
-               ) -> dict[str, np.ndarray]:
-        return {"teacher_state": x.cpu().numpy()}  # (P, H')
+               ) -> dict[str, torch.Tensor]:
+        return {"teacher_state": x}  # (P, H')
 
     def gather(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
                temperature_index: int) -> dict[str, np.ndarray]:

@@ -70,7 +70,7 @@ class Sampled(TargetMode):
         return torch.from_numpy(np.concatenate(out))
 
     def reduce(self, runner: TeacherRunner, x: torch.Tensor, uniforms: torch.Tensor | None
-               ) -> dict[str, np.ndarray]:
+               ) -> dict[str, torch.Tensor]:
         """N draws per target position at the dump temperature, kept as distinct (id, count) pairs."""
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         for i, z in runner.logit_chunks(x):  # (C, V)
@@ -80,7 +80,7 @@ class Sampled(TargetMode):
             parts["sample_ids"].append(ids[keep])
             parts["sample_counts"].append(counts[keep])
             parts["sample_len"].append(keep.sum(-1))
-        return {name: torch.cat(ts).cpu().numpy() for name, ts in parts.items()}
+        return {name: torch.cat(ts) for name, ts in parts.items()}
 
     def gather(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
                temperature_index: int) -> dict[str, np.ndarray]:

@@ -54,12 +54,12 @@ class TopK(TargetMode):
         return {"top_k": s.top_k, "temperatures": list(s.temperatures), "samples": None, "state_dim": None}
 
     def reduce(self, runner: TeacherRunner, x: torch.Tensor, uniforms: torch.Tensor | None
-               ) -> dict[str, np.ndarray]:
+               ) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _, z in runner.logit_chunks(x):  # (C, V), overwritten by the next chunk
             for name, t in zip(self.columns, reduce_logits(z, runner.k, runner.temperatures)):
                 parts[name].append(t)  # (C, k), (C, k), (C, n_T)
-        return {name: torch.cat(ts).cpu().numpy() for name, ts in parts.items()}
+        return {name: torch.cat(ts) for name, ts in parts.items()}
 
     def shard_problem(self, data: Any, s: TargetSettings) -> str | None:
         if data.topk_ids.shape[1] != s.top_k:

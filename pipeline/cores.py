@@ -1,0 +1,19 @@
+"""How many worker processes or threads to use: from the cores this process may run on.
+
+No torch here: the shard writers' worker processes import this and nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+
+MAX_WORKERS = 256  # more is a typo, not a machine
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(most: int = 32) -> int:
+    """One core for the main thread (feeding the device, masking), the others for workers."""
+    return max(1, min(cores() - 1, most))
