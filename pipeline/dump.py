@@ -54,10 +54,12 @@ def length_batches(rows: list, batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray]
-               ) -> ShardData:
-    """Mask, run the teacher (unless the mode is none) and gather one shard's rows in row order."""
-    rows = mask_sequences(seqs, first_seq, spec.views, spec.masking, spec.vocab, spec.pool, spec.weights)
+def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray],
+               rows: list[MaskedSequence] | None = None) -> ShardData:
+    """Mask (unless `rows` are the shard's masked rows already, from `mask_sequences` with these
+    settings), run the teacher (unless the mode is none), gather one shard's rows in row order."""
+    if rows is None:
+        rows = mask_sequences(seqs, first_seq, spec.views, spec.masking, spec.vocab, spec.pool, spec.weights)
     meta = [(first_seq + j, v) for j in range(len(seqs)) for v in range(spec.views)]
     masked = spec.target_positions == "masked"
     n_target = np.array([len(r.positions) if masked else len(r.input_ids) for r in rows], dtype=np.int64)

@@ -1,4 +1,6 @@
-"""Shard writers: Arrow table, zstd Parquet encoding and SHA-256 of shards, off the main thread.
+"""The dump's host workers: masking ahead of the teacher, encoding shards after it.
+
+Shard writers: Arrow table, zstd Parquet encoding and SHA-256 of shards, off the main thread.
 
 On an accelerator the teacher outruns one core's encoding, so shards are encoded by a pool of
 worker processes (`--writers N`); one writer is a thread, as cheap as it gets. A worker only turns
@@ -6,6 +8,9 @@ worker processes (`--writers N`); one writer is a thread, as cheap as it gets. A
 rename), so a worker that outlives a killed parent can publish nothing, and a disk error is
 reported where every other write's is. At most N shards are in flight (queued or encoding), and
 one more is being made by the caller, so memory stays flat whatever the corpus size.
+
+With N > 1 writers, max(1, N // 4) more processes mask the next shards while the teacher runs on
+this one (one masking process keeps up with about four writers); with one writer the caller masks.
 
 Each shard's bytes are a function of its data alone: the same whatever the number of writers.
 """
@@ -20,12 +25,15 @@ import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from kdpipe.pipeline.cores import MAX_WORKERS
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
+from kdpipe.pipeline.masking import mask_sequences
 from kdpipe.pipeline.shards import ShardData, shard_bytes, to_table
 
 def check_writers(n: int) -> int:
@@ -68,11 +76,24 @@ class ShardWriters:
         self._pool: Executor = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-writer") if n == 1 else \
             ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                                 initializer=_die_with, initargs=(os.getpid(),))
-        if n > 1:  # start every worker now (a fresh interpreter each), not one per early shard
-            list(self._pool.map(_ready, range(n)))
+        self.maskers = 0 if n == 1 else max(1, n // 4)
+        self._maskers: Executor | None = None if n == 1 else ProcessPoolExecutor(
+            self.maskers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with,
+            initargs=(os.getpid(),))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-shard-io")  # write + fsync + rename
         self._encoding: deque[tuple[Path, Future]] = deque()
         self._writing: Future | None = None
+        if self._maskers is not None:  # start every process now (a fresh interpreter each)
+            list(self._pool.map(_ready, range(n)))
+            list(self._maskers.map(_ready, range(self.maskers)))
+
+    def mask(self, spec: Any, first_seq: int, seqs: list[np.ndarray]) -> Future | None:
+        """A shard's masked rows (`masking.mask_sequences` with a `dump.RowSpec`'s settings) from a
+        masking process; None with one writer: the caller masks."""
+        if self._maskers is None:
+            return None
+        return self._maskers.submit(mask_sequences, seqs, first_seq, spec.views, spec.masking, spec.vocab,
+                                    spec.pool, spec.weights)
 
     def submit(self, path: Path, data: ShardData) -> None:
         while len(self._encoding) >= self.n:
@@ -108,6 +129,8 @@ class ShardWriters:
         for _, fut in self._encoding:
             fut.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._maskers is not None:
+            self._maskers.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True)
 
     def __enter__(self) -> "ShardWriters":

@@ -15,9 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections import Counter
-from contextlib import ExitStack
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -313,18 +314,29 @@ def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, f
 def dump_shards(rows: RowSpec, runner: Any, seqs: Iterator[np.ndarray], n_sequences: int, shard_size: int,
                 out: Path, fp_sha: str, pool: ShardWriters, owns: Callable[[int], bool] = lambda i: True,
                 progress: Callable[[int], None] = lambda n: None) -> None:
-    """The shard loop: mask and run the teacher here, encode in the pool's workers (the next
-    forward overlaps them), skip shards already finished with these settings."""
-    for index in range(-(-n_sequences // shard_size)):
-        chunk = list(itertools.islice(seqs, shard_size))
-        if not owns(index):
-            continue
-        path = out / shard_path(index)
-        if _shard_done(path, fp_sha):
-            progress(sum(len(x) for x in chunk) * rows.views)
-            continue
-        data = dump_shard(rows, runner, index * shard_size, chunk)
-        pool.submit(path, data)
+    """The shard loop: the teacher runs here, the pool masks the next shards ahead of it and
+    encodes the finished ones behind it; shards already finished with these settings are skipped."""
+
+    def todo() -> Iterator[tuple[int, list[np.ndarray]]]:
+        for index in range(-(-n_sequences // shard_size)):
+            chunk = list(itertools.islice(seqs, shard_size))
+            if not owns(index):
+                continue
+            if _shard_done(out / shard_path(index), fp_sha):
+                progress(sum(len(x) for x in chunk) * rows.views)
+                continue
+            yield index, chunk
+
+    ahead: deque[tuple[int, list[np.ndarray], Future | None]] = deque()
+    shards = todo()
+    while True:
+        while len(ahead) <= pool.maskers and (nxt := next(shards, None)) is not None:
+            ahead.append((*nxt, pool.mask(rows, nxt[0] * shard_size, nxt[1])))
+        if not ahead:
+            break
+        index, chunk, masked = ahead.popleft()
+        data = dump_shard(rows, runner, index * shard_size, chunk, None if masked is None else masked.result())
+        pool.submit(out / shard_path(index), data)
         progress(data.tokens)
     pool.drain()
 
