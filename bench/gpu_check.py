@@ -32,6 +32,7 @@ import host_pipeline as hp  # noqa: E402
 from teacher_dump import SIZES, TEMPERATURES, V, make_teacher  # noqa: E402
 
 K, DIM = 32, 128
+PRECISION = "bf16"  # of both teacher passes (fp32 on a CPU smoke run)
 
 
 def dump_vs_bare(size_name: str, shards: int, shard_size: int, batch: int, seq_len: int, writers: int,
@@ -46,7 +47,8 @@ def dump_vs_bare(size_name: str, shards: int, shard_size: int, batch: int, seq_l
     size = SIZES[size_name]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model = make_teacher(size).to(dev)
-    runner = TeacherRunner(model, K, TEMPERATURES, proj.random_orthogonal(size.hidden, DIM, 0), dev)
+    runner = TeacherRunner(model, K, TEMPERATURES, proj.random_orthogonal(size.hidden, DIM, 0), dev,
+                           precision=PRECISION)
     seqs = hp.sequences(shards * shard_size, seq_len)
     tokens = sum(len(s) for s in seqs)
     batches = [seqs[i:i + batch] for i in range(0, len(seqs), batch)]
@@ -58,7 +60,7 @@ def dump_vs_bare(size_name: str, shards: int, shard_size: int, batch: int, seq_l
     def bare() -> float:
         sync()
         t0 = time.perf_counter()
-        with autocast(dev):  # bf16 on CUDA, as the runner's
+        with autocast(dev, PRECISION):  # as the runner's
             for ids, att in tensors:
                 model(input_ids=ids, attention_mask=att).logits
         sync()
@@ -106,6 +108,8 @@ def cmd_dump(args: argparse.Namespace) -> None:
           f"{host_only(args.shards, args.shard_size, args.seq_len, args.batch_size, writers):,.0f} tok/s", flush=True)
     print("| teacher | tokens | writers | bare bf16 forward tok/s | dump tok/s | dump/bare | target |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    global PRECISION
+    PRECISION = "bf16" if args.device.startswith("cuda") else "fp32"
     for name in args.sizes.split(","):
         r = dump_vs_bare(name, args.shards, args.shard_size, args.batch_size, args.seq_len, writers,
                          torch.device(args.device))
@@ -126,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         corpus = make_corpus(tmp / "corpus.txt", lines=args.lines)
         t0 = time.perf_counter()
         subprocess.run([*kd, "teacher-dump", "--teacher", teacher, "--data", corpus, "--out", tmp / "cache",
-                        "--seq-len", "128", "--device", "cuda", "--batch-size", "128", "--shard-size", "512"],
+                        "--seq-len", "128", "--device", "cuda", "--precision", "bf16", "--batch-size", "128",
+                        "--shard-size", "512"],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         print(f"teacher-dump (CLI, MiniLM size): {time.perf_counter() - t0:.1f} s", flush=True)
         man = json.loads((tmp / "cache" / "manifest.json").read_text())
