@@ -27,7 +27,7 @@ from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 from kdpipe.pipeline import student as stu
-from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError, validate_record
+from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError, tensor_file_errors, validate_record
 from kdpipe.pipeline.fsutil import atomic_dir, atomic_write_bytes, dumps_json, read_json, sha256_file
 from kdpipe.schemas.checkpoint import (
     CHECKPOINT_META, CHECKPOINT_PATTERN, CHECKPOINT_VERSION, CHECKPOINTS_DIR, HIDDEN_MAP_FILE, LATEST_NAME,
@@ -193,11 +193,16 @@ def read_meta(path: Path, run_id: str, cache_sha: str, identity_sha: str) -> Che
 def load_checkpoint(path: Path, meta: CheckpointMeta, student: nn.Module, hidden_map: nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device) -> TrainState:
     """Restore the modules, optimizer and every RNG from a checked checkpoint."""
-    missing, unexpected = load_model(student, str(path / STUDENT_FILE), strict=False, device=str(device))
+    with tensor_file_errors(path / STUDENT_FILE):
+        missing, unexpected = load_model(student, str(path / STUDENT_FILE), strict=False, device=str(device))
     if missing or unexpected:
         raise KdpipeError(f"checkpoint {path} does not fit the student ({len(missing)} missing, "
                           f"{len(unexpected)} unexpected tensors)")
-    hidden_map.load_state_dict(load_file(str(path / HIDDEN_MAP_FILE), device=str(device)))
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True))
-    set_rng_state(meta.python_rng, meta.numpy_rng, load_file(str(path / RNG_FILE)))
+    with tensor_file_errors(path / HIDDEN_MAP_FILE):
+        hidden_map.load_state_dict(load_file(str(path / HIDDEN_MAP_FILE), device=str(device)))
+    with tensor_file_errors(path / OPTIMIZER_FILE):
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    with tensor_file_errors(path / RNG_FILE):
+        rng = load_file(str(path / RNG_FILE))
+    set_rng_state(meta.python_rng, meta.numpy_rng, rng)
     return TrainState(meta.step, meta.position, dict(meta.log_window))

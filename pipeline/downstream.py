@@ -49,7 +49,7 @@ import torch
 from kdpipe.pipeline import metrics
 from kdpipe.pipeline.corpus import looks_like_path
 from kdpipe.pipeline.device import autocast
-from kdpipe.pipeline.errors import KdpipeError, first_line
+from kdpipe.pipeline.errors import KdpipeError, first_line, tensor_file_errors
 from kdpipe.pipeline.fsutil import sha256_file
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.schedule import lr_at
@@ -407,7 +407,7 @@ def load_classifier(path: str, label_names: list[str]) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        with quiet_transformers():  # "newly initialised weights" is expected: head and pooler
+        with quiet_transformers(), tensor_file_errors(path):  # "newly initialised weights" is expected
             return AutoModelForSequenceClassification.from_pretrained(
                 path, local_files_only=True, num_labels=len(label_names),
                 id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -41,3 +46,40 @@ def validate_record(cls: type[M], raw: Any, what: str, error: type[KdpipeError] 
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "(record)"
         raise error(f"{what} is invalid: {where}: {err['msg']}") from None
+
+
+def _reading(path: Path, pickled: bool) -> Path:
+    """The file a model folder was being read from: its pickle for an unpickling error."""
+    if not path.is_dir():
+        return path
+    names = ("pytorch_model.bin", "model.safetensors") if pickled else ("model.safetensors", "pytorch_model.bin")
+    return next((path / n for n in names if (path / n).is_file()), path)
+
+
+@contextmanager
+def tensor_file_errors(path: Path | str) -> Iterator[None]:
+    """A pickle, or a damaged or foreign file, where tensors are expected (optimizer.pt, a model's
+    weights, a projection): one line naming the file. torch's own message advises retrying with
+    weights_only=False, i.e. running the pickle's code; that advice is never passed on."""
+    path = Path(path)
+    try:
+        yield
+    except KdpipeError:
+        raise
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL (\S+)", str(e))
+        asks = f" (it asks for {m.group(1)})" if m else ""
+        raise KdpipeError(f"{_reading(path, True)} is a pickle holding more than tensors{asks}; kdpipe never "
+                          "runs code from a file, so it refuses it: use a safetensors file, or tensors "
+                          "saved by torch.save") from None
+    except (EOFError, RuntimeError, KeyError) as e:  # truncated, another archive, a tensor missing
+        text = " ".join(str(e).split()) or type(e).__name__
+        if "weights_only" in text or len(text) > 200:
+            text = type(e).__name__
+        raise KdpipeError(f"{_reading(path, False)} cannot be read as tensors ({text}); it is damaged or "
+                          "not the file kdpipe wrote: replace it or rerun what made it") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise KdpipeError(f"{_reading(path, False)} is not a valid safetensors file ({first_line(e)}); it is "
+                          "damaged or not the file kdpipe wrote: replace it or rerun what made it") from None

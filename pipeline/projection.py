@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.errors import KdpipeError, tensor_file_errors
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 
 ProjectionKind = Literal["identity", "random", "pca"]
@@ -63,4 +63,5 @@ def save_projection(path: Path, matrix: torch.Tensor) -> None:
 
 
 def load_projection(path: Path) -> torch.Tensor:
-    return load_file(str(path))[PROJECTION_KEY]
+    with tensor_file_errors(path):
+        return load_file(str(path))[PROJECTION_KEY]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdpipe.pipeline.device import autocast
-from kdpipe.pipeline.errors import KdpipeError, first_line
+from kdpipe.pipeline.errors import KdpipeError, first_line, tensor_file_errors
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def load_masked_lm(path: str) -> tuple[nn.Module, list[str]]:
     missing head starts random); transformers' own errors are the caller's to word."""
     from transformers import AutoModelForMaskedLM
 
-    with quiet_transformers():
+    with quiet_transformers(), tensor_file_errors(Path(path)):  # a pickle: one line naming the file
         model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True,
                                                            output_loading_info=True)
     return model.eval(), list(info.get("missing_keys", []))

@@ -52,7 +52,7 @@ from kdpipe.pipeline.config import (
 )
 from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
-from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError
+from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError, tensor_file_errors
 from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_dir, atomic_write_bytes, atomic_write_json, disk_errors, dumps_json, ensure_dir,
     exclusive_lock,
@@ -259,8 +259,10 @@ def set_up(cfg: StudentConfig) -> Setup:
         else torch.eye(width)  # mode none: no hidden targets, the map is never used
     teacher_head = None
     if manifest.head is not None:  # exact mode: the frozen decoder that rebuilds the teacher's logits
-        tensors = load_file(str(_checked(cache, manifest.head)))
-        teacher_head = (tensors["weight"], tensors.get("bias"))
+        head_path = _checked(cache, manifest.head)
+        with tensor_file_errors(head_path):
+            tensors = load_file(str(head_path))
+            teacher_head = (tensors["weight"], tensors.get("bias"))
     cachedir.check_shard_sizes(cache, manifest)  # cheap now; each shard's hash is checked when opened
 
     problems = _mode_problems(cfg, manifest) + _tensorboard_problem(cfg)
