@@ -12,6 +12,12 @@ inherits their guarantees (flat memory, exact resume after kill -9, refusal of c
    with the MLM loss alone;
 3. the result is published as a plain model folder, OUT/model, usable as `--teacher` anywhere,
    and the masked-token accuracy on held-out text before and after goes to OUT/adapt.json.
+
+OUT is tied to what made it: OUT/teacher_adapt.json, written before anything else, records the
+settings and a hash of the teacher's files, then the cache's fingerprint. A rerun with other
+settings or another teacher, or an OUT this stage did not make (a user's model/, say), is refused
+in one line; model/ is published only if it is what run/final holds, and adapt.json is reused only
+for the same held-out text and model. A matching rerun changes nothing.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import click
 import torch
 from pydantic import Field
 
+from kdpipe.pipeline.cache import diff_fingerprints, fingerprint_sha256
 from kdpipe.pipeline.config import MAX_SEED, StageConfig, build_config, config_option, echo_json
+from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
 from kdpipe.pipeline.fsutil import (
-    atomic_dir, atomic_write_json, ensure_dir, exclusive_lock, read_json, remove_stale_tmp,
+    atomic_dir, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, read_json, remove_stale_tmp,
+    sha256_bytes, sha256_file,
 )
 from kdpipe.pipeline.masking import MaskingSpec
 from kdpipe.schemas.checkpoint import FINAL_DIR
-from kdpipe.schemas.manifest import TEACHER_CONFIG_NAME
+from kdpipe.schemas.manifest import FINGERPRINT_NAME, TEACHER_CONFIG_NAME
 from kdpipe.stages import student_train, teacher_dump
 
 # Measured on MiniLM-L6-H384 and the built-in Wikipedia text (see ../shared/design.md): lr 2e-4
@@ -39,6 +48,10 @@ ADAPT_LR = 2e-4
 ADAPT_WARMUP_STEPS = 100
 # OUT's layout: the labels-only cache, the training run, the published teacher, the accuracy report
 CACHE_DIR, RUN_DIR, MODEL_DIR, ADAPT_NAME = "cache", "run", "model", "adapt.json"
+RECORD_NAME = "teacher_adapt.json"  # what OUT was made from; written before anything else in OUT
+RECORD_VERSION = 1
+# fields that do not change what is made (adapt.json records its held-out text itself)
+_NOT_IDENTITY = {"out", "device", "save_every", "heldout", "heldout_sequences"}
 
 
 class AdaptConfig(StageConfig):
@@ -80,6 +93,47 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: AdaptConfig) -
     return round(100.0 * hits / max(total, 1), 2)
 
 
+def tree_sha256(folder: Path) -> str | None:
+    """Hash of every file under `folder` (relative names and contents; hidden names skipped), or
+    None for a path that is not a folder (a model id resolved by the local Hugging Face cache)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sha256_bytes(dumps_json({p.relative_to(folder).as_posix(): sha256_file(p) for p in files}))
+
+
+def _identity(cfg: AdaptConfig, teacher_path: str) -> dict[str, Any]:
+    settings = {k: v for k, v in cfg.model_dump().items() if k not in _NOT_IDENTITY}
+    return {"settings": settings, "teacher_files_sha256": tree_sha256(Path(teacher_path))}
+
+
+def _claim(cfg: AdaptConfig, out: Path, teacher_path: str) -> dict[str, Any]:
+    """OUT's record, written now if OUT is new; refused (one line) if OUT was made by other settings
+    or another teacher, or holds files this stage did not make."""
+    want = _identity(cfg, teacher_path)
+    path = out / RECORD_NAME
+    if not path.is_file():
+        strays = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if strays:
+            raise KdpipeError(f"output directory {out} holds files teacher-adapt did not make here "
+                              f"({', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}; no {RECORD_NAME}); "
+                              "refusing to publish into it: use an empty or new --out")
+        record = {"format_version": RECORD_VERSION, **want, "cache_fingerprint_sha256": None}
+        atomic_write_json(path, record)
+        return record
+    record = read_json(path)
+    if not isinstance(record, dict) or record.get("format_version") != RECORD_VERSION:
+        raise KdpipeError(f"{path} is not a teacher-adapt record this kdpipe reads; use another --out")
+    have = {k: record.get(k) for k in want}
+    if diffs := diff_fingerprints(have, want):
+        raise CacheMismatchError(f"output directory {out} was made by teacher-adapt with other settings or "
+                                 f"another teacher ({'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}); "
+                                 "rerun with the same settings, or use another --out")
+    return record
+
+
 def _publish(final: Path, target: Path) -> None:
     """Copy the trained model folder into place atomically (a half-copied teacher never exists)."""
     with atomic_dir(target) as tmp:
@@ -106,7 +160,16 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
         teacher=cfg.teacher, data=cfg.data, out=str(out / CACHE_DIR), text_column=cfg.text_column,
         format=cfg.format, seq_len=cfg.seq_len, max_sequences=cfg.max_sequences, seed=cfg.seed,
         targets="none", shard_size=256)
+    record = _claim(cfg, out, teacher_path)
     dumped = teacher_dump.main(dump)
+    fp_sha = fingerprint_sha256(read_json(out / CACHE_DIR / FINGERPRINT_NAME))
+    if record["cache_fingerprint_sha256"] not in (None, fp_sha):  # cache/ removed, then other text
+        raise CacheMismatchError(f"{out / CACHE_DIR} now holds a cache of other text or another tokenizer "
+                                 f"than the one {out} was made from (fingerprint {fp_sha[:12]}..., "
+                                 f"{RECORD_NAME} says {record['cache_fingerprint_sha256'][:12]}...); "
+                                 "use another --out")
+    if record["cache_fingerprint_sha256"] is None:
+        atomic_write_json(out / RECORD_NAME, {**record, "cache_fingerprint_sha256": fp_sha})
     layers = int(read_json(out / CACHE_DIR / TEACHER_CONFIG_NAME)["num_hidden_layers"])
     train = student_train.StudentConfig(
         cache=str(out / CACHE_DIR), out=str(out / RUN_DIR), teacher=cfg.teacher, init="teacher",
@@ -116,20 +179,27 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
         seed=cfg.seed, save_every=cfg.save_every, device=cfg.device)
     trained = student_train.main(train)
     model_dir = out / MODEL_DIR
+    made = tree_sha256(out / RUN_DIR / FINAL_DIR)
     if not model_dir.exists():
         _publish(out / RUN_DIR / FINAL_DIR, model_dir)
+    elif tree_sha256(model_dir) != made:
+        raise KdpipeError(f"{model_dir} is not the model this run trained (its files differ from "
+                          f"{out / RUN_DIR / FINAL_DIR}); refusing to report it: remove it to publish the "
+                          "trained one, or use another --out")
     summary: dict[str, Any] = {"teacher": cfg.teacher, "model": str(model_dir),
                                "steps": trained.get("total_steps"), "cache_tokens": dumped.get("tokens")}
     if cfg.heldout:
         report_path = out / ADAPT_NAME
         done = read_json(report_path) if report_path.is_file() else {}
-        if "accuracy_after" not in done:
+        scored = {"heldout": list(cfg.heldout), "heldout_sequences": cfg.heldout_sequences, "model_sha256": made}
+        if not isinstance(done, dict) or "accuracy_after" not in done or \
+                any(done.get(k) != v for k, v in scored.items()):  # other text, or another model
             tokenizer = load_tokenizer(teacher_path)
             torch.manual_seed(cfg.seed)  # the missing head's random init, for a reproducible "before"
             before = heldout_accuracy(load_teacher(teacher_path, allow_missing_head=True), tokenizer, cfg)
             after = heldout_accuracy(load_teacher(str(model_dir)), tokenizer, cfg)
-            done = {"accuracy_before": before, "accuracy_after": after,
-                    "heldout_sequences": cfg.heldout_sequences, "metric": "masked-token top-1 %"}
+            done = {"accuracy_before": before, "accuracy_after": after, **scored,
+                    "metric": "masked-token top-1 %"}
             atomic_write_json(report_path, done)
         summary.update(done)
     return summary
