@@ -190,6 +190,15 @@ def read_meta(path: Path, run_id: str, cache_sha: str, identity_sha: str) -> Che
     return meta
 
 
+def first_nonfinite(*modules: nn.Module) -> str | None:
+    """The name of the first floating-point tensor of `modules` holding a NaN or an infinity."""
+    for module in modules:
+        for name, t in module.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+    return None
+
+
 def load_checkpoint(path: Path, meta: CheckpointMeta, student: nn.Module, hidden_map: nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device) -> TrainState:
     """Restore the modules, optimizer and every RNG from a checked checkpoint."""
@@ -202,6 +211,9 @@ def load_checkpoint(path: Path, meta: CheckpointMeta, student: nn.Module, hidden
         hidden_map.load_state_dict(load_file(str(path / HIDDEN_MAP_FILE), device=str(device)))
     with tensor_file_errors(path / OPTIMIZER_FILE):
         optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    if (bad := first_nonfinite(student, hidden_map)) is not None:
+        raise KdpipeError(f"checkpoint {path} holds non-finite weights ({bad}); it cannot be resumed from: "
+                          "remove it (and point checkpoints/latest at an earlier one) or start a new run")
     with tensor_file_errors(path / RNG_FILE):
         rng = load_file(str(path / RNG_FILE))
     set_rng_state(meta.python_rng, meta.numpy_rng, rng)

@@ -453,7 +453,13 @@ def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str]
                 out = model(input_ids=ids.to(device), attention_mask=att.to(device),
                             labels=y_all[ix].to(device))
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss = out.loss.item()
+            if not (math.isfinite(loss) and math.isfinite(float(norm))):  # before the step: nothing kept
+                what = f"the classification loss is {loss}" if not math.isfinite(loss) else \
+                    f"the gradient norm is {float(norm)}"
+                raise KdpipeError(f"fine-tuning {model_path} (seed {seed}) stopped at step {sched.last_epoch + 1}: "
+                                  f"{what}; no score is recorded for it: check that model's weights are finite")
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -24,6 +25,7 @@ import torch
 from kdpipe.pipeline import distributed
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.device import autocast
+from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.loader import Batch
 from kdpipe.pipeline.losses import LossSpec, distillation_loss
@@ -32,6 +34,23 @@ from kdpipe.pipeline.modes import TeacherHead
 REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the DistilBERT reference never decays
 WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "grad_norm")  # the metrics window, saved in checkpoints
 _DROPOUT_SALT = 0xD209
+
+
+class NonFiniteError(KdpipeError):
+    """A loss term or the gradient of an update is not finite. Raised before the optimizer steps,
+    so the weights, the optimizer state and every checkpoint still hold the last good update."""
+
+    def __init__(self, what: str, terms: dict[str, float]) -> None:
+        self.what, self.terms = what, terms
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        super().__init__(f"{what} ({shown})" if shown else what)
+
+
+def check_terms(terms: dict[str, float]) -> None:
+    """Refuse an update whose loss terms (already on the host) are not all finite."""
+    for key in ("ce", "mlm", "cos", "loss"):
+        if key in terms and not math.isfinite(terms[key]):
+            raise NonFiniteError(f"the {key} loss is {terms[key]}", terms)
 
 
 @dataclass(frozen=True)
@@ -138,13 +157,16 @@ def _new_result() -> StepResult:
     return StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos", "grad_norm")}, 0, [], 0.0)
 
 
-def _update(tr: Trainer, optim: Optim) -> float:
-    """Clip (where asked) and step; the gradients' total L2 norm before clipping, as
-    transformers' Trainer logs it (equal on every rank: the gradients are)."""
+def _update(tr: Trainer, optim: Optim, terms: dict[str, float]) -> float:
+    """Clip (where asked) and step, unless the gradient norm is not finite (then nothing is changed:
+    with several ranks the gradients are averaged already, so every rank refuses the same update).
+    Returns the gradients' total L2 norm before clipping, as transformers' Trainer logs it."""
     if optim.max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(tr.params, optim.max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in tr.params if p.grad is not None])
+    if not math.isfinite(float(norm)):
+        raise NonFiniteError(f"the gradient norm is {float(norm)}", terms)
     tr.optimizer.step()
     return float(norm)
 
@@ -178,7 +200,9 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_he
         if record_rows:
             res.rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
     if res.batches:
-        res.sums["grad_norm"] = _update(tr, optim)
+        terms = {k: res.sums[k] for k in ("loss", "ce", "mlm", "cos") if k == "loss" or getattr(spec, f"alpha_{k}") > 0}
+        check_terms(terms)
+        res.sums["grad_norm"] = _update(tr, optim, terms)
     return res
 
 
@@ -210,8 +234,9 @@ def train_step_ddp(tr: Trainer, batches: Iterator[Batch], optim: Optim, lr: floa
         if record_rows:
             res.rows += [[int(a), int(b)] for a, b in zip(batch.part.seq_id, batch.part.view)]
     res.batches, res.last = len(micro), (micro[-1] if micro else None)
-    if res.batches:
-        res.sums["grad_norm"] = _update(tr, optim)
+    if res.batches:  # a rank's own terms; a non-finite one makes every rank's gradient non-finite
+        res.sums["grad_norm"] = _update(tr, optim, {k: v for k, v, a in zip(
+            ("ce", "mlm", "cos"), local, (spec.alpha_ce, spec.alpha_mlm, spec.alpha_cos)) if a > 0})
     ce, mlm, cos, tokens = distributed.all_reduce_sum(w, local)
     for key, v, alpha in (("ce", ce, spec.alpha_ce), ("mlm", mlm, spec.alpha_mlm), ("cos", cos, spec.alpha_cos)):
         if alpha > 0:

@@ -38,6 +38,7 @@ from kdpipe.pipeline.config import (
     MAX_SEED, StageConfig, build_config, config_option, echo_json, floats_option, ints_option,
 )
 from kdpipe.pipeline.device import configure, pick_device
+from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import (
     atomic_write_bytes, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, sha256_bytes,
 )
@@ -280,8 +281,11 @@ def run(s: Setup) -> dict[str, int]:
                 if fits(s.parts.read(key), recipe):
                     reused += 1
                     continue
-                result = downstream.finetune_and_score(str(m.path), m.tokenizer.pad_token_id,
-                                                       data(task, m), task.label_names, recipe, seed, s.device)
+                try:
+                    result = downstream.finetune_and_score(str(m.path), m.tokenizer.pad_token_id,
+                                                           data(task, m), task.label_names, recipe, seed, s.device)
+                except KdpipeError as e:
+                    raise KdpipeError(f"task {task.name}: {e}") from None
                 s.parts.write("task", key, {**result, "model": m.name, "task": task.name})
                 done += 1
                 say(f"{task.name} | {m.name} | seed {seed}: accuracy {result['accuracy']:.4f}, "

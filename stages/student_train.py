@@ -67,8 +67,8 @@ from kdpipe.pipeline.projection import load_projection
 from kdpipe.pipeline.provenance import code_revision, package_versions
 from kdpipe.pipeline.schedule import lr_at, warmup_steps
 from kdpipe.pipeline.trainer import (
-    WINDOW_KEYS, Optim, TeacherHead, Trainer, build_trainer, metrics_line, train_step, train_step_ddp,
-    truncate_jsonl, wrap_ddp,
+    WINDOW_KEYS, NonFiniteError, Optim, TeacherHead, Trainer, build_trainer, metrics_line, train_step,
+    train_step_ddp, truncate_jsonl, wrap_ddp,
 )
 from kdpipe.schemas.checkpoint import (
     FINAL_DIR, FINAL_HIDDEN_MAP_NAME, METRICS_NAME, RUN_NAME, SAMPLES_NAME, STUDENT_RECORD_NAME,
@@ -465,10 +465,13 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
     try:
         while step < total:
             lr = lr_at(step, cfg.lr, total, warm)
-            if w.distributed:
-                res = train_step_ddp(tr, batches, s.optim, lr, s.device, samples is not None, w, cfg.seed, step)
-            else:
-                res = train_step(tr, batches, spec, s.teacher_head, s.optim, lr, s.device, samples is not None)
+            try:
+                if w.distributed:
+                    res = train_step_ddp(tr, batches, s.optim, lr, s.device, samples is not None, w, cfg.seed, step)
+                else:
+                    res = train_step(tr, batches, spec, s.teacher_head, s.optim, lr, s.device, samples is not None)
+            except NonFiniteError as e:
+                raise KdpipeError(_stopped(out, step + 1, e)) from None
             waited += res.waited
             if res.batches == 0:
                 break  # the epochs are over
@@ -515,6 +518,22 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
     return {"steps": step, "epoch": round(epoch_progress, 4)}
 
 
+def _stopped(out: Path, step: int, e: NonFiniteError) -> str:
+    """The one line a run stopped by a non-finite loss or gradient ends with: the step, the term,
+    what is kept, and where to look. A rerun resumes from that checkpoint and meets the same batch
+    again, so it stops again in the same words rather than training on."""
+    latest = ckpt.latest_checkpoint(out)
+    kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint was written yet"
+    terms = {k: v for k, v in e.terms.items() if k != "loss"}
+    bad = {k for k, v in terms.items() if not math.isfinite(v)}
+    if bad and bad <= {"ce", "cos"} and bad != set(terms):  # the student's own MLM loss is fine
+        advice = (f"the cache's {' and '.join(sorted(bad))} targets of this batch are suspect: run "
+                  "`kdpipe cache verify --deep`")
+    else:
+        advice = "the student diverged: lower --lr or clip with --max-grad-norm"
+    return f"step {step}: {e}; training stopped before this update: no final/ written, {kept}; {advice}"
+
+
 def _close(f: Any) -> None:
     """Close a log that is flushed after every line: an error here only repeats a failed flush,
     which has raised already (and a torn last line is dropped on resume)."""
@@ -529,6 +548,8 @@ def _close(f: Any) -> None:
 def finish(s: Setup, record: RunRecord, tr: Trainer, tokenizer: Any | None, result: dict[str, Any]) -> Path:
     """RUN_DIR/final: a save_pretrained student (+ tokenizer, model card), published by one rename."""
     final = s.out / FINAL_DIR
+    if (bad := ckpt.first_nonfinite(tr.student, tr.hidden_map)) is not None:  # never published
+        raise KdpipeError(f"the trained student's {bad} holds non-finite values; {final} is not written")
     old = s.out / f".final.old-{os.getpid()}"
     with atomic_dir(final, s.out / f".final.tmp-{os.getpid()}") as tmp:
         stu.save_pretrained(tr.student, tmp, tokenizer)
