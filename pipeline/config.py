@@ -30,7 +30,8 @@ MAX_SEED = 2**32 - 1
 class StageConfig(BaseModel):
     """Base of every stage's configuration: frozen, and no key it does not know."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan: a nan or inf setting (--temperatures nan, --lr inf) is refused where it is read
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 def _format_errors(err: ValidationError) -> list[str]:

@@ -129,6 +129,10 @@ def load_task(spec: str, text_column: str = "text", label_column: str = "label",
         raise KdpipeError(f"task {spec} has {len(texts)} usable example(s) (text in {text_column!r}, "
                           f"label in {label_column!r}); a task needs at least 2")
     names = sorted(set(labels), key=_label_key)
+    if (fraction := _real_valued(names)) is not None:
+        raise KdpipeError(f"task {spec}: the labels in {label_column!r} are real numbers (e.g. {fraction}; "
+                          f"{len(names)} distinct values): eval fine-tunes a classifier, one class per label; "
+                          "map the scores to classes first (e.g. score > 0 -> pos)")
     if len(names) < 2:
         raise KdpipeError(f"task {spec} has a single label ({names[0]!r} in column "
                           f"{label_column!r}); classification needs at least two classes")
@@ -158,6 +162,15 @@ def _label_str(v: Any) -> str | None:
             v = int(v)
     s = str(v).strip()
     return s or None
+
+
+def _real_valued(names: list[str]) -> str | None:
+    """A label with a fractional part, if every label is a number (scores, not classes)."""
+    try:
+        values = [float(n) for n in names]
+    except ValueError:
+        return None
+    return next((n for n, v in zip(names, values) if math.isfinite(v) and not v.is_integer()), None)
 
 
 def _label_key(s: str) -> tuple[int, float, str]:

@@ -180,6 +180,10 @@ def set_up(cfg: EvalConfig) -> Setup:
     heldout = mlm_eval.resolve_heldout(cfg.heldout_spec()) if cfg.heldout else None
     tasks = downstream.load_tasks(map(split_name, cfg.tasks), cfg.text_column, cfg.label_column,
                                   cfg.task_split)
+    for t in tasks:
+        if t.dropped:
+            say(f"note: task {t.name}: {t.dropped} of {t.dropped + len(t.texts)} rows have no text or no label "
+                "and are skipped")
     splits = {t.name: downstream.split_indices(len(t.texts), cfg.dev_fraction, cfg.split_seed,
                                                cfg.max_train_examples, cfg.max_dev_examples) for t in tasks}
     tunes = {name: downstream.tune_split(sp.train, cfg.tune_fraction, cfg.split_seed)

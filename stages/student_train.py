@@ -289,8 +289,13 @@ def set_up(cfg: StudentConfig) -> Setup:
         problems.append(f"--teacher {cfg.teacher} does not exist")
     if cfg.init == "teacher":
         t_layers = int(teacher_config["num_hidden_layers"])
+        s_layers = int(scfg.num_hidden_layers)
+        if cfg.layer_map is None and s_layers > t_layers:
+            problems.append(f"the student has {s_layers} layers, more than the teacher's {t_layers}: --init teacher "
+                            "would copy some teacher layers twice; give --layer-map to repeat them on purpose, "
+                            "or use --init random")
         layer_map = list(cfg.layer_map) if cfg.layer_map is not None else stu.default_layer_map(
-            t_layers, int(scfg.num_hidden_layers))
+            t_layers, s_layers)
         problems += stu.check_layer_map(layer_map, t_layers, int(scfg.num_hidden_layers))
     if problems:
         raise KdpipeError("; ".join(problems))
