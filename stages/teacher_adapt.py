@@ -160,8 +160,14 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
         teacher=cfg.teacher, data=cfg.data, out=str(out / CACHE_DIR), text_column=cfg.text_column,
         format=cfg.format, seq_len=cfg.seq_len, max_sequences=cfg.max_sequences, seed=cfg.seed,
         targets="none", shard_size=256)
+    fresh = not (out / RECORD_NAME).is_file()
     record = _claim(cfg, out, teacher_path)
-    dumped = teacher_dump.main(dump)
+    try:
+        dumped = teacher_dump.main(dump)
+    except KdpipeError:
+        if fresh and not (out / CACHE_DIR).exists():  # refused before it made anything: OUT as it was
+            (out / RECORD_NAME).unlink(missing_ok=True)
+        raise
     fp_sha = fingerprint_sha256(read_json(out / CACHE_DIR / FINGERPRINT_NAME))
     if record["cache_fingerprint_sha256"] not in (None, fp_sha):  # cache/ removed, then other text
         raise CacheMismatchError(f"{out / CACHE_DIR} now holds a cache of other text or another tokenizer "
