@@ -20,6 +20,7 @@ from typing import Any
 
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError, validate_record
 from kdpipe.pipeline.fsutil import dumps_json, read_json, safe_join, sha256_bytes, sha256_file
+from kdpipe.pipeline.shards import read_fingerprint
 from kdpipe.schemas.manifest import (  # noqa: F401  (the layout's names, used as cachedir.NAME)
     FINGERPRINT_NAME, HEAD_NAME, MANIFEST_NAME, MANIFEST_VERSION, PROJECTION_NAME, RUN_INFO_NAME,
     SHARDS_DIR, TEACHER_CONFIG_NAME, TOKENIZER_DIR, FileEntry, Manifest, ShardEntry,
@@ -92,7 +93,13 @@ def load_manifest(cache_dir: Path) -> Manifest:
         raise CorruptCacheError(f"{path} was edited or is damaged: {problems[0]}{more}")
     for entry in listed_files(m):
         safe_join(cache_dir, entry.path)
+    _expected_fingerprint[cache_dir.resolve()] = m.fingerprint_sha256
     return m
+
+
+# cache folder -> the fingerprint hash its manifest names (set by load_manifest): every shard's footer
+# must carry it, or the manifest was edited (and re-hashed) or the shard belongs to another cache
+_expected_fingerprint: dict[Path, str] = {}
 
 
 def _inconsistencies(m: Manifest) -> list[str]:
@@ -166,6 +173,16 @@ def check_file(cache_dir: Path, entry: ShardEntry | FileEntry) -> Problem | None
     digest = sha256_file(path)
     if digest != entry.sha256:
         return Problem(entry.path, f"SHA-256 {digest[:12]}..., manifest says {entry.sha256[:12]}...")
+    want = _expected_fingerprint.get(Path(cache_dir).resolve()) if isinstance(entry, ShardEntry) else None
+    if want is not None:
+        try:
+            got = read_fingerprint(path)
+        except Exception as e:  # pyarrow's many kinds: not a readable Parquet footer
+            return Problem(entry.path, f"its Parquet footer cannot be read ({type(e).__name__})")
+        if got != want:
+            return Problem(entry.path, f"its footer carries the fingerprint {str(got)[:12]}..., the manifest "
+                                       f"says {want[:12]}... (the manifest was edited, or the shard is another "
+                                       "cache's)")
     return None
 
 

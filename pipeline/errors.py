@@ -37,6 +37,15 @@ def first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+class CorruptShardError(CorruptCacheError):
+    """A listed shard whose contents break the manifest's promises (rows, columns, values)."""
+
+    def __init__(self, path: Any, what: str, advice: str = "run `kdpipe cache verify --deep` and re-dump the "
+                                                           "shard") -> None:
+        self.path, self.what = path, what
+        super().__init__(f"corrupt cache: {path}: {what}; {advice}")
+
+
 def validate_record(cls: type[M], raw: Any, what: str, error: type[KdpipeError] = KdpipeError) -> M:
     """A JSON record read from disk as its schema, or one line naming the first bad field
     (`what is invalid: key.path: reason`), never pydantic's multi-line report."""

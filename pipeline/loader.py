@@ -39,9 +39,10 @@ import pyarrow.parquet as pq
 import torch
 
 from kdpipe.pipeline.cache import open_shard
-from kdpipe.pipeline.errors import CorruptCacheError, KdpipeError
+from kdpipe.pipeline import values
+from kdpipe.pipeline.errors import CorruptShardError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
-from kdpipe.pipeline.shards import ShardData, iter_row_groups, ranges
+from kdpipe.pipeline.shards import LayoutError, ShardData, iter_row_groups, ranges
 from kdpipe.schemas.checkpoint import Position
 from kdpipe.schemas.manifest import Manifest, ShardEntry
 
@@ -140,8 +141,10 @@ class EpochPlan:
 def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardData:
     """One listed shard, hash-checked, read a row group at a time, checked against the manifest."""
     path = open_shard(cache_dir, entry)
-    parts = list(iter_row_groups(path))
-    data = concat(parts)
+    try:
+        data = concat(list(iter_row_groups(path)))
+    except LayoutError as e:
+        raise CorruptShardError(path, str(e)) from None
     mode = get_mode(manifest.targets)
     what = None
     if data.rows != entry.rows:
@@ -153,7 +156,12 @@ def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardD
     else:
         what = mode.shard_problem(data, TargetSettings.of_manifest(manifest))
     if what:
-        raise CorruptCacheError(f"corrupt cache: {path}: {what}")
+        raise CorruptShardError(path, what)
+    try:  # ranges and finiteness, vectorised over the shard (see pipeline/values.py)
+        values.check(data, values.limits_of(manifest), entry.first_seq, entry.num_seqs)
+    except values.ValueProblem as e:
+        raise CorruptShardError(path, str(e), "nothing was trained on it: run `kdpipe cache verify --deep` "
+                                "and re-dump the shard") from None
     return data
 
 

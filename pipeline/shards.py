@@ -189,8 +189,40 @@ def _column(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
+class LayoutError(ValueError):
+    """A row whose lists disagree on how many entries it has (a per-token column shorter than
+    `length`, say): the flat arrays' offsets would silently pair values with the wrong rows."""
+
+    def __init__(self, row: int, column: str, got: int, rule: str, want: int) -> None:
+        self.row, self.column, self.got, self.rule, self.want = row, column, got, rule, want
+        super().__init__(f"row {row}: {column} holds {got} entries, but its {rule} says {want}")
+
+    def shifted(self, start: int) -> "LayoutError":
+        """The same problem in a shard whose row group starts at row `start`."""
+        return LayoutError(self.row + start, self.column, self.got, self.rule, self.want)
+
+
+def _check_layout(table: pa.Table | pa.RecordBatch, kwargs: dict[str, np.ndarray]) -> None:
+    """Every list column's per-row lengths against the count it must equal (cheap: offsets only)."""
+    counts = {"length": kwargs.get("length"), "mlm_positions": kwargs["mlm_count"],
+              "targets": kwargs.get("target_count")}
+    rule = {**{c: "length" for c in PER_TOKEN}, "mlm_labels": "mlm_positions",
+            **{c: "targets" for c in (*PER_TARGET, *PER_SAMPLE)}}
+    for name in table.column_names:
+        ref = counts.get(rule.get(name, ""))
+        if ref is None:
+            continue
+        got = _list_lengths(table.column(name))
+        if len(got) != len(ref):
+            raise LayoutError(0, name, len(got), "row count", len(ref))
+        if (bad := np.flatnonzero(got != ref)).size:
+            r = int(bad[0])
+            raise LayoutError(r, name, int(got[r]), rule[name], int(ref[r]))
+
+
 def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
-    """Flat numpy arrays of a table (or row group) in the shard schema; absent columns are None."""
+    """Flat numpy arrays of a table (or row group) in the shard schema; absent columns are None.
+    Raises LayoutError where a row's lists disagree on its number of entries."""
     names = set(table.column_names)
     kwargs: dict[str, np.ndarray] = {"mlm_count": _list_lengths(table.column("mlm_positions"))}
     for f in fields(ShardData):
@@ -209,16 +241,23 @@ def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
             kwargs[f.name] = _flat(col, 1)
         else:
             kwargs[f.name] = _flat(col, 0)
-        if f.name in PER_TARGET:
+        if f.name in PER_TARGET and "target_count" not in kwargs:
             kwargs["target_count"] = _list_lengths(col)
+    _check_layout(table, kwargs)
     return ShardData(**kwargs)
 
 
 def iter_row_groups(path: Path) -> Iterator[ShardData]:
     """Stream a shard a row group at a time: memory is bounded by one row group."""
     pf = pq.ParquetFile(path)
+    start = 0
     for i in range(pf.metadata.num_row_groups):
-        yield from_table(pf.read_row_group(i))
+        try:
+            data = from_table(pf.read_row_group(i))
+        except LayoutError as e:
+            raise e.shifted(start) from None
+        start += data.rows
+        yield data
 
 
 def read_fingerprint(path: Path) -> str | None:

@@ -2,6 +2,7 @@
 how faithful each target mode's L_ce would be on its positions.
 
     kdpipe cache verify caches/wiki
+    kdpipe cache verify --deep caches/wiki
     kdpipe cache fidelity caches/wiki --teacher ./bert-mlm --k 8,32,128 --samples 8,32,128 \
         --temperatures 1,2,4 --positions 2000 --out fidelity.json
 """
@@ -19,10 +20,16 @@ from kdpipe.pipeline.config import echo_json, floats_option, ints_option
 from kdpipe.pipeline.fsutil import atomic_write_json
 
 
-def verify(cache_dir: Path | str) -> list[Problem]:
-    """Every listed file against the manifest; a cache on a store is fetched a shard at a time."""
+def verify(cache_dir: Path | str, deep: bool = False) -> list[Problem]:
+    """Every listed file against the manifest (sizes, SHA-256, each shard footer's fingerprint); with
+    `deep`, every shard's values too (pipeline/values.py). A cache on a store is fetched a shard at
+    a time."""
+    from kdpipe.pipeline.values import deep_problems
+
     with storage.local_cache(str(cache_dir)) as local:
-        _, problems = verify_cache(local)
+        m, problems = verify_cache(local)
+        if deep:
+            problems += deep_problems(local, m, {p.path for p in problems})
     return problems
 
 
@@ -49,9 +56,12 @@ def command() -> None:
 
 @command.command("verify")
 @click.argument("cache_dir")  # a path or a URL (s3://...): a Path would fold its '//'
-def verify_command(cache_dir: str) -> None:
-    """Check every file of a cache against its manifest (sizes and SHA-256)."""
-    problems = verify(cache_dir)
+@click.option("--deep", is_flag=True, help="Also read every shard and check its values: finite, ids below the "
+              "vocabulary, positions inside their row, counts consistent, log Z >= logsumexp of the top-k.")
+def verify_command(cache_dir: str, deep: bool) -> None:
+    """Check every file of a cache against its manifest (sizes, SHA-256, footer fingerprints);
+    with --deep, what the shards hold as well."""
+    problems = verify(cache_dir, deep)
     for p in problems:
         click.echo(f"CORRUPT {p}", err=True)
     if problems:

@@ -37,7 +37,7 @@ from kdpipe.pipeline import cache_card
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import distributed
 from kdpipe.pipeline import projection as proj
-from kdpipe.pipeline import storage
+from kdpipe.pipeline import storage, values
 from kdpipe.pipeline.config import StageConfig, build_config, config_option, echo_json, floats_option
 from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
@@ -307,13 +307,15 @@ def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, f
               smoothing=0.1, disable=not w.is_main) as bar:
         with ShardWriters(s.cfg.writers, schema, fp_sha, s.cfg.zstd_level) as pool:
             dump_shards(s.rows, runner, _sequences(s), s.n_sequences, s.cfg.shard_size, s.out, fp_sha, pool,
-                        owns=w.owns_shard, progress=bar.update)
+                        owns=w.owns_shard, progress=bar.update,
+                        check=lambda index, n, data: _check_values(s, index, n, data, schema))
         return pool.written
 
 
 def dump_shards(rows: RowSpec, runner: Any, seqs: Iterator[np.ndarray], n_sequences: int, shard_size: int,
                 out: Path, fp_sha: str, pool: ShardWriters, owns: Callable[[int], bool] = lambda i: True,
-                progress: Callable[[int], None] = lambda n: None) -> None:
+                progress: Callable[[int], None] = lambda n: None,
+                check: Callable[[int, int, Any], None] = lambda index, n, data: None) -> None:
     """The shard loop: the teacher runs here, the pool masks the next shards ahead of it and
     encodes the finished ones behind it; shards already finished with these settings are skipped."""
 
@@ -336,9 +338,26 @@ def dump_shards(rows: RowSpec, runner: Any, seqs: Iterator[np.ndarray], n_sequen
             break
         index, chunk, masked = ahead.popleft()
         data = dump_shard(rows, runner, index * shard_size, chunk, None if masked is None else masked.result())
+        check(index, len(chunk), data)  # refused before it is stored (pipeline/values.py)
         pool.submit(out / shard_path(index), data)
         progress(data.tokens)
     pool.drain()
+
+
+def _check_values(s: Setup, index: int, n_seqs: int, data: Any, schema: pa.Schema) -> None:
+    """A shard's values before they are stored (pipeline/values.py): a teacher whose logits
+    overflow float16, or whose outputs are not finite, is refused rather than stored as inf."""
+    c = s.cfg
+    lim = values.Limits(s.vocab.size, c.seq_len, c.mask_views, c.target_positions, tuple(c.temperatures),
+                        c.samples if c.targets == "sampled" else None, values.float_limits(schema))
+    try:
+        values.check(data, lim, index * c.shard_size, n_seqs)
+    except values.ValueProblem as e:
+        made_by_teacher = e.column in values.FLOAT_COLUMNS or e.column in ("topk_ids", "sample_ids")
+        advice = ("the teacher's outputs are not finite or exceed what the cache stores (float16: |x| <= 65504): "
+                  "its weights or its masked-LM head are broken or badly scaled (a huge decoder bias, say); fix "
+                  "the teacher, then rerun") if made_by_teacher else "this is a kdpipe bug: please report it"
+        raise KdpipeError(f"shard {index} ({s.out / shard_path(index)}) not written: {e}; {advice}") from None
 
 
 def _schema(s: Setup) -> pa.Schema:
