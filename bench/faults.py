@@ -26,7 +26,15 @@ and nothing partial under a final name (every shard byte-identical to the refere
 checkpoint complete by its own hashes, no manifest or final model but a whole one); then the
 limit is lifted (the tmpfs grown) and the rerun is compared as above.
 
-    python bench/faults.py --trials 20 [--commands teacher-dump,eval] [--fault kill|efbig|enospc]
+`--fault semantic` corrupts what a finished cache means, not its bytes (tests/tamper.py: a NaN or
+infinity in a float column, an id or an MLM label at or past the vocabulary, a masked position
+outside its row, a row whose counts disagree with its lists, a manifest fingerprint edited or a
+shard footer swapped), each re-hashed into the manifest so the bytes verify. Every trial runs
+`cache verify --deep` and `student-train` on the corrupted copy (in this process, as the tests
+do): both must refuse with one `Error:` line and no traceback, no final/ may appear, and the
+cache must be byte-identical afterwards.
+
+    python bench/faults.py --trials 20 [--commands teacher-dump,eval] [--fault kill|efbig|enospc|semantic]
 """
 
 from __future__ import annotations
@@ -516,6 +524,49 @@ def disk_soak(a: argparse.Namespace, work: Path, rng: random.Random, log) -> lis
             "losses | silent corruptions |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
+def semantic_soak(a: argparse.Namespace, work: Path, rng: random.Random, log) -> list[str]:
+    """--fault semantic: per kind, `--trials` corrupted copies of the reference cache through
+    `cache verify --deep` and `student-train`; the table rows."""
+    import torch
+
+    import tamper
+
+    torch.set_num_threads(1)
+    prepare("student-train", work)
+    rows = []
+    for kind in tamper.KINDS:
+        c = {"trials": 0, "verify": 0, "train": 0, "silent": 0, "traceback": 0, "changed": 0, "multi": 0}
+        for i in range(a.trials):
+            out = work / f"semantic-{kind}-{i}"
+            shutil.rmtree(out, ignore_errors=True)
+            cache = Path(shutil.copytree(work / "cache", out / "cache"))
+            done = tamper.corrupt(cache, kind, rng)
+            before = {f: sha(cache / f) for f in files(cache)}
+            deep = inproc("cache", "verify", "--deep", cache)
+            run = out / "run"
+            train = inproc("student-train", "--cache", cache, "--out", run, *TRAIN)
+            res = {"kind": kind, "trial": i, "what": done["what"], "verify_rc": deep.returncode,
+                   "train_rc": train.returncode, "final": (run / "final").exists()}
+            for name, r in (("verify", deep), ("train", train)):
+                errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+                res[f"{name}_error"] = errors[-1][:300] if errors else None
+                c[name] += r.returncode != 0
+                c["traceback"] += "Traceback" in r.stderr
+                c["multi"] += r.returncode != 0 and len(errors) != 1
+            c["silent"] += train.returncode == 0 or res["final"]
+            c["changed"] += {f: sha(cache / f) for f in files(cache)} != before
+            c["trials"] += 1
+            ok = deep.returncode != 0 and train.returncode != 0 and not res["final"] and \
+                "Traceback" not in deep.stderr + train.stderr
+            res["outcome"] = "correct" if ok and {f: sha(cache / f) for f in files(cache)} == before else "corruption"
+            record(res, log, out)
+        rows.append(f"| {kind} | {c['trials']} | {c['verify']} | {c['train']} | {c['silent']} | {c['traceback']} | "
+                    f"{c['multi']} | {c['changed']} |")
+    return ["| semantic fault | trials | refused by `cache verify --deep` | refused by `student-train` | "
+            "silent trainings | tracebacks | refusals not one `Error:` line | caches changed |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
 def prepare(name: str, work: Path) -> None:
     """The inputs a command needs beyond build_inputs: a cache, a trained run."""
     if name in ("student-train", "eval") and not (work / "cache" / "manifest.json").exists():
@@ -532,8 +583,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep everything here (default: a temp dir)")
     ap.add_argument("--log", type=Path, default=None, help="write every trial as JSON lines here")
     ap.add_argument("--write-results", action="store_true", help="append the table to bench/RESULTS.md")
-    ap.add_argument("--fault", choices=("kill", "efbig", "enospc"), default="kill",
-                    help="SIGKILL at a random point, or a write failing past a random size")
+    ap.add_argument("--fault", choices=("kill", "efbig", "enospc", "semantic"), default="kill",
+                    help="SIGKILL at a random point, a write failing past a random size, or a cache whose "
+                         "values are corrupted and re-hashed")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="kdpipe-faults-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -543,6 +595,20 @@ def main() -> None:
     rng = random.Random(a.seed)
     rows = []
     log = open(a.log, "a") if a.log else None
+    if a.fault == "semantic":
+        table = semantic_soak(a, work, rng, log)
+        print("\n".join(table))
+        if a.write_results:
+            load = os.getloadavg()
+            with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+                f.write(f"\n## Semantic corruption (issue 14)\n\n`python bench/faults.py --fault semantic --trials "
+                        f"{a.trials} --seed {a.seed}` — started {started:%a %b %d %H:%M:%S UTC %Y}, load average "
+                        f"at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores).\n"
+                        "Each trial corrupts one value, count or fingerprint of a copy of the reference cache "
+                        "(tests/tamper.py), re-hashes it into the manifest, then runs `cache verify --deep` and "
+                        "`student-train` on it; a silent training is an exit 0 or a final/ model, a changed "
+                        "cache one whose bytes differ after both.\n\n" + "\n".join(table) + "\n")
+        return
     if a.fault != "kill":
         print("\n".join(disk_soak(a, work, rng, log)))
         return
