@@ -348,8 +348,9 @@ def _check_values(s: Setup, index: int, n_seqs: int, data: Any, schema: pa.Schem
     """A shard's values before they are stored (pipeline/values.py): a teacher whose logits
     overflow float16, or whose outputs are not finite, is refused rather than stored as inf."""
     c = s.cfg
-    lim = values.Limits(s.vocab.size, c.seq_len, c.mask_views, c.target_positions, tuple(c.temperatures),
-                        c.samples if c.targets == "sampled" else None, values.float_limits(schema))
+    fields = get_mode(c.targets).manifest_fields(_target_settings(c, s.model))  # as the manifest will say
+    lim = values.Limits(s.vocab.size, c.seq_len, c.mask_views, c.target_positions, tuple(fields["temperatures"]),
+                        fields["samples"], values.float_limits(schema))
     try:
         values.check(data, lim, index * c.shard_size, n_seqs)
     except values.ValueProblem as e:
