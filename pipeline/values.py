@@ -107,79 +107,102 @@ def _first(mask: np.ndarray) -> int | None:
 def check(data: ShardData, lim: Limits, first_seq: int | None = None, num_seqs: int | None = None,
           deep: bool = False) -> None:
     """Raise ValueProblem at the first value `data` should not hold; return quietly otherwise."""
-    rows = data.rows
+    _check_rows(data, lim, first_seq, num_seqs)
+    rows_of = {"input_ids": data.offsets(), "hidden": data.offsets(), "mlm_labels": data.mlm_offsets(),
+               "mlm_positions": data.mlm_offsets(), **{c: data.target_offsets() for c in
+                                                        ("topk_ids", "topk_logits", "log_z", "teacher_state")}}
+    _check_ids(data, lim, rows_of)
+    _check_positions(data, lim, rows_of)
+    _check_floats(data, lim, rows_of)
+    if deep:
+        _check_log_z(data, lim, rows_of)
+
+
+def _check_rows(data: ShardData, lim: Limits, first_seq: int | None, num_seqs: int | None) -> None:
+    """Per-row fields: length, view and sequence id inside what the cache holds."""
     length = data.length.astype(np.int64)
     if (r := _first((length < 1) | (length > lim.seq_len))) is not None:
         raise ValueProblem(r, data, "length", f"is {int(length[r])}, outside 1..{lim.seq_len}")
     if (r := _first(data.view.astype(np.int64) >= lim.views)) is not None:
         raise ValueProblem(r, data, "view", f"is {int(data.view[r])}, but the cache has {lim.views} view(s)")
-    if first_seq is not None and num_seqs is not None and rows:
+    if first_seq is not None and num_seqs is not None and data.rows:
         seq = data.seq_id.astype(np.int64)
         if (r := _first((seq < first_seq) | (seq >= first_seq + num_seqs))) is not None:
             raise ValueProblem(r, data, "seq_id", f"is {int(seq[r])}, outside this shard's sequences "
                                                   f"{first_seq}..{first_seq + num_seqs - 1}")
-    off, moff = data.offsets(), data.mlm_offsets()
-    toff = data.target_offsets()
-    flat_rows = {"input_ids": off, "hidden": off, "mlm_labels": moff, "mlm_positions": moff,
-                 "topk_ids": toff, "topk_logits": toff, "log_z": toff, "teacher_state": toff}
+
+
+def _check_ids(data: ShardData, lim: Limits, rows_of: dict[str, np.ndarray | None]) -> None:
+    """Every token id below the vocabulary (ids are unsigned: one max() per column)."""
     for name in ID_COLUMNS:
         v = getattr(data, name)
-        if v is None or not v.size or int(v.max()) < lim.vocab_size:  # unsigned: max() is the one test
+        if v is None or not v.size or int(v.max()) < lim.vocab_size:
             continue
         flat = int((v >= lim.vocab_size).reshape(len(v), -1).any(axis=1).argmax())
         if name == "sample_ids":  # a draw -> its target position -> its row
-            row = _row_of(toff, _row_of(data.sample_offsets(), flat))
+            row = _row_of(data.target_offsets(), _row_of(data.sample_offsets(), flat))
         else:
-            row = _row_of(flat_rows[name], flat)
+            row = _row_of(rows_of[name], flat)
         raise ValueProblem(row, data, name, f"holds {int(v.reshape(len(v), -1)[flat].max())}, not below the "
                                             f"vocabulary size {lim.vocab_size}")
+
+
+def _check_positions(data: ShardData, lim: Limits, rows_of: dict[str, np.ndarray | None]) -> None:
+    """Masked positions inside their row and ascending; targets where the position set says;
+    sampled draws present and counted right."""
+    length, mcount = data.length.astype(np.int64), data.mlm_count.astype(np.int64)
     if data.mlm_positions.size:
         pos = data.mlm_positions.astype(np.int64)
-        row_len = np.repeat(length, data.mlm_count.astype(np.int64))  # (sum M,) the length of each one's row
+        row_len = np.repeat(length, mcount)  # (sum M,) the length of each one's row
         if (i := _first(pos >= row_len)) is not None:
-            raise ValueProblem(_row_of(moff, i), data, "mlm_positions",
+            raise ValueProblem(_row_of(rows_of["mlm_positions"], i), data, "mlm_positions",
                                f"holds {int(pos[i])}, outside its row of {int(row_len[i])} tokens")
-        same_row = np.repeat(np.arange(rows), data.mlm_count.astype(np.int64))
-        step = (np.diff(pos) <= 0) & (same_row[1:] == same_row[:-1])
-        if (i := _first(step)) is not None:
+        same_row = np.repeat(np.arange(data.rows), mcount)
+        if (i := _first((np.diff(pos) <= 0) & (same_row[1:] == same_row[:-1]))) is not None:
             raise ValueProblem(int(same_row[i]), data, "mlm_positions", "is not strictly ascending")
     if data.target_count is not None:
-        want = length if lim.positions == "all" else data.mlm_count.astype(np.int64)
+        want = length if lim.positions == "all" else mcount
         if (r := _first(data.target_count.astype(np.int64) != want)) is not None:
             kind = "tokens" if lim.positions == "all" else "masked positions"
             raise ValueProblem(r, data, "targets", f"number {int(data.target_count[r])} for {int(want[r])} {kind}")
     if data.sample_len is not None:
-        slen = data.sample_len.astype(np.int64)
-        if (i := _first(slen < 1)) is not None:
+        toff = data.target_offsets()
+        if (i := _first(data.sample_len.astype(np.int64) < 1)) is not None:
             raise ValueProblem(_row_of(toff, i), data, "sample_ids", "is empty at a target position")
-        if lim.samples is not None and data.sample_counts.size:
-            sums = np.add.reduceat(data.sample_counts.astype(np.int64), data.sample_offsets()[:-1]) if len(slen) \
-                else np.zeros(0, np.int64)
+        if lim.samples is not None and data.sample_counts.size:  # no empty segment: reduceat is exact
+            sums = np.add.reduceat(data.sample_counts.astype(np.int64), data.sample_offsets()[:-1])
             if (i := _first(sums != lim.samples)) is not None:
                 raise ValueProblem(_row_of(toff, i), data, "sample_counts",
                                    f"add up to {int(sums[i])}, not the cache's {lim.samples} draws")
+
+
+def _check_floats(data: ShardData, lim: Limits, rows_of: dict[str, np.ndarray | None]) -> None:
+    """Every stored float finite and within its stored dtype (one pass each; located only if bad)."""
     for name in FLOAT_COLUMNS:
         v = getattr(data, name)
         if v is None or not v.size or not _out_of_range(v, bound := lim.max_of(name)):
             continue
-        bad = ~(np.abs(v) <= bound)  # NaN compares False: caught with the infinities and overflows
-        if bad.any():
-            flat = int(bad.reshape(len(v), -1).any(axis=1).argmax())
-            x = float(v.reshape(len(v), -1)[flat][bad.reshape(len(v), -1)[flat]][0])
-            what = f"holds {x}" if not np.isfinite(x) else f"holds {x:.6g}, beyond its stored type's {bound:g}"
-            raise ValueProblem(_row_of(flat_rows[name], flat), data, name, what)
-    if deep and data.log_z is not None and data.topk_logits is not None and len(data.log_z):
-        z = data.topk_logits.astype(np.float64)  # (P, k)
-        for j, t in enumerate(lim.temperatures):
-            top = z / t
-            peak = top.max(axis=1)
-            lse = peak + np.log(np.exp(top - peak[:, None]).sum(axis=1))  # (P,)
-            slack = np.abs(z).max(axis=1) * _LOGZ_SLACK / t + 1e-4
-            short = data.log_z[:, j].astype(np.float64) < lse - slack
-            if (i := _first(short)) is not None:
-                raise ValueProblem(_row_of(toff, i), data, "log_z",
-                                   f"at T={t:g} is {float(data.log_z[i, j]):.6g}, below the {float(lse[i]):.6g} "
-                                   "its own top-k logits add up to (the tail mass would be negative)")
+        bad = ~(np.abs(v) <= bound).reshape(len(v), -1)  # NaN compares False: caught with the rest
+        flat = int(bad.any(axis=1).argmax())
+        x = float(v.reshape(len(v), -1)[flat][bad[flat]][0])
+        what = f"holds {x}" if not np.isfinite(x) else f"holds {x:.6g}, beyond its stored type's {bound:g}"
+        raise ValueProblem(_row_of(rows_of[name], flat), data, name, what)
+
+
+def _check_log_z(data: ShardData, lim: Limits, rows_of: dict[str, np.ndarray | None]) -> None:
+    """log Z[T] >= logsumexp(top-k logits / T) at each T: else the tail mass would be negative."""
+    if data.log_z is None or data.topk_logits is None or not len(data.log_z):
+        return
+    z = data.topk_logits.astype(np.float64)  # (P, k)
+    for j, t in enumerate(lim.temperatures):
+        top = z / t
+        peak = top.max(axis=1)
+        lse = peak + np.log(np.exp(top - peak[:, None]).sum(axis=1))  # (P,)
+        slack = np.abs(z).max(axis=1) * _LOGZ_SLACK / t + 1e-4
+        if (i := _first(data.log_z[:, j].astype(np.float64) < lse - slack)) is not None:
+            raise ValueProblem(_row_of(rows_of["log_z"], i), data, "log_z",
+                               f"at T={t:g} is {float(data.log_z[i, j]):.6g}, below the {float(lse[i]):.6g} "
+                               "its own top-k logits add up to (the tail mass would be negative)")
 
 
 def deep_problems(cache_dir: Any, manifest: Any, skip: set[str]) -> list[Any]:
