@@ -181,8 +181,11 @@ def _flat(col: pa.ChunkedArray | pa.Array, depth: int) -> np.ndarray:
 
 
 def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    arr = _column(col)
-    return np.diff(arr.offsets.to_numpy()).astype(np.int64)
+    """Entries per row of a list column, from its offsets alone (combining the chunks would copy
+    the values: a whole hidden-state column)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    parts = [np.diff(c.offsets.to_numpy()) for c in chunks]
+    return (np.concatenate(parts) if parts else np.zeros(0)).astype(np.int64)
 
 
 def _column(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
