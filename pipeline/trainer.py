@@ -200,7 +200,8 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_he
         if record_rows:
             res.rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
     if res.batches:
-        terms = {k: res.sums[k] for k in ("loss", "ce", "mlm", "cos") if k == "loss" or getattr(spec, f"alpha_{k}") > 0}
+        terms = {k: res.sums[k] for k in ("loss", "ce", "mlm", "cos")
+                 if k == "loss" or getattr(spec, f"alpha_{k}") > 0}
         check_terms(terms)
         res.sums["grad_norm"] = _update(tr, optim, terms)
     return res

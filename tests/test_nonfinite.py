@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdpipe.pipeline.fsutil import sha256_file
+from kdpipe.schemas.checkpoint import STUDENT_FILE
 from kdpipe.pipeline.trainer import NonFiniteError, Optim, Trainer, _update
 
 DIVERGE = ("--temperature", "1.5", "--batch-size", "8", "--seed", "0", "--max-steps", "6", "--save-every", "1",
@@ -45,13 +46,13 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path, reference
     kdpipe_cli("student-train", "--cache", reference_cache, "--out", run, *args)
     shutil.rmtree(run / "final")
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    tensors = load_file(str(ckpt / "student.safetensors"))
+    tensors = load_file(str(ckpt / STUDENT_FILE))
     name = sorted(k for k, t in tensors.items() if t.is_floating_point())[0]
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
-    save_file(tensors, str(ckpt / "student.safetensors"))
+    save_file(tensors, str(ckpt / STUDENT_FILE))
     meta = json.loads((ckpt / "checkpoint.json").read_text())
-    meta["files"]["student.safetensors"] = sha256_file(ckpt / "student.safetensors")
+    meta["files"][STUDENT_FILE] = sha256_file(ckpt / STUDENT_FILE)
     (ckpt / "checkpoint.json").write_text(json.dumps(meta))
     before = digest(run)
     one_line_error(kdpipe_inproc("student-train", "--cache", reference_cache, "--out", run, *args),

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kdpipe.pipeline.fsutil import sha256_file
+from kdpipe.schemas.checkpoint import OPTIMIZER_FILE, STUDENT_FILE
 
 RUN = ("--temperature", "1.5", "--batch-size", "8", "--seed", "0", "--max-steps", "6",
        "--save-every", "3", "--log-every", "3")
@@ -48,7 +49,7 @@ def killed_run(tmp_path_factory, reference_cache, kdpipe_cli) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "student.safetensors"])
+@pytest.mark.parametrize("name", [OPTIMIZER_FILE, STUDENT_FILE])
 def test_a_pickled_checkpoint_file_is_one_line_naming_it(tmp_path, killed_run, reference_cache, kdpipe_inproc,
                                                          one_line_error, digest, name):
     run = Path(shutil.copytree(killed_run, tmp_path / "run"))
