@@ -4,7 +4,8 @@
       fingerprint.json        settings the cache depends on; written first, guards a resume
       run_info.json           resolved config, package versions, code revision
       teacher_config.json     the teacher's config (a student can be built without the teacher)
-      projection.safetensors  the hidden-state projection (H, d) (all modes but none)
+      projection.safetensors  the hidden-state projection (H, d) (all modes but none), and with
+                              --hidden-layers each other layer's, (n, H, d) under "layers"
       head.safetensors        the frozen decoder, weight (V, H') and bias (V,) (exact mode)
       tokenizer/              the teacher's tokenizer files (a student run needs no teacher)
       shards/shard-NNNNN.parquet
@@ -120,6 +121,8 @@ def _inconsistencies(m: Manifest) -> list[str]:
                         ("target_positions", fp("targets", "positions")), ("samples", fp("targets", "samples"))):
         if want is not None and getattr(m, field) != want:
             out.append(f"{field} is {getattr(m, field)!r} but the fingerprint says {want!r}")
+    if m.hidden_layers != (fp("hidden", "layers") or []):
+        out.append(f"hidden_layers is {m.hidden_layers!r} but the fingerprint says {fp('hidden', 'layers') or []!r}")
     for field in ("sequences", "rows", "tokens", "bytes"):
         total = sum(getattr(e, "num_seqs" if field == "sequences" else field) for e in m.shards)
         if getattr(m, field) != total:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from kdpipe.pipeline import layer_targets
 from kdpipe.pipeline.modes import MODES
 
 CARD_NAME = "README.md"
@@ -42,6 +43,8 @@ def description(fingerprint: dict[str, Any]) -> dict[str, Any]:
     if h:
         out["hidden"] = {"projection": h.get("projection"), "dim": h.get("dim"),
                          "meaning": "teacher last hidden state @ projection.safetensors (H, dim)"}
+        if (layers := layer_targets.description(h)) is not None:
+            out[layer_targets.COLUMN] = layers
     return out
 
 
@@ -68,6 +71,10 @@ def describe(schema: pa.Schema, fingerprint: dict[str, Any]) -> pa.Schema:
         elif f.name == "hidden" and "hidden" in desc:
             meaning = "teacher last hidden state @ projection.safetensors"
             extra[b"kdpipe.projection"] = str(desc["hidden"]["projection"]).encode()
+        elif f.name == layer_targets.COLUMN and f.name in desc:
+            meaning = layer_targets.MEANING
+            extra[b"kdpipe.layers"] = json.dumps(desc[f.name]["layers"]).encode()
+            extra[b"kdpipe.projection"] = str(desc[f.name]["projection"]).encode()
         if f.name in _TARGET_COLUMNS:
             extra[b"kdpipe.positions"] = str(desc["target_positions"]).encode()
         if meaning:
@@ -82,6 +89,7 @@ def render(manifest: Any) -> str:
     fp = manifest.fingerprint
     desc = description(fp)
     temps = ", ".join(f"{x:g}" for x in desc.get("temperatures", [])) or "–"
+    layers = (fp.get("hidden") or {}).get("layers") or []
     lines = [
         "---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
         "    path: shards/*.parquet", "tags:", "- kdpipe", "- knowledge-distillation", "- teacher-logits", "---", "",
@@ -100,6 +108,8 @@ def render(manifest: Any) -> str:
         f"| targets | {manifest.targets}, at {desc['target_positions_meaning']} |",
         f"| top-k | {manifest.top_k} |", f"| temperatures (log_z columns, in order) | {temps} |",
         f"| hidden states | {(fp.get('hidden') or {}).get('projection')} projection to {manifest.hidden_dim} dims |",
+        *([f"| hidden states of other layers (hidden_layers, in order) | {', '.join(map(str, layers))}"
+           " (0: embeddings), each through its own projection |"] if layers else []),
         f"| bytes per token | {manifest.bytes_per_token} |", "",
         "## Columns", "",
         "Per-token columns hold one entry per token (no padding); target columns one per target position.", "",
@@ -108,6 +118,8 @@ def render(manifest: Any) -> str:
         "| length | tokens, [CLS] and [SEP] included |",
         *[f"| {k} | {v} |" for k, v in _FIELD_MEANINGS.items()],
         "| hidden | teacher last hidden state @ projection.safetensors |",
+        *([f"| {layer_targets.COLUMN} | {layer_targets.MEANING}: {manifest.hidden_dim} entries per layer above, "
+           "in their order |"] if layers else []),
         "| log_z | log sum_v exp(z_v / T) over the full vocabulary, one column per temperature above |", "",
         "Logits are stored raw. At temperature T the teacher's probability of top-k token i is "
         "exp(topk_logits_i / T - log_z[T]), exact; the mass outside the top-k is one minus their sum. "

@@ -79,6 +79,7 @@ class Batch:
     position: Position  # the data position after this batch
     epoch_progress: float  # epoch + share of it consumed after this batch
     hidden: torch.Tensor | None = None  # (N, d) float32, teacher hidden @ projection
+    hidden_layers: torch.Tensor | None = None  # (N, n, d) float32, other layers' states @ their projections
     topk_ids: torch.Tensor | None = None  # (P, k) int64
     topk_logits: torch.Tensor | None = None  # (P, k) float32, raw
     log_z: torch.Tensor | None = None  # (P,) float32, log-partition at the chosen temperature
@@ -100,7 +101,7 @@ class Batch:
         return dataclasses.replace(self, **moved)
 
 
-_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidden", "topk_ids",
+_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidden", "hidden_layers", "topk_ids",
             "topk_logits", "log_z", "sample_ids", "sample_counts", "teacher_state")
 
 
@@ -153,6 +154,11 @@ def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardD
         what = f"no {', '.join(missing)} column for the manifest's {manifest.targets} targets"
     elif data.hidden is not None and data.hidden.shape[1] != manifest.hidden_dim:
         what = "its hidden width differs from the manifest's"
+    elif (data.hidden_layers is None) != (not manifest.hidden_layers):
+        what = ("no hidden_layers column for the manifest's hidden layers" if data.hidden_layers is None
+                else "a hidden_layers column the manifest does not list")
+    elif data.hidden_layers is not None and data.hidden_layers.shape[1] != len(manifest.hidden_layers) * manifest.hidden_dim:
+        what = "its hidden_layers width differs from the manifest's layers x hidden width"
     else:
         what = mode.shard_problem(data, TargetSettings.of_manifest(manifest))
     if what:
@@ -213,6 +219,7 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
         add("mpos", d.mlm_positions[msk])
         add("mlab", d.mlm_labels[msk])
         add("hidden", None if d.hidden is None else d.hidden[tok])
+        add("hidden_layers", None if d.hidden_layers is None else d.hidden_layers[tok])
         if win.toff is not None:
             tgt = ranges(win.toff[r], d.target_count[r].astype(np.int64))
             for name, v in mode.gather(d, tgt, win.soff, spec.temperature_index).items():
@@ -232,11 +239,15 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
     mlm_index = np.repeat(row_start, mcount) + cat(pieces["mpos"]).astype(np.int64)  # (M,)
     t = torch.from_numpy
     hidden = t(cat(pieces["hidden"]).astype(np.float32)) if "hidden" in pieces else None  # (N, d)
+    layers = None
+    if "hidden_layers" in pieces:  # (N, n * d) -> (N, n, d): d is the hidden column's width
+        flat = cat(pieces["hidden_layers"]).astype(np.float32)
+        layers = t(flat.reshape(len(flat), -1, hidden.shape[1]))
     return Batch(
         input_ids=t(ids), attention_mask=t(att.astype(np.int64)),
         mlm_index=t(mlm_index), mlm_labels=t(cat(pieces["mlab"]).astype(np.int64)),
         seq_id=cat(seq), view=cat(view), tokens=int(length.sum()), position=position,
-        epoch_progress=progress, hidden=hidden,
+        epoch_progress=progress, hidden=hidden, hidden_layers=layers,
         **mode.batch_tensors({name: cat(v) for name, v in targets.items()}),
     )
 

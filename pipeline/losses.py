@@ -29,6 +29,9 @@ mean over the masked positions of the batch.
 L_cos: mean over non-padding tokens of 1 - cos(student last hidden state mapped into the cache's
 projection space, cached teacher projection): the reference's CosineEmbeddingLoss with target 1.
 
+L_layer (alpha_layer_cos, off by default; not in DistilBERT): the same cosine loss at each matched
+layer below the last (pipeline/layer_targets.py says which), averaged over those layers.
+
 Efficiency: the student body runs once; the MLM head (and its (P, V) logits) runs only on the
 positions some loss needs; the teacher side is gathered at the top-k ids, never a (P, V) tensor.
 """
@@ -50,6 +53,7 @@ REFERENCE_ALPHA_CE = 5.0
 REFERENCE_ALPHA_MLM = 2.0
 REFERENCE_ALPHA_COS = 1.0
 REFERENCE_TEMPERATURE = 2.0
+DEFAULT_ALPHA_LAYER_COS = 0.0  # L_layer is kdpipe's, off unless asked for
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class LossSpec:
     ce_masked_only: bool = False
     targets: str = "topk"  # the cache's target mode (pipeline/modes), which computes L_ce
     cache_positions: str = "all"  # where the cache holds targets: all | masked
+    alpha_layer_cos: float = DEFAULT_ALPHA_LAYER_COS
+    # L_layer's pairs: (student hidden_states index, block of the cache's hidden_layers column)
+    layer_pairs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -71,6 +78,7 @@ class LossTerms:
     ce: torch.Tensor | None
     mlm: torch.Tensor | None
     cos: torch.Tensor | None
+    layer_cos: torch.Tensor | None = None
 
 
 def teacher_log_probs(topk_logits: torch.Tensor, log_z: torch.Tensor, temperature: float
@@ -155,15 +163,28 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)).mean()
 
 
+def layer_cosine_loss(states: list[torch.Tensor], maps: list[nn.Module], teacher: torch.Tensor,
+                      blocks: list[int]) -> torch.Tensor:
+    """Mean over matched layers i of cosine_loss(maps[i](states[i]), teacher[:, blocks[i]]).
+    states[i] (N, H_s) the student's hidden state at pair i; teacher (N, n, d) the cached layers."""
+    terms = [cosine_loss(f(h), teacher[:, b]) for h, f, b in zip(states, maps, blocks)]
+    return torch.stack(terms).mean()
+
+
 def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, batch, spec: LossSpec,
                       teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> LossTerms:
-    """All three terms from one student forward.
+    """All the terms from one student forward.
 
     body: (B, T) ids -> (B, T, H) last hidden state; head: (P, H) -> (P, V) MLM logits;
-    hidden_map: (N, H) -> (N, d) into the cache's projection space. `batch` is a loader.Batch.
+    hidden_map: (N, H) -> (N, d) into the cache's projection space (with L_layer, a
+    layer_targets.WithLayerMaps holding each matched layer's map too). `batch` is a loader.Batch.
     """
-    h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]  # (B, T, H)
-    hv = h[batch.attention_mask.bool()]  # (N, H) non-padding positions, row-major as the cache
+    want_layers = spec.alpha_layer_cos > 0
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+               **({"output_hidden_states": True} if want_layers else {}))
+    h = out[0]  # (B, T, H)
+    valid = batch.attention_mask.bool()
+    hv = h[valid]  # (N, H) non-padding positions, row-major as the cache
     total = hv.new_zeros((), dtype=torch.float32)
     ce = mlm = cos = None
     need_ce, need_mlm = spec.alpha_ce > 0, spec.alpha_mlm > 0 and batch.mlm_index.numel() > 0
@@ -189,4 +210,10 @@ def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, b
     if spec.alpha_cos > 0:
         cos = cosine_loss(hidden_map(hv), batch.hidden)
         total = total + spec.alpha_cos * cos
-    return LossTerms(total, ce, mlm, cos)
+    layer_cos = None
+    if want_layers:
+        states = [out.hidden_states[m][valid] for m, _ in spec.layer_pairs]  # each (N, H)
+        layer_cos = layer_cosine_loss(states, list(hidden_map.layers), batch.hidden_layers,
+                                      [b for _, b in spec.layer_pairs])
+        total = total + spec.alpha_layer_cos * layer_cos
+    return LossTerms(total, ce, mlm, cos, layer_cos)

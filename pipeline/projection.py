@@ -58,10 +58,26 @@ def check_dim(kind: ProjectionKind, width: int, dim: int | None) -> int:
     return d
 
 
-def save_projection(path: Path, matrix: torch.Tensor) -> None:
-    atomic_write_bytes(path, save({PROJECTION_KEY: matrix.contiguous()}))
+LAYERS_KEY = "layers"  # the (n, H, d) projections of a cache's hidden_layers (pipeline/layer_targets.py)
+
+
+def save_projection(path: Path, matrix: torch.Tensor, layers: torch.Tensor | None = None) -> None:
+    """The last layer's (H, d) matrix and, where the cache stores other layers, their (n, H, d) stack."""
+    tensors = {PROJECTION_KEY: matrix.contiguous()}
+    if layers is not None:
+        tensors[LAYERS_KEY] = layers.contiguous()
+    atomic_write_bytes(path, save(tensors))
 
 
 def load_projection(path: Path) -> torch.Tensor:
     with tensor_file_errors(path):
         return load_file(str(path))[PROJECTION_KEY]
+
+
+def load_layer_projections(path: Path) -> torch.Tensor:
+    """The (n, H, d) stack of the other layers' projections, refused where the file holds none."""
+    with tensor_file_errors(path):
+        tensors = load_file(str(path))
+    if LAYERS_KEY not in tensors:
+        raise KdpipeError(f"{path} holds no {LAYERS_KEY!r} projections, though the manifest lists hidden layers")
+    return tensors[LAYERS_KEY]

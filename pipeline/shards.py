@@ -34,6 +34,7 @@ class ShardData:
     mlm_positions: np.ndarray  # (sum M,)
     mlm_labels: np.ndarray  # (sum M,)
     hidden: np.ndarray | None = None  # (sum T, d)
+    hidden_layers: np.ndarray | None = None  # (sum T, n * d) other layers' states, d each (layer_targets.py)
     target_count: np.ndarray | None = None  # (R,) target positions per row: length, or mlm_count
     topk_ids: np.ndarray | None = None  # (sum P, k)
     topk_logits: np.ndarray | None = None  # (sum P, k)
@@ -83,7 +84,7 @@ def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return rep + np.arange(total, dtype=np.int64)
 
 
-PER_TOKEN = ("input_ids", "hidden")
+PER_TOKEN = ("input_ids", "hidden", "hidden_layers")
 PER_MASK = ("mlm_positions", "mlm_labels")
 PER_TARGET = ("topk_ids", "topk_logits", "log_z", "teacher_state")
 PER_SAMPLE = ("sample_ids", "sample_counts")  # list<list<...>>: per target, then per draw

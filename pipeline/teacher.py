@@ -30,6 +30,7 @@ class TeacherOutputs:
     (all of them, or the masked ones), both in row-major order. Fields of other modes are None."""
 
     hidden: np.ndarray  # (N, d) float32, last hidden state through the projection
+    hidden_layers: np.ndarray | None = None  # (N, n * d) float32, other layers' states, each through its own
     topk_ids: np.ndarray | None = None  # (P, k) int64, by decreasing logit
     topk_logits: np.ndarray | None = None  # (P, k) float32, raw (temperature 1)
     log_z: np.ndarray | None = None  # (P, n_T) float32, log sum_v exp(z_v / T), full vocabulary
@@ -233,7 +234,10 @@ class TeacherRunner:
 
     def __init__(self, model: nn.Module, top_k: int, temperatures: tuple[float, ...],
                  projection: torch.Tensor, device: torch.device, chunk: int | None = None,
-                 mode: str = "topk", precision: str = "fp32") -> None:
+                 mode: str = "topk", precision: str = "fp32", layers: tuple[int, ...] = (),
+                 layer_projections: torch.Tensor | None = None) -> None:
+        """layers: other hidden_states indices stored beside the last (pipeline/layer_targets.py),
+        each through its (H, d) slice of layer_projections (n, H, d)."""
         from kdpipe.pipeline.modes import get_mode  # the modes' reductions import this module
 
         self.model = model.to(device)
@@ -243,6 +247,9 @@ class TeacherRunner:
         self.k = top_k
         self.temperatures = tuple(sorted(temperatures))
         self.projection = projection.to(device=device, dtype=torch.float32)  # (H, d)
+        self.layers = tuple(layers)
+        self.layer_projections = None if not layers else \
+            layer_projections.to(device=device, dtype=torch.float32)  # (n, H, d)
         # rows per decoder matmul and reduction. On CPU, the mode's cpu_chunk_rows (topk: 1024 x 30k
         # float32 = 125 MB): large ops, few of them. Cache-sized row blocks (16 rows) saved at most
         # ~10% on an idle 2-core machine, and were 4-7x slower than the bare forward pass once
@@ -257,17 +264,27 @@ class TeacherRunner:
     def hidden_and_decoder_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) last hidden states and (N, H') decoder inputs at the non-padding positions."""
-        h, x = self._forward(input_ids, attention_mask)
+        h, x, _ = self._forward(input_ids, attention_mask)
         valid = attention_mask.to(self.device).bool()
         return h[valid], x[valid]
 
+    @torch.inference_mode()
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """(N, H) unprojected hidden states at the non-padding positions: the last layer's, then
+        those after each of `layers` (what the projections are fitted on)."""
+        h, _, states = self._forward(input_ids, attention_mask)
+        valid = attention_mask.to(self.device).bool()
+        return [s[valid] for s in (h, *states)]
+
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, H) last hidden states and (B, T, H') decoder inputs, float32."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(B, T, H) last hidden states, (B, T, H') decoder inputs and the (B, T, H) states after
+        each of `layers`, float32."""
         with autocast(self.device, self.precision), decoder_bypassed(self.model):
             out = self.model(input_ids=input_ids.to(self.device),
                              attention_mask=attention_mask.to(self.device), output_hidden_states=True)
-        return out.hidden_states[-1].float(), out.logits.float()
+        return (out.hidden_states[-1].float(), out.logits.float(),
+                [out.hidden_states[i].float() for i in self.layers])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full (N, V) float32 logits from decoder inputs; for checks, not the hot path."""
@@ -280,12 +297,15 @@ class TeacherRunner:
             ) -> TeacherOutputs:
         """target_mask (B, T) bool: where targets are stored (default: every non-padding position);
         uniforms (P, N): the draws' uniforms in the sampled mode, one row per target position."""
-        h, x = self._forward(input_ids, attention_mask)  # (B, T, H), (B, T, H')
+        h, x, states = self._forward(input_ids, attention_mask)  # (B, T, H), (B, T, H'), n x (B, T, H)
         valid = self._where(attention_mask)
         targets = valid if target_mask is None else self._where(target_mask)
-        hidden = h.flatten(0, 1)[valid] @ self.projection  # (N, d)
+        out = {"hidden": h.flatten(0, 1)[valid] @ self.projection}  # (N, d)
+        if states:  # (N, n * d): each layer through its own projection, side by side
+            out["hidden_layers"] = torch.cat([s.flatten(0, 1)[valid] @ p
+                                              for s, p in zip(states, self.layer_projections)], dim=1)
         x = x.flatten(0, 1)[targets]  # (P, H')
-        return TeacherOutputs(**self._to_host({"hidden": hidden, **self.mode.reduce(self, x, uniforms)}))
+        return TeacherOutputs(**self._to_host({**out, **self.mode.reduce(self, x, uniforms)}))
 
     def _where(self, mask: torch.Tensor) -> torch.Tensor:
         """(n,) flat indices of a host (B, T) mask's true entries, on the device: found on the host,

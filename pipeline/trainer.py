@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe.pipeline import distributed
+from kdpipe.pipeline import distributed, layer_targets
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.errors import KdpipeError
@@ -32,7 +32,8 @@ from kdpipe.pipeline.losses import LossSpec, distillation_loss
 from kdpipe.pipeline.modes import TeacherHead
 
 REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the DistilBERT reference never decays
-WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "grad_norm")  # the metrics window, saved in checkpoints
+WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "layer_cos", "grad_norm")  # the metrics window, saved in checkpoints
+TERMS = ("ce", "mlm", "cos", "layer_cos")  # the loss terms, each weighted by spec.alpha_<term>
 _DROPOUT_SALT = 0xD209
 
 
@@ -48,7 +49,7 @@ class NonFiniteError(KdpipeError):
 
 def check_terms(terms: dict[str, float]) -> None:
     """Refuse an update whose loss terms (already on the host) are not all finite."""
-    for key in ("ce", "mlm", "cos", "loss"):
+    for key in (*TERMS, "loss"):
         if key in terms and not math.isfinite(terms[key]):
             raise NonFiniteError(f"the {key} loss is {terms[key]}", terms)
 
@@ -78,14 +79,18 @@ class Trainer:
 def build_trainer(student_config: Any, teacher_hidden: int, projection: torch.Tensor, optim: Optim,
                   seed: int, init: str, layer_map: list[int] | None,
                   teacher_state: dict[str, torch.Tensor] | None, device: torch.device,
-                  init_from: Path | None = None) -> Trainer:
+                  init_from: Path | None = None, layer_projections: list[torch.Tensor] | None = None) -> Trainer:
     """Student (seeded), its initialisation (teacher layers, or a model folder's weights), the
-    hidden map and AdamW, in a fixed order."""
+    hidden map (with L_layer, one more map per matched layer: `layer_projections`, each (H, d))
+    and AdamW, in a fixed order."""
     model = stu.build_student(student_config, seed)
     report: dict[str, Any] = {"init": init}
     if teacher_state is not None:
         report.update(stu.init_from_teacher(model, teacher_state, layer_map).summary())
     hmap = stu.hidden_map(int(student_config.hidden_size), teacher_hidden, projection)
+    if layer_projections:
+        hmap = layer_targets.with_layer_maps(hmap, int(student_config.hidden_size), teacher_hidden,
+                                             layer_projections)
     if init_from is not None:
         report.update(stu.init_from_folder(model, hmap, init_from))
     model.to(device).train()
@@ -115,7 +120,8 @@ class DistilStep(torch.nn.Module):
         self.spec, self.teacher_head, self.world_size = spec, teacher_head, world_size
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """(loss for backward, [ce, mlm, cos] shares of the global means, None where alpha is 0)."""
+        """(loss for backward, [ce, mlm, cos, layer_cos] shares of the global means, None where
+        alpha is 0)."""
         spec, part = self.spec, batch.part
         terms = distillation_loss(stu.body(self.student), stu.mlm_head(self.student), self.hidden_map,
                                   batch, spec, self.teacher_head)
@@ -127,10 +133,15 @@ class DistilStep(torch.nn.Module):
 
         shares = [t * share(lo, tot) if t is not None else None
                   for t, lo, tot in ((terms.ce, p_local, p_global), (terms.mlm, m_local, part.global_masked),
-                                     (terms.cos, n_local, part.global_tokens))]
-        loss = sum(a * t for a, t in zip((spec.alpha_ce, spec.alpha_mlm, spec.alpha_cos), shares)
-                   if t is not None)
+                                     (terms.cos, n_local, part.global_tokens),
+                                     (terms.layer_cos, n_local, part.global_tokens))]
+        loss = sum(a * t for a, t in zip(alphas(spec), shares) if t is not None)
         return loss * self.world_size, shares
+
+
+def alphas(spec: LossSpec) -> tuple[float, ...]:
+    """The weight of each of TERMS."""
+    return tuple(getattr(spec, f"alpha_{k}") for k in TERMS)
 
 
 def wrap_ddp(tr: Trainer, spec: LossSpec, teacher_head: TeacherHead | None, w: distributed.World) -> None:
@@ -154,7 +165,7 @@ class StepResult:
 
 
 def _new_result() -> StepResult:
-    return StepResult(0, None, {k: 0.0 for k in ("loss", "ce", "mlm", "cos", "grad_norm")}, 0, [], 0.0)
+    return StepResult(0, None, {k: 0.0 for k in ("loss", *TERMS, "grad_norm")}, 0, [], 0.0)
 
 
 def _update(tr: Trainer, optim: Optim, terms: dict[str, float]) -> float:
@@ -194,14 +205,13 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_he
             terms = distillation_loss(body, head, tr.hidden_map, batch, spec, teacher_head)
         (terms.loss / optim.grad_accum).backward()
         res.batches, res.last, res.tokens = res.batches + 1, batch, res.tokens + batch.tokens
-        for key, t in (("loss", terms.loss), ("ce", terms.ce), ("mlm", terms.mlm), ("cos", terms.cos)):
-            if t is not None:
+        for key in ("loss", *TERMS):
+            if (t := getattr(terms, key)) is not None:
                 res.sums[key] += t.item() / optim.grad_accum
         if record_rows:
             res.rows += [[int(a), int(b)] for a, b in zip(batch.seq_id, batch.view)]
     if res.batches:
-        terms = {k: res.sums[k] for k in ("loss", "ce", "mlm", "cos")
-                 if k == "loss" or getattr(spec, f"alpha_{k}") > 0}
+        terms = {k: res.sums[k] for k in ("loss", *TERMS) if k == "loss" or getattr(spec, f"alpha_{k}") > 0}
         check_terms(terms)
         res.sums["grad_norm"] = _update(tr, optim, terms)
     return res
@@ -221,7 +231,7 @@ def train_step_ddp(tr: Trainer, batches: Iterator[Batch], optim: Optim, lr: floa
     micro = list(itertools.islice(batches, optim.grad_accum))  # every rank gets as many: same stream
     res.waited = time.perf_counter() - t0
     torch.manual_seed(int(np.random.SeedSequence([seed, step, w.rank, _DROPOUT_SALT]).generate_state(1)[0]))
-    local = [0.0, 0.0, 0.0, 0.0]  # ce, mlm, cos shares of the global means; tokens
+    local = [0.0] * (len(TERMS) + 1)  # shares of the global means of TERMS; tokens
     for i, batch in enumerate(micro):
         batch = batch.to(device)
         with nullcontext() if i == len(micro) - 1 else tr.ddp.no_sync():
@@ -231,15 +241,14 @@ def train_step_ddp(tr: Trainer, batches: Iterator[Batch], optim: Optim, lr: floa
         for j, t in enumerate(shares):
             if t is not None:
                 local[j] += t.item() / optim.grad_accum
-        local[3] += batch.tokens if batch.part.rows else 0
+        local[-1] += batch.tokens if batch.part.rows else 0
         if record_rows:
             res.rows += [[int(a), int(b)] for a, b in zip(batch.part.seq_id, batch.part.view)]
     res.batches, res.last = len(micro), (micro[-1] if micro else None)
     if res.batches:  # a rank's own terms; a non-finite one makes every rank's gradient non-finite
-        res.sums["grad_norm"] = _update(tr, optim, {k: v for k, v, a in zip(
-            ("ce", "mlm", "cos"), local, (spec.alpha_ce, spec.alpha_mlm, spec.alpha_cos)) if a > 0})
-    ce, mlm, cos, tokens = distributed.all_reduce_sum(w, local)
-    for key, v, alpha in (("ce", ce, spec.alpha_ce), ("mlm", mlm, spec.alpha_mlm), ("cos", cos, spec.alpha_cos)):
+        res.sums["grad_norm"] = _update(tr, optim, {k: v for k, v, a in zip(TERMS, local, alphas(spec)) if a > 0})
+    *summed, tokens = distributed.all_reduce_sum(w, local)
+    for key, v, alpha in zip(TERMS, summed, alphas(spec)):
         if alpha > 0:
             res.sums[key] = v
             res.sums["loss"] += alpha * v
@@ -257,8 +266,9 @@ def metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, wait
     update's gradient norm before clipping."""
     n = max(w["steps"], 1.0)
     term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
+    layer = {"loss_layer_cos": term("layer_cos", spec.alpha_layer_cos)} if spec.alpha_layer_cos > 0 else {}
     return {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
-            "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos),
+            "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos), **layer,
             "grad_norm": w["grad_norm"] / n, "lr": lr, "tokens_per_s": round(timed_tokens / max(elapsed, 1e-9), 1),
             "epoch": round(epoch, 4), "steps_per_s": round(timed_steps / max(elapsed, 1e-9), 4),
             "data_wait_pct": round(100 * waited / max(elapsed, 1e-9), 2)}

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from kdpipe.pipeline.shards import ShardData
 
-FLOAT_COLUMNS = ("hidden", "topk_logits", "log_z", "teacher_state")
+FLOAT_COLUMNS = ("hidden", "hidden_layers", "topk_logits", "log_z", "teacher_state")
 ID_COLUMNS = ("input_ids", "mlm_labels", "topk_ids", "sample_ids")
 # float16 rounds a logit z to within |z| * 2^-11: logsumexp of the rounded top-k may exceed the
 # exact log Z (computed in float32 from the unrounded logits) by that much over T
@@ -68,7 +68,7 @@ def limits_of(manifest: Any, schema: pa.Schema | None = None) -> Limits:
     views = int((manifest.fingerprint.get("masking") or {}).get("views") or 1)
     if schema is None:
         schema = shard_schema(manifest.vocab_size, manifest.top_k, len(manifest.temperatures), manifest.hidden_dim,
-                              manifest.targets, manifest.state_dim or 0)
+                              manifest.targets, manifest.state_dim or 0, len(manifest.hidden_layers))
     return Limits(manifest.vocab_size, manifest.seq_len, views, manifest.target_positions,
                   tuple(manifest.temperatures), manifest.samples, float_limits(schema))
 
@@ -108,7 +108,8 @@ def check(data: ShardData, lim: Limits, first_seq: int | None = None, num_seqs: 
           deep: bool = False) -> None:
     """Raise ValueProblem at the first value `data` should not hold; return quietly otherwise."""
     _check_rows(data, lim, first_seq, num_seqs)
-    rows_of = {"input_ids": data.offsets(), "hidden": data.offsets(), "mlm_labels": data.mlm_offsets(),
+    rows_of = {"input_ids": data.offsets(), "hidden": data.offsets(), "hidden_layers": data.offsets(),
+               "mlm_labels": data.mlm_offsets(),
                "mlm_positions": data.mlm_offsets(), **{c: data.target_offsets() for c in
                                                         ("topk_ids", "topk_logits", "log_z", "teacher_state")}}
     _check_ids(data, lim, rows_of)

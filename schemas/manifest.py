@@ -60,6 +60,7 @@ class Manifest(_Frozen):
     temperatures: list[float]  # topk: the grid; sampled: the one draw temperature; else []
     samples: int | None = None  # sampled: draws per position
     hidden_dim: int  # 0 in mode none
+    hidden_layers: list[int] = []  # other layers stored in the hidden_layers column (pipeline/layer_targets.py)
     state_dim: int | None = None  # exact: width of teacher_state
     projection: FileEntry | None = None  # absent in mode none
     head: FileEntry | None = None  # exact: the frozen decoder (head.safetensors)

@@ -15,6 +15,7 @@ values float32 (their error would otherwise shift every probability).
 | mlm_positions | list<uint16>                          | masked  | masked positions, ascending                    |
 | mlm_labels    | list<id>                              | masked  | original ids at those positions                |
 | hidden        | list<fixed_size_list<float16, d>>     | token   | teacher's last hidden state @ projection (all modes but none) |
+| hidden_layers | list<fixed_size_list<float16, n*d>>   | token   | with --hidden-layers: the teacher's states after n other layers, d each, each @ its projection |
 | topk_ids      | list<fixed_size_list<id, k>>          | target  | topk: the teacher's k largest logits' ids      |
 | topk_logits   | list<fixed_size_list<float16, k>>     | target  | topk: their raw logits (temperature 1)         |
 | log_z         | list<fixed_size_list<float32, n_T>>   | target  | topk: log sum_v exp(z_v / T), full vocabulary, per T of the grid |
@@ -51,9 +52,10 @@ def id_type(vocab_size: int) -> pa.DataType:
 
 
 def shard_schema(vocab_size: int, k: int = 0, n_temperatures: int = 0, hidden_dim: int = 0,
-                 mode: str = "topk", state_dim: int = 0) -> pa.Schema:
+                 mode: str = "topk", state_dim: int = 0, hidden_layers: int = 0) -> pa.Schema:
     """The one explicit schema of a cache's shards, from the settings in its manifest: the fields
-    every mode has, then the target mode's own (pipeline/modes declares them)."""
+    every mode has, then the target mode's own (pipeline/modes declares them). hidden_layers: how
+    many other layers' states the cache stores beside the last (pipeline/layer_targets.py)."""
     from kdpipe.pipeline.modes import get_mode
 
     target = get_mode(mode)
@@ -68,5 +70,8 @@ def shard_schema(vocab_size: int, k: int = 0, n_temperatures: int = 0, hidden_di
     ]
     if target.uses_teacher:
         fields.append(pa.field("hidden", pa.list_(pa.list_(pa.float16(), hidden_dim)), nullable=False))
+        if hidden_layers:  # one per-token column, as wide as the layers' states together
+            fields.append(pa.field("hidden_layers", pa.list_(pa.list_(pa.float16(), hidden_layers * hidden_dim)),
+                                   nullable=False))
     fields += target.fields(ids, k, n_temperatures, state_dim)
     return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})

@@ -42,11 +42,26 @@ def info(cache_dir: Path | str) -> dict[str, Any]:
         "shards": len(m.shards), "sequences": m.sequences, "rows": m.rows, "tokens": m.tokens,
         "bytes": m.bytes, "bytes_per_token": m.bytes_per_token,
         "bytes_per_token_by_column": m.bytes_per_token_by_column,
+        "bytes_per_token_by_kind": bytes_by_kind(m),
         "targets": m.targets, "target_positions": m.target_positions, "top_k": m.top_k,
         "temperatures": m.temperatures, "samples": m.samples, "state_dim": m.state_dim,
-        "hidden_dim": m.hidden_dim,
+        "hidden_dim": m.hidden_dim, "hidden_layers": m.hidden_layers,
         "created_at": m.created_at, "finished_at": m.finished_at,
     }
+
+
+def bytes_by_kind(m: Any) -> dict[str, float]:
+    """Bytes per token of each kind of stored target: the inputs (ids, masks, row fields), the
+    last hidden state, the other layers' states (and each one's share), the mode's L_ce columns."""
+    from kdpipe.pipeline.modes import get_mode
+
+    cols = m.bytes_per_token_by_column
+    kinds = {"hidden": ("hidden",), "hidden_layers": ("hidden_layers",), "targets": get_mode(m.targets).columns}
+    out = {k: round(sum(cols.get(c, 0.0) for c in v), 3) for k, v in kinds.items() if any(c in cols for c in v)}
+    out["inputs"] = round(sum(v for c, v in cols.items() if not any(c in v2 for v2 in kinds.values())), 3)
+    if m.hidden_layers:
+        out["hidden_per_layer"] = round(out.get("hidden_layers", 0.0) / len(m.hidden_layers), 3)
+    return dict(sorted(out.items()))
 
 
 @click.group("cache")  # kdpipe's group (pipeline/cli.py) turns a KdpipeError into one line

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import checkpoint as ckpt
-from kdpipe.pipeline import distributed, model_card
+from kdpipe.pipeline import distributed, layer_targets, model_card
 from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.config import (
@@ -60,10 +60,11 @@ from kdpipe.pipeline.fsutil import (
 )
 from kdpipe.pipeline.loader import Batch, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
 from kdpipe.pipeline.losses import (
-    REFERENCE_ALPHA_CE, REFERENCE_ALPHA_COS, REFERENCE_ALPHA_MLM, REFERENCE_TEMPERATURE, LossSpec,
+    DEFAULT_ALPHA_LAYER_COS, REFERENCE_ALPHA_CE, REFERENCE_ALPHA_COS, REFERENCE_ALPHA_MLM, REFERENCE_TEMPERATURE,
+    LossSpec,
 )
 from kdpipe.pipeline.modes import get_mode
-from kdpipe.pipeline.projection import load_projection
+from kdpipe.pipeline.projection import load_layer_projections, load_projection
 from kdpipe.pipeline.provenance import code_revision, package_versions
 from kdpipe.pipeline.schedule import lr_at, warmup_steps
 from kdpipe.pipeline.trainer import (
@@ -110,6 +111,7 @@ class StudentConfig(StageConfig):
     alpha_ce: float = Field(REFERENCE_ALPHA_CE, ge=0)
     alpha_mlm: float = Field(REFERENCE_ALPHA_MLM, ge=0)
     alpha_cos: float = Field(REFERENCE_ALPHA_COS, ge=0)
+    alpha_layer_cos: float = Field(DEFAULT_ALPHA_LAYER_COS, ge=0)  # recorded in the identity only when > 0
     temperature: float = Field(REFERENCE_TEMPERATURE, gt=0)
     ce_masked_only: bool = False
     max_steps: int | None = Field(None, ge=1)
@@ -152,8 +154,8 @@ class StudentConfig(StageConfig):
     @model_validator(mode="after")
     def _consistent(self) -> "StudentConfig":
         problems = []
-        if self.alpha_ce == self.alpha_mlm == self.alpha_cos == 0:
-            problems.append("alpha_ce, alpha_mlm and alpha_cos are all 0: there is nothing to train")
+        if self.alpha_ce == self.alpha_mlm == self.alpha_cos == self.alpha_layer_cos == 0:
+            problems.append("alpha_ce, alpha_mlm, alpha_cos and alpha_layer_cos are all 0: there is nothing to train")
         if self.max_steps is not None and self.epochs is not None:
             problems.append("give max_steps or epochs, not both")
         if self.batch_size is not None and self.batch_tokens is not None:
@@ -187,6 +189,8 @@ class Setup:
     manifest: Manifest
     teacher_config: dict[str, Any]
     projection: torch.Tensor  # (H_teacher, d)
+    layer_pairs: tuple[tuple[int, int], ...]  # L_layer: (student hidden_states index, cached block); () when off
+    layer_projections: list[torch.Tensor] | None  # L_layer: each pair's (H_teacher, d) projection
     teacher_head: TeacherHead | None  # exact mode: decoder (V, H'), (V,)
     student_config: Any  # a transformers config
     layer_map: list[int] | None
@@ -206,7 +210,7 @@ class Setup:
 def loss_spec(s: Setup) -> LossSpec:
     c = s.cfg
     return LossSpec(c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.temperature, c.ce_masked_only,
-                    s.manifest.targets, s.manifest.target_positions)
+                    s.manifest.targets, s.manifest.target_positions, c.alpha_layer_cos, s.layer_pairs)
 
 
 # ---------------------------------------------------------------------------------------- set up
@@ -284,12 +288,11 @@ def set_up(cfg: StudentConfig) -> Setup:
         problems.append(f"the student's vocabulary has {scfg.vocab_size} tokens but the cache's has "
                         f"{manifest.vocab_size}: its logits cannot be compared with the teacher's")
     layer_map = None
+    t_layers, s_layers = int(teacher_config["num_hidden_layers"]), int(scfg.num_hidden_layers)
     teacher_path = _teacher_path(cfg, cache)
     if cfg.teacher and not cfg.teacher.startswith("builtin:") and not Path(cfg.teacher).exists():
         problems.append(f"--teacher {cfg.teacher} does not exist")
     if cfg.init == "teacher":
-        t_layers = int(teacher_config["num_hidden_layers"])
-        s_layers = int(scfg.num_hidden_layers)
         if cfg.layer_map is None and s_layers > t_layers:
             problems.append(f"the student has {s_layers} layers, more than the teacher's {t_layers}: --init teacher "
                             "would copy some teacher layers twice; give --layer-map to repeat them on purpose, "
@@ -297,6 +300,11 @@ def set_up(cfg: StudentConfig) -> Setup:
         layer_map = list(cfg.layer_map) if cfg.layer_map is not None else stu.default_layer_map(
             t_layers, s_layers)
         problems += stu.check_layer_map(layer_map, t_layers, int(scfg.num_hidden_layers))
+    pairs: list[tuple[int, int]] = []
+    matching = layer_map or stu.default_layer_map(t_layers, s_layers)
+    if cfg.alpha_layer_cos > 0 and len(matching) == s_layers:  # the student's layers matched to the cache's
+        pairs = layer_targets.matched(matching, s_layers)
+        problems += layer_targets.train_problems(pairs, manifest.hidden_layers, s_layers)
     if problems:
         raise KdpipeError("; ".join(problems))
 
@@ -305,6 +313,8 @@ def set_up(cfg: StudentConfig) -> Setup:
     student_dict = json.loads(scfg.to_json_string())
     student_dict.pop("transformers_version", None)
     identity = {k: v for k, v in resolved.items() if k not in OPERATIONAL + LENGTH}
+    if not cfg.alpha_layer_cos:  # a run from before L_layer existed resumes
+        identity.pop("alpha_layer_cos")
     identity["student_config"] = student_dict
     if cfg.init_from:
         identity["init_from_weights_sha256"] = init_sha
@@ -318,8 +328,13 @@ def set_up(cfg: StudentConfig) -> Setup:
     device = distributed.local_device(pick_device(cfg.device), distributed.world())
     if teacher_head is not None:
         teacher_head = (teacher_head[0].to(device), None if teacher_head[1] is None else teacher_head[1].to(device))
-    return Setup(cfg, cache, out, manifest, teacher_config, projection, teacher_head, scfg, layer_map,
-                 teacher_path, identity, sha256_bytes(dumps_json(identity)), loader, total, device)
+    layer_projections = None
+    if pairs:
+        stack = load_layer_projections(_checked(cache, manifest.projection))  # (n, H, d)
+        layer_projections = [stack[manifest.hidden_layers.index(t)] for _, t in pairs]
+    return Setup(cfg, cache, out, manifest, teacher_config, projection,
+                 layer_targets.columns(pairs, manifest.hidden_layers), layer_projections, teacher_head, scfg,
+                 layer_map, teacher_path, identity, sha256_bytes(dumps_json(identity)), loader, total, device)
 
 
 def check_run_dir(s: Setup) -> RunRecord | None:
@@ -423,7 +438,7 @@ def _tensorboard(cfg: StudentConfig, out: Path) -> Any | None:
 def _trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
     return build_trainer(s.student_config, int(s.teacher_config["hidden_size"]), s.projection, s.optim,
                          s.cfg.seed, s.cfg.init, s.layer_map, teacher_state, s.device,
-                         Path(s.cfg.init_from) if s.cfg.init_from else None)
+                         Path(s.cfg.init_from) if s.cfg.init_from else None, s.layer_projections)
 
 
 def open_stream(s: Setup, position: Position, w: distributed.World | None = None) -> Iterator[Batch]:
@@ -531,7 +546,7 @@ def _stopped(out: Path, step: int, e: NonFiniteError) -> str:
     kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint was written yet"
     terms = {k: v for k, v in e.terms.items() if k != "loss"}
     bad = {k for k, v in terms.items() if not math.isfinite(v)}
-    if bad and bad <= {"ce", "cos"} and bad != set(terms):  # the student's own MLM loss is fine
+    if bad and bad <= {"ce", "cos", "layer_cos"} and bad != set(terms):  # the student's own MLM loss is fine
         advice = (f"the cache's {' and '.join(sorted(bad))} targets of this batch are suspect: run "
                   "`kdpipe cache verify --deep`")
     else:
@@ -778,6 +793,10 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--alpha-mlm", type=float, help=f"Weight of the masked-LM loss. [{REFERENCE_ALPHA_MLM}]")
 @click.option("--alpha-cos", type=float,
               help=f"Weight of the hidden-state cosine loss. [{REFERENCE_ALPHA_COS}]")
+@click.option("--alpha-layer-cos", type=float, help="Weight of the layer-wise hidden-state cosine loss: "
+              "student layers 1..M-1 against the teacher layers the cache holds (teacher-dump --hidden-layers), "
+              "matched through the layer map (pipeline/layer_targets.py). "
+              f"[{DEFAULT_ALPHA_LAYER_COS:g}: off]")
 @click.option("--temperature", type=float, help="Softening temperature; must be in the cache's grid. "
               f"[{REFERENCE_TEMPERATURE}]")
 @click.option("--ce-masked-only", is_flag=True, default=None, help="Distil only at masked positions "

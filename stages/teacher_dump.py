@@ -35,10 +35,10 @@ from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import cache_card
 from kdpipe.pipeline import corpus as corpus_mod
-from kdpipe.pipeline import distributed
+from kdpipe.pipeline import distributed, layer_targets
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage, values
-from kdpipe.pipeline.config import StageConfig, build_config, config_option, echo_json, floats_option
+from kdpipe.pipeline.config import StageConfig, build_config, config_option, echo_json, floats_option, ints_option
 from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import KdpipeError
@@ -86,6 +86,7 @@ class DumpConfig(StageConfig):
     samples: int = Field(32, ge=1, le=65535)
     hidden_proj: Literal["identity", "random", "pca"] = "pca"
     hidden_dim: int | None = Field(None, ge=1)  # default: full width (identity), else 128
+    hidden_layers: list[int] = Field(default_factory=list)  # other layers' states too (pipeline/layer_targets.py)
     pca_sequences: int = Field(64, ge=1)
     shard_size: int = Field(1024, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -105,6 +106,15 @@ class DumpConfig(StageConfig):
             raise ValueError("temperatures must be distinct")
         return sorted(v)
 
+    @field_validator("hidden_layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(x < 0 for x in v):
+            raise ValueError("hidden_layers must be 0 (the embeddings' output) or more")
+        if len(set(v)) != len(v):
+            raise ValueError("hidden_layers must be distinct")
+        return sorted(v)
+
     @model_validator(mode="before")
     @classmethod
     def _mode_defaults(cls, data: Any) -> Any:
@@ -119,6 +129,8 @@ class DumpConfig(StageConfig):
         if self.mask_token_prob + self.random_token_prob > 1:
             problems.append("mask_token_prob + random_token_prob must not exceed 1")
         problems += self.mode.dump_problems(temperatures=self.temperatures, hidden_proj=self.hidden_proj)
+        if self.hidden_layers and not self.mode.uses_teacher:
+            problems.append(f"hidden_layers: mode {self.targets} runs no teacher and stores no hidden states")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -193,6 +205,8 @@ def set_up(cfg: DumpConfig) -> Setup:
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise KdpipeError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {max_pos} positions")
+    if problems := layer_targets.dump_problems(cfg.hidden_layers, int(mcfg.num_hidden_layers)):
+        raise KdpipeError("; ".join(problems))
     hidden_dim = proj.check_dim(cfg.hidden_proj, int(mcfg.hidden_size), cfg.hidden_dim) \
         if cfg.mode.uses_teacher else 0
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
@@ -217,7 +231,8 @@ def set_up(cfg: DumpConfig) -> Setup:
                     **cfg.mode.fingerprint(_target_settings(cfg, model))},
         "hidden": None if not cfg.mode.uses_teacher else {
             "projection": cfg.hidden_proj, "dim": hidden_dim, "seed": cfg.seed,
-            "pca_sequences": cfg.pca_sequences if cfg.hidden_proj == "pca" else None},
+            "pca_sequences": cfg.pca_sequences if cfg.hidden_proj == "pca" else None,
+            **layer_targets.fingerprint(cfg.hidden_layers)},
         "storage": {"shard_size": cfg.shard_size, "zstd_level": cfg.zstd_level},
     }
     return Setup(cfg, Path(cfg.out), tokenizer, model, mcfg, corpus, vocab, vocab.random_pool(), n_seq,
@@ -242,21 +257,28 @@ def _target_settings(cfg: DumpConfig, model: torch.nn.Module | None) -> TargetSe
                           state_dim=state_dim)
 
 
-def _build_projection(s: Setup, runner_for: Any) -> torch.Tensor:
-    width = s.fingerprint["teacher"]["hidden_size"]
+def _build_projection(s: Setup, runner_for: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last layer's (H, d) projection and the (n, H, d) stack of the other stored layers' (None
+    without --hidden-layers): identity and random are one matrix for every layer; pca is fitted
+    on each layer's own states."""
+    width, n = s.fingerprint["teacher"]["hidden_size"], len(s.cfg.hidden_layers)
+    stack = (lambda m: m.expand(n, *m.shape).clone() if n else None)  # noqa: E731
     if s.cfg.hidden_proj == "identity":
-        return proj.identity(width)
+        return proj.identity(width), stack(proj.identity(width))
     if s.cfg.hidden_proj == "random":
-        return proj.random_orthogonal(width, s.hidden_dim, s.cfg.seed)
+        m = proj.random_orthogonal(width, s.hidden_dim, s.cfg.seed)
+        return m, stack(m)
     # pca: fitted on the teacher's states for the first sequences, masked as they will be stored
-    runner: TeacherRunner = runner_for(proj.identity(width))
+    runner: TeacherRunner = runner_for(proj.identity(width), proj.identity(width).expand(n, width, width))
     seqs = list(itertools.islice(_sequences(s), s.cfg.pca_sequences))
     rows = [mask_rows(s.rows, i, seq)[0] for i, seq in enumerate(seqs)]
-    states = []
+    states: list[list[torch.Tensor]] = [[] for _ in range(n + 1)]  # the last layer's, then each other's
     for batch in length_batches(rows, s.cfg.batch_size):
         ids, att = pad([rows[i].input_ids for i in batch], s.tokenizer.pad_token_id)
-        states.append(runner.hidden_and_decoder_input(ids, att)[0].cpu())
-    return proj.fit_pca(torch.cat(states), s.hidden_dim)
+        for i, st in enumerate(runner.states(ids, att)):
+            states[i].append(st.cpu())
+    fitted = [proj.fit_pca(torch.cat(st), s.hidden_dim) for st in states]
+    return fitted[0], torch.stack(fitted[1:]) if n else None
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -364,7 +386,8 @@ def _check_values(s: Setup, index: int, n_seqs: int, data: Any, schema: pa.Schem
 def _schema(s: Setup) -> pa.Schema:
     t = _target_settings(s.cfg, s.model)
     return cache_card.describe(
-        shard_schema(s.vocab.size, t.top_k, len(t.temperatures), s.hidden_dim, s.cfg.targets, t.state_dim),
+        shard_schema(s.vocab.size, t.top_k, len(t.temperatures), s.hidden_dim, s.cfg.targets, t.state_dim,
+                     len(s.cfg.hidden_layers)),
         s.fingerprint)
 
 
@@ -374,19 +397,21 @@ def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
     if s.model is None:
         return None
 
-    def runner_for(p: torch.Tensor) -> TeacherRunner:
+    def runner_for(p: torch.Tensor, layer_p: torch.Tensor | None) -> TeacherRunner:
         return TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device,
-                             mode=s.cfg.targets, precision=s.cfg.precision)
+                             mode=s.cfg.targets, precision=s.cfg.precision,
+                             layers=tuple(s.cfg.hidden_layers), layer_projections=layer_p)
 
     proj_path = s.out / cachedir.PROJECTION_NAME
     if proj_path.exists():
         projection = proj.load_projection(proj_path)
+        layer_p = proj.load_layer_projections(proj_path) if s.cfg.hidden_layers else None
     else:
-        projection = _build_projection(s, runner_for)
-        proj.save_projection(proj_path, projection)
+        projection, layer_p = _build_projection(s, runner_for)
+        proj.save_projection(proj_path, projection, layer_p)
     if s.cfg.mode.needs_head and not (s.out / cachedir.HEAD_NAME).exists():
         save_head(s.out / cachedir.HEAD_NAME, decoder_of(s.model))
-    runner = runner_for(projection)
+    runner = runner_for(projection, layer_p)
     first = next(iter(_sequences(s)))
     runner.check_head_split(*pad([first], s.tokenizer.pad_token_id))
     return runner
@@ -428,7 +453,7 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str, hashed: dict[Path
         schema_version=SCHEMA_VERSION, fingerprint=s.fingerprint, fingerprint_sha256=fp_sha,
         vocab_size=s.vocab.size, seq_len=s.cfg.seq_len, targets=mode.name,
         target_positions=s.cfg.target_positions, **mode.manifest_fields(_target_settings(s.cfg, s.model)),
-        hidden_dim=s.hidden_dim,
+        hidden_dim=s.hidden_dim, hidden_layers=list(s.cfg.hidden_layers),
         projection=cachedir.file_entry(out, cachedir.PROJECTION_NAME) if mode.uses_teacher else None,
         head=cachedir.file_entry(out, cachedir.HEAD_NAME) if mode.needs_head else None,
         teacher_config=cachedir.file_entry(out, cachedir.TEACHER_CONFIG_NAME),
@@ -448,10 +473,11 @@ def dry_run(s: Setup) -> dict[str, Any]:
     """Estimate time and size from a couple of batches, writing nothing."""
     device = pick_device(s.cfg.device)
     width = s.fingerprint["teacher"]["hidden_size"]
+    p = proj.random_orthogonal(width, max(s.hidden_dim, 1), s.cfg.seed)
     runner = None if s.model is None else TeacherRunner(
-        s.model, s.cfg.top_k, tuple(s.cfg.temperatures),
-        proj.random_orthogonal(width, max(s.hidden_dim, 1), s.cfg.seed), device, mode=s.cfg.targets,
-        precision=s.cfg.precision)
+        s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device, mode=s.cfg.targets,
+        precision=s.cfg.precision, layers=tuple(s.cfg.hidden_layers),
+        layer_projections=p.expand(len(s.cfg.hidden_layers), *p.shape))
     seqs = list(itertools.islice(_sequences(s), max(1, 2 * s.cfg.batch_size // s.cfg.mask_views)))
     dump_shard(s.rows, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
     t0 = time.perf_counter()
@@ -578,6 +604,10 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
 @click.option("--hidden-proj", type=click.Choice(["identity", "random", "pca"]),
               help="Projection of the teacher's last hidden state. [pca]")
 @click.option("--hidden-dim", type=int, help="Width of the stored projection. [128; full for identity]")
+@click.option("--hidden-layers", callback=ints_option, help="Also store the teacher's hidden states after "
+              "these layers (0: the embeddings' output; the last is stored already), each through its own "
+              "projection of --hidden-proj's kind and --hidden-dim's width, for student-train "
+              "--alpha-layer-cos, e.g. 2,4. [none]")
 @click.option("--shard-size", type=int, help="Sequences per shard (the unit of resumption). [1024]")
 @click.option("--batch-size", type=int, help="Sequences per teacher batch. [32]")
 @click.option("--zstd-level", type=int, help="zstd level of the shards. [3]")

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdpipe.pipeline.losses import LossSpec, cosine_loss, distillation_loss, mlm_loss, topk_kl
+from kdpipe.pipeline.layer_targets import with_layer_maps
+from kdpipe.pipeline.losses import LossSpec, cosine_loss, distillation_loss, layer_cosine_loss, mlm_loss, topk_kl
 from kdpipe.pipeline.schedule import lr_at, warmup_steps
 
 torch.set_num_threads(1)
@@ -222,6 +223,73 @@ def test_zero_weight_terms_are_not_computed():
     batch, _ = _batch()
     terms = distillation_loss(body, head, hmap, batch, LossSpec(0.0, 0.0, 1.0))
     assert terms.ce is None and terms.mlm is None and terms.loss.item() == pytest.approx(terms.cos.item())
+
+
+# ------------------------------------------------------------------- L_layer (hidden_layers)
+
+def ref_cos_loss(s: np.ndarray, h: np.ndarray) -> float:
+    return float(np.mean(1 - (s * h).sum(-1) / np.linalg.norm(s, axis=-1) / np.linalg.norm(h, axis=-1)))
+
+
+def test_layer_cos_is_the_float64_mean_over_layers_of_each_layers_cosine_loss():
+    rng = np.random.default_rng(5)
+    n, hs, d = 13, 6, 4
+    states = [rng.normal(size=(n, hs)) for _ in range(2)]
+    maps = [torch.nn.Linear(hs, d, bias=False) for _ in range(2)]
+    teacher = rng.normal(size=(n, 3, d))  # three cached layers; the pairs use blocks 2 and 0
+    got = layer_cosine_loss([torch.from_numpy(x).float() for x in states], maps,
+                            torch.from_numpy(teacher).float(), [2, 0]).item()
+    w = [m.weight.detach().double().numpy() for m in maps]
+    want = np.mean([ref_cos_loss(states[0] @ w[0].T, teacher[:, 2]), ref_cos_loss(states[1] @ w[1].T, teacher[:, 0])])
+    assert got == pytest.approx(float(want), rel=1e-6)
+
+
+def _tiny_bert(layers: int = 3, width: int = 8, vocab: int = 30):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+                                intermediate_size=16, max_position_embeddings=16)).eval()
+
+
+@pytest.mark.parametrize("same_width", [True, False])
+def test_distillation_loss_adds_layer_cos_through_each_layers_map(same_width):
+    """A real 3-layer BERT body: pairs (1, block 1) and (2, block 0) of a 2-layer cached stack; the
+    maps are the layers' fixed projections where the teacher is as wide, else learned ones."""
+    vocab, width, d = 30, 8, 4
+    body, head = _tiny_bert(3, width, vocab), torch.nn.Linear(width, vocab)
+    batch, _ = _batch(vocab, width, d)
+    rng = np.random.default_rng(6)
+    batch.hidden_layers = torch.from_numpy(rng.normal(size=(batch.hidden.shape[0], 2, d))).float()
+    teacher_width = width if same_width else 12
+    projections = [torch.linalg.qr(torch.randn(teacher_width, d))[0] for _ in range(2)]
+    hmap = with_layer_maps(torch.nn.Linear(width, d, bias=False), width, teacher_width, projections)
+    spec = LossSpec(0.0, 2.0, 1.0, alpha_layer_cos=3.0, layer_pairs=((1, 1), (2, 0)))
+    terms = distillation_loss(body, head, hmap, batch, spec)
+
+    with torch.no_grad():
+        out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+        valid = batch.attention_mask.bool()
+        st = [out.hidden_states[m][valid].double().numpy() for m in (1, 2)]
+        mats = [m.matrix.double().numpy() if same_width else m.weight.double().numpy().T for m in hmap.layers]
+        t = batch.hidden_layers.double().numpy()
+        layer = np.mean([ref_cos_loss(st[0] @ mats[0], t[:, 1]), ref_cos_loss(st[1] @ mats[1], t[:, 0])])
+    if same_width:
+        assert [torch.equal(m.matrix, p) for m, p in zip(hmap.layers, projections)] == [True, True]
+    assert terms.layer_cos.item() == pytest.approx(float(layer), rel=1e-5)
+    assert terms.loss.item() == pytest.approx(2 * terms.mlm.item() + terms.cos.item() + 3 * float(layer), rel=1e-5)
+    terms.loss.backward()
+    lower = [p for n, p in body.named_parameters() if "encoder.layer.0." in n]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lower)
+    if not same_width:  # the learned layer maps are trained
+        assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in hmap.layers)
+
+
+def test_layer_cos_is_off_by_default():
+    body, head = _tiny_bert(), torch.nn.Linear(8, 30)
+    batch, _ = _batch(30, 8, 4)
+    terms = distillation_loss(body, head, torch.nn.Linear(8, 4, bias=False), batch, LossSpec(0.0, 1.0, 1.0))
+    assert LossSpec().alpha_layer_cos == 0 and terms.layer_cos is None
 
 
 # ------------------------------------------------------------------------------------ schedule
