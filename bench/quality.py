@@ -5,6 +5,7 @@ keep what DistilBERT's kept, and does the cache lose anything against online dis
     python bench/quality.py --workdir /tmp/kdq --preset whole-text  # the whole text, one epoch: ~110 min
     python bench/quality.py --workdir /tmp/kdq --preset full      # the issue's full scale, hours
     python bench/quality.py --workdir /tmp/kdq --write-results    # also write bench/RESULTS.md
+    python bench/quality.py --workdir /tmp/kdq --students cached,layer-cos   # only these students
 
 Everything is real and built in: teacher = all-MiniLM-L6-v2 given a masked-LM head by
 `teacher-adapt`; corpus = the whole built-in Wikipedia text (every 20th paragraph held out);
@@ -21,7 +22,10 @@ positions that carry no MLM label, which is what makes this fit on 2 CPU cores):
 - sampled:  from a sampled cache (32 draws per position at T = 2): unbiased L_ce estimate;
 - online:   the reference method, the teacher run at every step: full fp32 logits and full hidden
             states computed from the same masked inputs (the exact cache supplies only the batches);
-- no-ce, no-cos, no-mlm, random-init: the paper's Table 4 ablations of `cached`.
+- no-ce, no-cos, no-mlm, random-init: the paper's Table 4 ablations of `cached`;
+- layer-cos: `cached` plus kdpipe's layer-wise hidden cosine loss (issue 16: --alpha-layer-cos 1,
+            from a top-32 cache that also stores the teacher's states after layers 2 and 4, the
+            ones the 3-layer student's layers 1 and 2 are matched to; same masks).
 
 Targets (issue 5): the cached student keeps >= 97% of the teacher's downstream accuracy (macro
 over the tasks); it is within 0.3 points of the online one; the ablations order as in Table 4
@@ -115,19 +119,24 @@ STUDENTS: dict[str, dict[str, Any]] = {  # run name -> (cache mode, StudentConfi
     "no-cos": {"cache": "topk", "alpha_cos": 0.0},
     "no-mlm": {"cache": "topk", "alpha_mlm": 0.0},
     "random-init": {"cache": "topk", "init": "random"},
+    "layer-cos": {"cache": "topk-layers", "alpha_layer_cos": 1.0},
 }
 MODES = {  # cache name -> DumpConfig overrides; same seed, so the same masks in every cache
     "topk": dict(targets="topk", top_k=32, temperatures=[1.0, 2.0, 4.0], hidden_proj="pca", hidden_dim=128),
     "exact": dict(targets="exact"),
     "sampled": dict(targets="sampled", samples=32, temperatures=[2.0], hidden_proj="pca", hidden_dim=128),
+    # topk's settings plus the states after layers 2 and 4 of the 6-layer teacher (layer_targets.py)
+    "topk-layers": dict(targets="topk", top_k=32, temperatures=[1.0, 2.0, 4.0], hidden_proj="pca", hidden_dim=128,
+                        hidden_layers=[2, 4]),
 }
 
 
 # ------------------------------------------------------------------------------------- phases
 
 class Bench:
-    def __init__(self, workdir: Path, preset: Preset, device: str) -> None:
-        self.w, self.p, self.device = workdir, preset, device
+    def __init__(self, workdir: Path, preset: Preset, device: str, students: tuple[str, ...] = tuple(STUDENTS)
+                 ) -> None:
+        self.w, self.p, self.device, self.names = workdir, preset, device, students
         self.summary_path = workdir / "summary.json"
         self.summary: dict[str, Any] = json.loads(self.summary_path.read_text()) \
             if self.summary_path.exists() else {"seconds": {}}
@@ -169,7 +178,8 @@ class Bench:
 
     def caches(self, teacher: str, train: Path) -> dict[str, Path]:
         caches = {}
-        for mode, extra in MODES.items():
+        wanted = {STUDENTS[n]["cache"] for n in self.names}
+        for mode, extra in ((m, e) for m, e in MODES.items() if m in wanted):
             out = self.w / f"cache-{mode}"
             res = self.timed(f"teacher-dump {mode}", lambda: teacher_dump.main(teacher_dump.DumpConfig(
                 teacher=teacher, data=[str(train)], out=str(out), target_positions="masked",
@@ -183,8 +193,8 @@ class Bench:
 
     def students(self, teacher: str, caches: dict[str, Path]) -> dict[str, Path]:
         runs = {}
-        for name, spec in STUDENTS.items():
-            spec = dict(spec)
+        for name in self.names:
+            spec = dict(STUDENTS[name])
             cache, online = caches[spec.pop("cache")], spec.pop("online", False)
             out = self.w / "students" / name
             cfg = student_train.StudentConfig(
@@ -280,7 +290,7 @@ def table(report: dict[str, Any]) -> dict[str, Any]:
     resolved = [apart(a, b) for a, b in zip(ours, ours[1:])]
     consistent = all(deltas[a] <= deltas[b] or not apart(a, b)
                      for i, a in enumerate(paper) for b in paper[i + 1:])
-    out["ablation_order"] = {"ours": ours, "paper": paper, "same": ours == paper, "resolved_steps": resolved,
+    out["ablation_order"] = {} if not deltas else {"ours": ours, "paper": paper, "same": ours == paper, "resolved_steps": resolved,
                              "consistent": consistent}
     mlm = {r["model"]: r for r in (report.get("mlm") or {}).get("results", [])}
     out["mlm_top1"] = {m: r["top1_accuracy"] for m, r in mlm.items()}
@@ -384,6 +394,8 @@ def main() -> None:
                     "WORKDIR/teacher/model) instead of running teacher-adapt")
     ap.add_argument("--eval-modes", action="store_true", help="fine-tune the exact and sampled students too "
                     "(by default they are compared by their loss curves only)")
+    ap.add_argument("--students", default=",".join(STUDENTS), help="students to train and compare, "
+                    f"comma-separated (cached is the baseline of every Δ) [{','.join(STUDENTS)}]")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--summarize", action="store_true", help="only rebuild the table of a finished WORKDIR "
                     "(from its summary.json and report); runs nothing")
@@ -406,8 +418,12 @@ def main() -> None:
 
 
 def run_all(a: argparse.Namespace) -> None:
+    names = tuple(n for n in a.students.split(",") if n)
+    unknown = [n for n in names if n not in STUDENTS]
+    if unknown or "cached" not in names:
+        sys.exit(f"error: --students names {', '.join(STUDENTS)} and includes cached (got {a.students})")
     a.workdir.mkdir(parents=True, exist_ok=True)
-    b = Bench(a.workdir, PRESETS[a.preset], a.device)
+    b = Bench(a.workdir, PRESETS[a.preset], a.device, names)
     b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine())
     train, heldout = b.data()
     teacher = b.teacher(train, heldout, a.teacher)
