@@ -4,7 +4,6 @@ and clear errors for input that is not usable text."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +60,14 @@ def test_seq_len_without_room_is_refused() -> None:
         list(pack([[1000]], 2, CLS, SEP))
 
 
-def _best_time(n: int, repeats: int = 2) -> float:
-    doc = list(range(n))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        count = sum(1 for _ in pack([doc], 128, CLS, SEP, "pack"))
-        best = min(best, time.perf_counter() - t0)
-    assert count == -(-n // 126)
-    return best
-
-
-def test_one_enormous_document_packs_in_linear_time() -> None:
-    """8x the tokens must take about 8x the time (quadratic cutting would take ~64x)."""
-    small, big = _best_time(150_000), _best_time(1_200_000)
-    assert big / small < 24, f"{small:.3f}s -> {big:.3f}s"
+def test_one_enormous_document_packs_whole() -> None:
+    """A 1.2M-token document, cut by offset (bench/corpus_pack.py times that it stays linear: a
+    timed test fails on a loaded machine): every token once, in order, full sequences."""
+    n = 1_200_000
+    seqs = list(pack([list(range(1000, 1000 + n))], 128, CLS, SEP, "pack"))
+    assert len(seqs) == -(-n // 126) and all(len(s) == 128 for s in seqs[:-1])
+    body = np.concatenate([s[1:-1] for s in seqs])
+    assert np.array_equal(body, np.arange(1000, 1000 + n))
 
 
 def test_enormous_single_line_through_the_tokenizer(tmp_path: Path, tokenizer) -> None:
