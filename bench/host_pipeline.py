@@ -159,7 +159,7 @@ def dump_path(seqs: list[np.ndarray], shard_size: int, batch: int, pool, out: Pa
     return time.perf_counter() - t0
 
 
-def manifest_of(out: Path, shard_size: int, dim: int, k: int):
+def manifest_of(out: Path, shard_size: int, dim: int, k: int, seq_len: int):
     """A manifest listing the shards just written (only what the loader reads from it)."""
     import pyarrow.parquet as pq
 
@@ -173,7 +173,9 @@ def manifest_of(out: Path, shard_size: int, dim: int, k: int):
             path=p.relative_to(out).as_posix(), index=i, first_seq=i * shard_size, num_seqs=md.num_rows,
             rows=md.num_rows, tokens=0, bytes=p.stat().st_size, sha256=sha256_file(p)))
     return Manifest.model_construct(shards=entries, targets="topk", hidden_dim=dim, top_k=k,
-                                    temperatures=list(TEMPERATURES))
+                                    temperatures=list(TEMPERATURES), vocab_size=V, seq_len=seq_len,
+                                    target_positions="all", samples=None, state_dim=None,
+                                    fingerprint={"masking": {"views": 1}})
 
 
 def loader_path(out: Path, manifest, batch: int, workers: int) -> tuple[float, int]:
@@ -233,7 +235,7 @@ def main() -> None:
                 dump_s[n] = min(dump_s[n], took)
                 paths = sorted((out / "shards").glob("shard-*.parquet"))
                 floor_d[n] = min(floor_d[n], floor(paths, "dump", args.zstd_level, n))
-                manifest = manifest_of(out, args.shard_size, args.hidden_dim, args.top_k)
+                manifest = manifest_of(out, args.shard_size, args.hidden_dim, args.top_k, args.seq_len)
                 took, loaded = loader_path(out, manifest, args.batch_size, n)
                 assert loaded == tokens, (loaded, tokens)
                 load_s[n] = min(load_s[n], took)

@@ -26,6 +26,7 @@ from kdpipe.schemas.manifest import (  # noqa: F401  (the layout's names, used a
     FINGERPRINT_NAME, HEAD_NAME, MANIFEST_NAME, MANIFEST_VERSION, PROJECTION_NAME, RUN_INFO_NAME,
     SHARDS_DIR, TEACHER_CONFIG_NAME, TOKENIZER_DIR, FileEntry, Manifest, ShardEntry,
 )
+from kdpipe.schemas.shard import SCHEMA_VERSION
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
@@ -86,6 +87,10 @@ def load_manifest(cache_dir: Path) -> Manifest:
         raise KdpipeError(f"{path}: manifest format version {raw.get('format_version')} is not "
                           f"supported by this kdpipe (reads version {MANIFEST_VERSION})")
     m = validate_record(Manifest, raw, str(path), CorruptCacheError)
+    if m.schema_version != SCHEMA_VERSION:  # one shard layout is read: an older cache is re-dumped
+        raise KdpipeError(f"cache {cache_dir} holds shards of schema version {m.schema_version}; this kdpipe "
+                          f"reads version {SCHEMA_VERSION} only (schemas/shard.py says why): re-dump it with "
+                          "`kdpipe teacher-dump` into a new --out")
     if fingerprint_sha256(m.fingerprint) != m.fingerprint_sha256:
         raise CorruptCacheError(f"{path}: the fingerprint does not match its recorded hash")
     problems = _inconsistencies(m)

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from kdpipe.pipeline import layer_targets
 from kdpipe.pipeline.modes import MODES
+from kdpipe.schemas.shard import manifest_schema, vector_layout
 
 CARD_NAME = "README.md"
 DESCRIPTION_KEY = b"kdpipe.description"
@@ -45,6 +46,8 @@ def description(fingerprint: dict[str, Any]) -> dict[str, Any]:
                          "meaning": "teacher last hidden state @ projection.safetensors (H, dim)"}
         if (layers := layer_targets.description(h)) is not None:
             out[layer_targets.COLUMN] = layers
+    out["vector_columns"] = ("one binary value per row, C order, little-endian: "
+                             "np.frombuffer(value, field's kdpipe.dtype).reshape(-1, field's kdpipe.width)")
     return out
 
 
@@ -124,5 +127,26 @@ def render(manifest: Any) -> str:
         "Logits are stored raw. At temperature T the teacher's probability of top-k token i is "
         "exp(topk_logits_i / T - log_z[T]), exact; the mass outside the top-k is one minus their sum. "
         "Each shard's Parquet metadata (`kdpipe.description`) and field metadata say the same.", "",
+        *_vector_section(manifest_schema(manifest)),
     ]
     return "\n".join(lines)
+
+
+def _vector_section(schema: pa.Schema) -> list[str]:
+    """How to decode the vector columns with numpy alone (schemas/shard.py describes the layout)."""
+    vectors = [(f.name, *layout) for f in schema if (layout := vector_layout(f)) is not None]
+    if not vectors:
+        return []
+    name, dtype, width = vectors[0]
+    return [
+        "## Vector columns", "",
+        "These columns hold one binary value per row: the row's array of one fixed-width vector per token "
+        "(or target position), C order, little-endian. The field metadata names its dtype (`kdpipe.dtype`) "
+        "and width (`kdpipe.width`).", "",
+        "| column | dtype | width |", "| :--- | :--- | ---: |",
+        *[f"| {n} | {d.name} (`{d.str}`) | {w} |" for n, d, w in vectors], "",
+        "```python", "import numpy as np, datasets",
+        'ds = datasets.load_dataset("path/to/this/folder", split="train")',
+        f'{name} = np.frombuffer(ds[0]["{name}"], "{dtype.str}").reshape(-1, {width})  # (entries, {width})',
+        "```", "",
+    ]

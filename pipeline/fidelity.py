@@ -21,7 +21,7 @@ float32 teacher logits: the relative error of the mean L_ce (signed; with its st
 positions), and, per position, the cosine, angle and norm ratio of its gradient w.r.t. the
 student logits against the exact gradient (`targets.gradient_fidelity`). Bytes per token of each
 target column are measured by writing the sampled rows' column with the shard writer and the
-cache's zstd level (`shards.write_shard`: byte-stream split, no dictionary), divided by the
+cache's zstd level (`shards.write_shard`: plain, no dictionary), divided by the
 rows' tokens. Where the cache itself holds one of the settings, its stored targets are compared
 with the recomputed ones (`cache_check`): the draws and top-k the report simulates are the dump's.
 """
@@ -380,7 +380,7 @@ def run_fidelity(cache_dir: Path, teacher: str, student: str | None, spec: Fidel
         "spec": {"positions": spec.positions, "k": list(spec.ks), "samples": list(spec.samples),
                  "temperatures": list(temps), "seed": spec.seed, "draw_seed": seed},
         "bytes_measured": (f"each target column written by the shard writer (zstd level "
-                           f"{m.fingerprint.get('storage', {}).get('zstd_level', 3)}, byte-stream split) "
+                           f"{m.fingerprint.get('storage', {}).get('zstd_level', 3)}, plain encoding) "
                            f"for the {rows.data.rows} sampled rows, divided by their {tokens} tokens"),
         "cache_bytes_per_token_by_column": m.bytes_per_token_by_column,
         "cache_check": cache_check(rows, m, made),

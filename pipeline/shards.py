@@ -1,7 +1,9 @@
 """One shard: numpy arrays <-> an Arrow table <-> a zstd Parquet file written atomically.
 
 Columns are built from flat arrays and offsets (no Python lists per token), with the explicit
-schema of `kdpipe.schemas.shard` passed to the writer, never inferred.
+schema of `kdpipe.schemas.shard` passed to the writer, never inferred. Vector columns (one
+fixed-width vector per token or target position) go through `encode_vectors` / `decode_vectors`:
+the flat (n, width) buffer is the column's data, so neither side touches a value on its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.pipeline.fsutil import atomic_write
-from kdpipe.schemas.shard import FINGERPRINT_KEY, SHARD_PATTERN, shard_path  # noqa: F401  (used from here)
+from kdpipe.schemas.shard import FINGERPRINT_KEY, SHARD_PATTERN, shard_path, vector_layout  # noqa: F401  (used from here)
 
 ROW_GROUP_ROWS = 256
 
@@ -96,52 +98,90 @@ def _offsets(counts: np.ndarray) -> pa.Array:
 
 def _list(values: np.ndarray, counts: np.ndarray, field_type: pa.ListType) -> pa.Array:
     inner = field_type.value_type
-    if pa.types.is_fixed_size_list(inner):
-        width = inner.list_size
-        flat = pa.array(values.reshape(-1).astype(inner.value_type.to_pandas_dtype()), inner.value_type)
-        values_arr: pa.Array = pa.FixedSizeListArray.from_arrays(flat, width)
-    else:
-        values_arr = pa.array(values.astype(inner.to_pandas_dtype()), inner)
+    values_arr = pa.array(values.astype(inner.to_pandas_dtype(), copy=False), inner)
     return pa.ListArray.from_arrays(_offsets(counts), values_arr, type=field_type)
 
 
+def encode_vectors(values: np.ndarray, counts: np.ndarray, field: pa.Field) -> pa.Array:
+    """A vector column (schemas.shard) from (sum n, width) values, counts[r] of them in row r: the
+    flat buffer itself becomes the column's data, the row offsets its offsets (no copy when the
+    values already have the stored dtype)."""
+    dtype, width = _layout(field)
+    v = np.ascontiguousarray(values, dtype=dtype)
+    if v.ndim != 2 or v.shape[1] != width or len(v) != int(counts.sum()):
+        raise ValueError(f"{field.name}: ({int(counts.sum())}, {width}) values wanted, not {v.shape}")
+    offsets = _starts(counts) * (width * dtype.itemsize)  # (R + 1,) bytes
+    return pa.Array.from_buffers(pa.large_binary(), len(counts),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(v.reshape(-1).view(np.uint8))])
+
+
+def decode_vectors(col: pa.ChunkedArray | pa.Array, field: pa.Field) -> tuple[np.ndarray, np.ndarray]:
+    """(sum n, width) values and (R,) entries per row of a vector column: a read-only view of the
+    column's data buffer (one copy only when it comes in several chunks). Raises LayoutError at
+    a row whose bytes are not a whole number of entries."""
+    dtype, width = _layout(field)
+    entry = dtype.itemsize * width
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    values, counts, start = [], [], 0
+    for c in chunks:
+        if not len(c):
+            continue
+        _, off_buf, data = c.buffers()
+        off = np.frombuffer(off_buf, np.int64, count=len(c) + 1, offset=8 * c.offset)
+        nbytes = np.diff(off)
+        if (bad := np.flatnonzero(nbytes % entry)).size:
+            r = int(bad[0])
+            raise LayoutError(start + r, field.name, f"holds {int(nbytes[r])} bytes, not a whole number "
+                                                     f"of {entry}-byte entries ({width} x {dtype.name})")
+        n = int(off[-1] - off[0]) // dtype.itemsize
+        values.append(np.frombuffer(data, dtype, count=n, offset=int(off[0])).reshape(-1, width) if n
+                      else np.zeros((0, width), dtype))
+        counts.append(nbytes // entry)
+        start += len(c)
+    if len(values) != 1:
+        return (np.concatenate(values) if values else np.zeros((0, width), dtype),
+                np.concatenate(counts) if counts else np.zeros(0, np.int64))
+    return values[0], counts[0]
+
+
+def _layout(field: pa.Field) -> tuple[np.dtype, int]:
+    layout = vector_layout(field)
+    if layout is None:
+        raise LayoutError(0, field.name, "is not a vector column (no kdpipe.dtype / kdpipe.width field metadata)")
+    return layout
+
+
 def to_table(data: ShardData, schema: pa.Schema) -> pa.Table:
+    """The shard's Arrow table, from flat arrays and offsets (no Python objects per value)."""
     cols = []
     for f in schema:
         v = getattr(data, f.name)
-        if f.name in PER_TOKEN:
-            cols.append(_list(v, data.length, f.type))
-        elif f.name in PER_MASK:
-            cols.append(_list(v, data.mlm_count, f.type))
-        elif f.name in PER_TARGET:
-            cols.append(_list(v, data.target_count, f.type))
+        count = _COUNT_OF.get(f.name)
+        if vector_layout(f) is not None:
+            cols.append(encode_vectors(v, getattr(data, count), f))
         elif f.name in PER_SAMPLE:
             inner = _list(v, data.sample_len, f.type.value_type)
             cols.append(pa.ListArray.from_arrays(_offsets(data.target_count), inner, type=f.type))
+        elif count is not None:
+            cols.append(_list(v, getattr(data, count), f.type))
         else:
-            cols.append(pa.array(v.astype(f.type.to_pandas_dtype()), f.type))
+            cols.append(pa.array(v.astype(f.type.to_pandas_dtype(), copy=False), f.type))
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _leaf(field: pa.Field) -> tuple[str, pa.DataType]:
-    """The Parquet leaf column of a (nested) list field and its type: pyarrow silently ignores an
-    encoding given under the top-level name of a nested column."""
-    path, t = field.name, field.type
-    while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
-        path, t = path + ".list.element", t.value_type
-    return path, t
+_COUNT_OF = {**{c: "length" for c in PER_TOKEN}, **{c: "mlm_count" for c in PER_MASK},
+             **{c: "target_count" for c in PER_TARGET}}  # the ShardData count a column's entries follow
 
 
 def encode_shard(table: pa.Table, sink: Any, zstd_level: int) -> None:
-    """The shard's Parquet encoding (zstd, no dictionary, float columns byte-stream split: their
-    sign/exponent bytes compress apart from their mantissa bytes), into a file or a buffer: one
-    place, so a dry run's size estimate is the size a dump writes."""
-    leaves = [_leaf(f) for f in table.schema]
-    encodings = {path: "BYTE_STREAM_SPLIT" for path, t in leaves if pa.types.is_floating(t)}
+    """The shard's Parquet encoding (zstd, plain: no dictionary, no statistics), into a file or a
+    buffer: one place, so a dry run's size estimate is the size a dump writes. Vector columns are
+    one plain binary value per row, which Parquet copies as it is; byte-stream split, which
+    compressed version 2's float16 values some 10-25% better, applies to float columns only
+    (bench/RESULTS.md, issue 17, weighs the two)."""
     pq.write_table(
         table, sink, row_group_size=ROW_GROUP_ROWS, compression="zstd",
-        compression_level=zstd_level, use_dictionary=False, write_statistics=False,
-        column_encoding=encodings, store_schema=True,
+        compression_level=zstd_level, use_dictionary=False, write_statistics=False, store_schema=True,
     )
 
 
@@ -183,7 +223,7 @@ def _flat(col: pa.ChunkedArray | pa.Array, depth: int) -> np.ndarray:
 
 def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Entries per row of a list column, from its offsets alone (combining the chunks would copy
-    the values: a whole hidden-state column)."""
+    the values)."""
     chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
     parts = [np.diff(c.offsets.to_numpy()) for c in chunks]
     return (np.concatenate(parts) if parts else np.zeros(0)).astype(np.int64)
@@ -194,61 +234,66 @@ def _column(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 class LayoutError(ValueError):
-    """A row whose lists disagree on how many entries it has (a per-token column shorter than
+    """A row whose columns disagree on how many entries it has (a per-token column shorter than
     `length`, say): the flat arrays' offsets would silently pair values with the wrong rows."""
 
-    def __init__(self, row: int, column: str, got: int, rule: str, want: int) -> None:
-        self.row, self.column, self.got, self.rule, self.want = row, column, got, rule, want
-        super().__init__(f"row {row}: {column} holds {got} entries, but its {rule} says {want}")
+    def __init__(self, row: int, column: str, what: str) -> None:
+        self.row, self.column, self.what = row, column, what
+        super().__init__(f"row {row}: {column} {what}")
 
     def shifted(self, start: int) -> "LayoutError":
         """The same problem in a shard whose row group starts at row `start`."""
-        return LayoutError(self.row + start, self.column, self.got, self.rule, self.want)
+        return LayoutError(self.row + start, self.column, self.what)
 
 
-def _check_layout(table: pa.Table | pa.RecordBatch, kwargs: dict[str, np.ndarray]) -> None:
-    """Every list column's per-row lengths against the count it must equal (cheap: offsets only)."""
+def _check_layout(entries: dict[str, np.ndarray], kwargs: dict[str, np.ndarray]) -> None:
+    """Every column's entries per row against the count it must equal (cheap: offsets only)."""
     counts = {"length": kwargs.get("length"), "mlm_positions": kwargs["mlm_count"],
               "targets": kwargs.get("target_count")}
     rule = {**{c: "length" for c in PER_TOKEN}, "mlm_labels": "mlm_positions",
             **{c: "targets" for c in (*PER_TARGET, *PER_SAMPLE)}}
-    for name in table.column_names:
+    for name, got in entries.items():
         ref = counts.get(rule.get(name, ""))
         if ref is None:
             continue
-        got = _list_lengths(table.column(name))
         if len(got) != len(ref):
-            raise LayoutError(0, name, len(got), "row count", len(ref))
+            raise LayoutError(0, name, f"holds {len(got)} entries, but its row count says {len(ref)}")
         if (bad := np.flatnonzero(got != ref)).size:
             r = int(bad[0])
-            raise LayoutError(r, name, int(got[r]), rule[name], int(ref[r]))
+            raise LayoutError(r, name, f"holds {int(got[r])} entries, but its {rule[name]} says {int(ref[r])}")
 
 
 def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
     """Flat numpy arrays of a table (or row group) in the shard schema; absent columns are None.
-    Raises LayoutError where a row's lists disagree on its number of entries."""
+    Vector columns come back as views of the table's buffers (read-only). Raises LayoutError
+    where a row's columns disagree on its number of entries."""
+    schema = table.schema
     names = set(table.column_names)
     kwargs: dict[str, np.ndarray] = {"mlm_count": _list_lengths(table.column("mlm_positions"))}
+    entries: dict[str, np.ndarray] = {}  # column -> (R,) entries per row
     for f in fields(ShardData):
         if f.name not in names:
             continue
-        col = table.column(f.name)
-        t = col.type
-        if f.name in PER_SAMPLE:
+        col, field = table.column(f.name), schema.field(f.name)
+        if f.name in _VECTOR_COLUMNS or vector_layout(field) is not None:
+            kwargs[f.name], entries[f.name] = decode_vectors(col, field)
+        elif f.name in PER_SAMPLE:
             inner = _column(col).flatten()  # list<id> per target position
             kwargs[f.name] = _flat(inner, 1)
             kwargs["sample_len"] = _list_lengths(inner)
-            kwargs["target_count"] = _list_lengths(col)
-        elif pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type):
-            kwargs[f.name] = _flat(col, 2).reshape(-1, t.value_type.list_size)
-        elif pa.types.is_list(t):
+            entries[f.name] = _list_lengths(col)
+        elif pa.types.is_list(field.type):
             kwargs[f.name] = _flat(col, 1)
+            entries[f.name] = _list_lengths(col)
         else:
             kwargs[f.name] = _flat(col, 0)
-        if f.name in PER_TARGET and "target_count" not in kwargs:
-            kwargs["target_count"] = _list_lengths(col)
-    _check_layout(table, kwargs)
+        if f.name in (*PER_TARGET, *PER_SAMPLE) and "target_count" not in kwargs:
+            kwargs["target_count"] = entries[f.name]
+    _check_layout(entries, kwargs)
     return ShardData(**kwargs)
+
+
+_VECTOR_COLUMNS = ("hidden", "hidden_layers", *PER_TARGET)  # stored as vector columns (schemas.shard)
 
 
 def iter_row_groups(path: Path) -> Iterator[ShardData]:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from kdpipe.pipeline.shards import ShardData
+from kdpipe.schemas.shard import manifest_schema, vector_layout
 
 FLOAT_COLUMNS = ("hidden", "hidden_layers", "topk_logits", "log_z", "teacher_state")
 ID_COLUMNS = ("input_ids", "mlm_labels", "topk_ids", "sample_ids")
@@ -53,22 +54,23 @@ def float_limits(schema: pa.Schema) -> tuple[tuple[str, float], ...]:
     """The largest finite magnitude each float column of `schema` stores (float16: 65504)."""
     out = []
     for f in schema:
-        t = f.type
-        while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
-            t = t.value_type
-        if pa.types.is_floating(t):
-            out.append((f.name, float(np.finfo(t.to_pandas_dtype()).max)))
+        if (layout := vector_layout(f)) is not None:
+            dtype = layout[0]
+        else:
+            t = f.type
+            while pa.types.is_list(t):
+                t = t.value_type
+            dtype = np.dtype(t.to_pandas_dtype()) if pa.types.is_primitive(t) else np.dtype(object)
+        if dtype.kind == "f":
+            out.append((f.name, float(np.finfo(dtype).max)))
     return tuple(out)
 
 
 def limits_of(manifest: Any, schema: pa.Schema | None = None) -> Limits:
     """A finished cache's limits, from its manifest (and the shard schema it implies)."""
-    from kdpipe.schemas.shard import shard_schema
-
     views = int((manifest.fingerprint.get("masking") or {}).get("views") or 1)
     if schema is None:
-        schema = shard_schema(manifest.vocab_size, manifest.top_k, len(manifest.temperatures), manifest.hidden_dim,
-                              manifest.targets, manifest.state_dim or 0, len(manifest.hidden_layers))
+        schema = manifest_schema(manifest)
     return Limits(manifest.vocab_size, manifest.seq_len, views, manifest.target_positions,
                   tuple(manifest.temperatures), manifest.samples, float_limits(schema))
 

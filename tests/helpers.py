@@ -41,3 +41,18 @@ def tiny_corpus(path: Path, lines: int = 60, seed: int = 0) -> Path:
     text = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(3, 25))) + " ." for _ in range(lines)]
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
+
+
+def plain_rows(table) -> list[dict]:
+    """A shard table's rows as plain values, read the way the cache's dataset card tells a reader
+    without kdpipe: a vector column's value is `np.frombuffer(value, dtype).reshape(-1, width)`,
+    dtype and width from the field's metadata (`kdpipe.dtype`, `kdpipe.width`)."""
+    import numpy as np
+
+    vectors = {f.name: (np.dtype(f.metadata[b"kdpipe.dtype"].decode()), int(f.metadata[b"kdpipe.width"]))
+               for f in table.schema if f.metadata and b"kdpipe.dtype" in f.metadata}
+    rows = table.to_pylist()
+    for row in rows:
+        for name, (dtype, width) in vectors.items():
+            row[name] = np.frombuffer(row[name], dtype).reshape(-1, width)
+    return rows

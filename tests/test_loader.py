@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import plain_rows
 from kdpipe.pipeline.cache import load_manifest
 from kdpipe.pipeline.errors import CorruptCacheError
 from kdpipe.pipeline.loader import (
@@ -79,7 +80,7 @@ def test_batch_tokens_bounds_the_padded_batch(reference_cache, manifest):
 
 
 def test_batches_hold_the_cached_rows_token_for_token(reference_cache, manifest):
-    t = pq.read_table([reference_cache / e.path for e in manifest.shards]).to_pylist()
+    t = plain_rows(pq.read_table([reference_cache / e.path for e in manifest.shards]))
     by_key = {(r["seq_id"], r["view"]): r for r in t}
     batch = next(iter_batches(reference_cache, manifest, spec(temperature_index=2), DataPosition(0, 0)))
     pos = 0
@@ -88,7 +89,7 @@ def test_batches_hold_the_cached_rows_token_for_token(reference_cache, manifest)
         r = by_key[key]
         n = r["length"]
         assert batch.input_ids[b, :n].tolist() == r["input_ids"] and batch.attention_mask[b].sum() == n
-        assert batch.topk_ids[pos:pos + n].tolist() == r["topk_ids"]
+        assert batch.topk_ids[pos:pos + n].tolist() == r["topk_ids"].tolist()
         assert np.allclose(batch.topk_logits[pos:pos + n].numpy(), np.array(r["topk_logits"], dtype=np.float32))
         assert np.allclose(batch.log_z[pos:pos + n].numpy(), np.array(r["log_z"], dtype=np.float32)[:, 2])
         assert np.allclose(batch.hidden[pos:pos + n].numpy(), np.array(r["hidden"], dtype=np.float32))

@@ -13,8 +13,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from helpers import plain_rows
 from kdpipe.pipeline.shards import ShardData, from_table, iter_row_groups, read_fingerprint, to_table, write_shard
-from kdpipe.schemas.shard import FINGERPRINT_KEY, SCHEMA_VERSION, SCHEMA_VERSION_KEY, id_type, shard_schema
+from kdpipe.schemas.shard import (
+    FINGERPRINT_KEY, SCHEMA_VERSION, SCHEMA_VERSION_KEY, id_type, shard_schema, vector_layout,
+)
 
 
 def random_shard(rows: int, k: int, n_t: int, d: int, vocab: int, seed: int = 0) -> ShardData:
@@ -61,22 +64,28 @@ def test_types_are_sized_to_the_data() -> None:
     assert id_type(30522) == pa.uint16() and id_type(65536) == pa.uint16()
     assert id_type(65537) == pa.uint32()
     s = shard_schema(30522, k=32, n_temperatures=3, hidden_dim=128)
-    assert s.field("topk_ids").type == pa.list_(pa.list_(pa.uint16(), 32))
-    assert s.field("topk_logits").type == pa.list_(pa.list_(pa.float16(), 32))
-    assert s.field("log_z").type == pa.list_(pa.list_(pa.float32(), 3))
-    assert s.field("hidden").type == pa.list_(pa.list_(pa.float16(), 128))
+    assert vector_layout(s.field("topk_ids")) == (np.dtype("<u2"), 32)
+    assert vector_layout(s.field("topk_logits")) == (np.dtype("<f2"), 32)
+    assert vector_layout(s.field("log_z")) == (np.dtype("<f4"), 3)
+    assert vector_layout(s.field("hidden")) == (np.dtype("<f2"), 128)
+    assert vector_layout(shard_schema(70000, k=4, n_temperatures=1, hidden_dim=8).field("topk_ids")) == \
+        (np.dtype("<u4"), 4)
+    # one binary value per row, no nested list levels (issue 17: they set the host path's pace)
+    assert all(s.field(c).type == pa.large_binary() for c in ("topk_ids", "topk_logits", "log_z", "hidden"))
+    assert s.field("input_ids").type == pa.list_(pa.uint16())
     assert not any(f.nullable for f in s)
 
 
-def test_zstd_and_byte_stream_split_on_disk(tmp_path: Path) -> None:
+def test_zstd_and_plain_vectors_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "s.parquet"
     write_shard(path, to_table(random_shard(50, 4, 2, 8, 1000), shard_schema(1000, k=4, n_temperatures=2, hidden_dim=8)), "0" * 64, 3)
     md = pq.ParquetFile(path).metadata
     col = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i)
            for i in range(md.num_columns)}
     assert all(c.compression == "ZSTD" for c in col.values())
-    split = [p for p, c in col.items() if "BYTE_STREAM_SPLIT" in c.encodings]
-    assert {p.split(".")[0] for p in split} == {"topk_logits", "log_z", "hidden"}
+    assert not any("DICTIONARY" in e for c in col.values() for e in c.encodings)
+    for name in ("hidden", "topk_ids", "topk_logits", "log_z"):  # one flat byte array per row, no levels
+        assert col[name].physical_type == "BYTE_ARRAY"  # under its own name: not a nested list's leaf
 
 
 # ------------------------------------------------------------------- a real cache, read plainly
@@ -98,7 +107,7 @@ def test_plain_pyarrow_reads_what_the_teacher_produced(reference_cache: Path, te
     assert len(seqs) == m["sequences"]
     checked = 0
     for entry in m["shards"][:3] + m["shards"][-1:]:
-        table = pq.read_table(reference_cache / entry["path"]).to_pylist()
+        table = plain_rows(pq.read_table(reference_cache / entry["path"]))
         assert len(table) == entry["rows"]
         assert [r["seq_id"] for r in table] == list(range(entry["first_seq"], entry["first_seq"] + entry["num_seqs"]))
         for row in table:
@@ -112,7 +121,7 @@ def test_plain_pyarrow_reads_what_the_teacher_produced(reference_cache: Path, te
             with torch.inference_mode():
                 out = teacher_model(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True)
             z = out.logits[0].double()  # (T, V)
-            stored_ids = torch.tensor(row["topk_ids"])  # (T, k)
+            stored_ids = torch.tensor(row["topk_ids"].astype(np.int64))  # (T, k)
             stored_vals = torch.tensor(row["topk_logits"], dtype=torch.float64)
             # the stored ids are the k largest logits, by falling value, stored to fp16 precision
             assert torch.allclose(z.gather(1, stored_ids), stored_vals, rtol=1e-3, atol=1e-3)
@@ -140,11 +149,10 @@ def test_datasets_reads_the_shards(reference_cache: Path, tmp_path: Path) -> Non
     for i in (0, ds.num_rows // 2, ds.num_rows - 1):
         a, b = ds[i], plain.slice(i, 1).to_pylist()[0]
         for col in b:
-            if col in ("topk_logits", "hidden", "log_z"):
-                np.testing.assert_allclose(np.array(a[col], dtype=np.float64), np.array(b[col], dtype=np.float64),
-                                           err_msg=col)
-            else:
-                assert a[col] == b[col], col
+            assert a[col] == b[col], col  # vector columns: the same bytes
+        decoded = plain_rows(plain.slice(i, 1))[0]
+        assert decoded["hidden"].shape == (b["length"], m["hidden_dim"])
+        assert decoded["topk_ids"].shape == (b["length"], m["top_k"])
     assert sum(ds["length"]) == m["tokens"]
 
 
@@ -169,8 +177,9 @@ def test_shards_describe_themselves(reference_cache: Path) -> None:
     assert b"raw" in schema.field("topk_logits").metadata[b"kdpipe.meaning"]
     # with the footer alone: p_i = exp(z_i / T - log_z[T]) sums to at most 1 at every T
     t = pq.read_table(reference_cache / m["shards"][0]["path"], columns=["topk_logits", "log_z"])
-    z = np.array(t.column("topk_logits").combine_chunks().flatten().to_pylist(), dtype=np.float64)  # (P, k)
-    lz = np.array(t.column("log_z").combine_chunks().flatten().to_pylist(), dtype=np.float64)  # (P, n_T)
+    rows = plain_rows(t)
+    z = np.concatenate([r["topk_logits"] for r in rows]).astype(np.float64)  # (P, k)
+    lz = np.concatenate([r["log_z"] for r in rows]).astype(np.float64)  # (P, n_T)
     for j, temp in enumerate(desc["temperatures"]):
         p = np.exp(z / temp - lz[:, j:j + 1]).sum(-1)
         assert (p <= 1 + 1e-2).all() and (p > 0).all()
@@ -185,6 +194,13 @@ def test_datasets_loads_a_cache_folder_as_it_is(reference_cache: Path, tmp_path:
     ds = datasets.load_dataset(str(reference_cache), cache_dir=str(tmp_path / "hf"))
     assert list(ds) == ["train"] and ds["train"].num_rows == m["rows"]
     assert sum(ds["train"]["length"]) == m["tokens"]
+    # the card's recipe for a vector column, on what datasets loaded: (length, width) of finite values
+    d = m["hidden_dim"]
+    assert f'hidden = np.frombuffer(ds[0]["hidden"], "<f2").reshape(-1, {d})' in card
+    assert "| topk_ids | uint16 (`<u2`) | 8 |" in card and "| log_z | float32 (`<f4`) | 3 |" in card
+    row = ds["train"][0]
+    hidden = np.frombuffer(row["hidden"], "<f2").reshape(-1, d)
+    assert hidden.shape == (row["length"], d) and np.isfinite(hidden).all()
 
 
 def test_a_cache_without_targets_or_hidden_states_is_described_too() -> None:
@@ -198,5 +214,46 @@ def test_a_cache_without_targets_or_hidden_states_is_described_too() -> None:
     schema = cache_card.describe(shard_schema(50, mode="none"), fp)
     assert json.loads(schema.metadata[b"kdpipe.description"])["targets"] == "none"
     m = SimpleNamespace(fingerprint=fp, fingerprint_sha256="0" * 64, vocab_size=50, sequences=3, seq_len=8,
-                        rows=3, tokens=20, targets="none", top_k=0, hidden_dim=0, bytes_per_token=1.0)
-    assert "configs:" in cache_card.render(m)
+                        rows=3, tokens=20, targets="none", top_k=0, hidden_dim=0, bytes_per_token=1.0,
+                        temperatures=[], state_dim=None)
+    card = cache_card.render(m)
+    assert "configs:" in card and "Vector columns" not in card  # mode none stores none
+
+
+def test_vector_columns_decode_as_views_and_refuse_partial_entries() -> None:
+    """A vector column decodes to a view of its data buffer (no copy); a row whose bytes are not
+    whole entries is a LayoutError naming it, never values shifted into the next row."""
+    from kdpipe.pipeline.shards import LayoutError, decode_vectors, encode_vectors
+
+    field = shard_schema(1000, k=4, n_temperatures=2, hidden_dim=8).field("hidden")
+    values = np.random.default_rng(0).normal(size=(9, 8)).astype(np.float16)
+    col = encode_vectors(values, np.array([4, 0, 5]), field)
+    back, counts = decode_vectors(col, field)
+    assert np.shares_memory(back, values)  # the encoded column holds the buffer itself, too
+    np.testing.assert_array_equal(back, values)
+    assert counts.tolist() == [4, 0, 5]
+    later, counts = decode_vectors(col.slice(2), field)  # a slice starts inside the data buffer
+    np.testing.assert_array_equal(later, values[4:])
+    assert counts.tolist() == [5]
+    with pytest.raises(ValueError, match=r"\(9, 8\) values wanted"):
+        encode_vectors(values[:, :4], np.array([4, 0, 5]), field)
+    torn = pa.array([values[:4].tobytes(), values[4:].tobytes()[:-2]], pa.large_binary())
+    with pytest.raises(LayoutError, match="row 1: hidden holds 78 bytes, not a whole number of 16-byte"):
+        decode_vectors(torn, field)
+
+
+def test_a_cache_of_an_older_schema_is_refused_in_one_line(copy_cache, kdpipe_inproc, one_line_error, digest,
+                                                           tmp_path: Path) -> None:
+    """A version-2 cache (nested lists) is not read as if it were version 3: every reader says to re-dump."""
+    from kdpipe.pipeline.cache import fingerprint_sha256
+
+    cache = copy_cache()
+    m = manifest_of(cache)
+    m["schema_version"] = m["fingerprint"]["schema_version"] = 2
+    m["fingerprint_sha256"] = fingerprint_sha256(m["fingerprint"])
+    (cache / "manifest.json").write_text(json.dumps(m))
+    before = digest(cache)
+    for args in (("cache", "verify", "--deep", cache),
+                 ("student-train", "--cache", cache, "--out", tmp_path / "run", "--temperature", "1.5")):
+        one_line_error(kdpipe_inproc(*args), "schema version 2", f"reads version {SCHEMA_VERSION} only", "re-dump")
+    assert digest(cache) == before and not (tmp_path / "run").exists()

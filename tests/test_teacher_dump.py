@@ -13,9 +13,11 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import plain_rows
 from kdpipe.pipeline.cache import fingerprint_sha256, load_manifest, open_shard, verify_cache
 from kdpipe.pipeline.errors import CorruptCacheError, KdpipeError
 from kdpipe.schemas.manifest import Manifest
@@ -499,7 +501,7 @@ def dump_small(cli, teacher: Path, data: Path, out: Path, *extra: str) -> dict:
 
 
 def rows_of(cache: Path) -> list[dict]:
-    return [r for e in manifest(cache)["shards"] for r in pq.read_table(cache / e["path"]).to_pylist()]
+    return [r for e in manifest(cache)["shards"] for r in plain_rows(pq.read_table(cache / e["path"]))]
 
 
 def teacher_logits(model, input_ids: list[int]):
@@ -523,7 +525,7 @@ def test_topk_at_masked_positions_only(tmp_path: Path, kdpipe_inproc, teacher_di
         assert len(row["hidden"]) == row["length"]  # hidden states stay per token
         z = teacher_logits(teacher_model, row["input_ids"])[pos]  # (M, V)
         vals = torch.tensor(row["topk_logits"], dtype=torch.float64)
-        assert torch.allclose(z.gather(1, torch.tensor(row["topk_ids"])), vals, rtol=1e-3, atol=1e-3)
+        assert torch.allclose(z.gather(1, torch.tensor(row["topk_ids"].astype(np.int64))), vals, rtol=1e-3, atol=1e-3)
         ref = torch.stack([torch.logsumexp(z / t, dim=-1) for t in (1.0, 1.5, 3.0)], dim=-1)
         assert torch.allclose(torch.tensor(row["log_z"], dtype=torch.float64), ref, atol=1e-4)
 

@@ -17,6 +17,7 @@ from kdpipe.pipeline.modes.base import (
     FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner
+from kdpipe.schemas.shard import vector_field
 
 
 class Exact(TargetMode):
@@ -39,7 +40,7 @@ class Exact(TargetMode):
         "teacher_state": "the teacher decoder's input: logits = state @ W.T + b (head.safetensors)"}
 
     def fields(self, ids: pa.DataType, k: int, n_temperatures: int, state_dim: int) -> list[pa.Field]:
-        return [pa.field("teacher_state", pa.list_(pa.list_(pa.float16(), state_dim)), nullable=False)]
+        return [vector_field("teacher_state", pa.float16(), state_dim)]
 
     def manifest_fields(self, s: TargetSettings) -> dict[str, Any]:
         return {"top_k": 0, "temperatures": [], "samples": None, "state_dim": s.state_dim}

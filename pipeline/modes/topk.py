@@ -19,6 +19,7 @@ from kdpipe.pipeline.modes.base import (
     FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner, reduce_logits
+from kdpipe.schemas.shard import vector_field
 
 
 class TopK(TargetMode):
@@ -33,9 +34,9 @@ class TopK(TargetMode):
 
     def fields(self, ids: pa.DataType, k: int, n_temperatures: int, state_dim: int) -> list[pa.Field]:
         return [
-            pa.field("topk_ids", pa.list_(pa.list_(ids, k)), nullable=False),
-            pa.field("topk_logits", pa.list_(pa.list_(pa.float16(), k)), nullable=False),
-            pa.field("log_z", pa.list_(pa.list_(pa.float32(), n_temperatures)), nullable=False),
+            vector_field("topk_ids", ids, k),
+            vector_field("topk_logits", pa.float16(), k),
+            vector_field("log_z", pa.float32(), n_temperatures),
         ]
 
     column_meanings = {"topk_ids": "ids of the teacher's k largest logits, by falling logit",
