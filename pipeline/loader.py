@@ -42,6 +42,7 @@ from kdpipe.pipeline.cache import open_shard
 from kdpipe.pipeline import values
 from kdpipe.pipeline.errors import CorruptShardError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
+from kdpipe.pipeline.modes.base import float_tensor
 from kdpipe.pipeline.shards import LayoutError, ShardData, iter_row_groups, ranges
 from kdpipe.schemas.checkpoint import Position
 from kdpipe.schemas.manifest import Manifest, ShardEntry
@@ -238,11 +239,11 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
     row_start = np.concatenate([[0], np.cumsum(length)[:-1]])  # (B,) first position of each row
     mlm_index = np.repeat(row_start, mcount) + cat(pieces["mpos"]).astype(np.int64)  # (M,)
     t = torch.from_numpy
-    hidden = t(cat(pieces["hidden"]).astype(np.float32)) if "hidden" in pieces else None  # (N, d)
+    hidden = float_tensor(cat(pieces["hidden"])) if "hidden" in pieces else None  # (N, d)
     layers = None
     if "hidden_layers" in pieces:  # (N, n * d) -> (N, n, d): d is the hidden column's width
-        flat = cat(pieces["hidden_layers"]).astype(np.float32)
-        layers = t(flat.reshape(len(flat), -1, hidden.shape[1]))
+        flat = float_tensor(cat(pieces["hidden_layers"]))
+        layers = flat.reshape(len(flat), -1, hidden.shape[1])
     return Batch(
         input_ids=t(ids), attention_mask=t(att.astype(np.int64)),
         mlm_index=t(mlm_index), mlm_labels=t(cat(pieces["mlab"]).astype(np.int64)),

@@ -34,7 +34,7 @@ from kdpipe.pipeline.cores import MAX_WORKERS
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.masking import mask_sequences
-from kdpipe.pipeline.shards import ShardData, shard_bytes, to_table
+from kdpipe.pipeline.shards import ShardData, narrowed, shard_bytes, to_table
 
 def check_writers(n: int) -> int:
     if not isinstance(n, int) or n < 1 or n > MAX_WORKERS:
@@ -98,7 +98,7 @@ class ShardWriters:
     def submit(self, path: Path, data: ShardData) -> None:
         while len(self._encoding) >= self.n:
             self._write_oldest()
-        self._encoding.append((path, self._pool.submit(encode, data, *self.args)))
+        self._encoding.append((path, self._pool.submit(encode, narrowed(data, self.args[0]), *self.args)))
 
     def _write_oldest(self) -> None:
         path, fut = self._encoding.popleft()

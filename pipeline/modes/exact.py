@@ -14,7 +14,7 @@ import torch
 
 from kdpipe.pipeline.losses import exact_kl_from_state
 from kdpipe.pipeline.modes.base import (
-    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
+    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, float_tensor, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner
 from kdpipe.schemas.shard import vector_field
@@ -54,7 +54,7 @@ class Exact(TargetMode):
         return {"teacher_state": data.teacher_state[tgt]}
 
     def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {"teacher_state": torch.from_numpy(pieces["teacher_state"].astype(np.float32))}  # (P, H')
+        return {"teacher_state": float_tensor(pieces["teacher_state"])}  # (P, H')
 
     def ce(self, logits: torch.Tensor, batch: Any, rows: torch.Tensor | None, temperature: float,
            head: TeacherHead | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from kdpipe.pipeline.losses import topk_kl
 from kdpipe.pipeline.modes.base import (
-    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
+    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, float_tensor, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner, reduce_logits
 from kdpipe.schemas.shard import vector_field
@@ -76,8 +76,8 @@ class TopK(TargetMode):
 
     def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {"topk_ids": torch.from_numpy(pieces["topk_ids"].astype(np.int64)),  # (P, k)
-                "topk_logits": torch.from_numpy(pieces["topk_logits"].astype(np.float32)),  # (P, k)
-                "log_z": torch.from_numpy(pieces["log_z"].astype(np.float32))}  # (P,) at the chosen T
+                "topk_logits": float_tensor(pieces["topk_logits"]),  # (P, k)
+                "log_z": float_tensor(pieces["log_z"])}  # (P,) at the chosen T
 
     def train_problems(self, *, alpha_ce: float, alpha_cos: float, temperature: float,
                        temperatures: tuple[float, ...]) -> list[str]:
