@@ -31,6 +31,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware here: CUDA, or a CPU with AVX512-BF16 or AMX. There
+    bf16 autocast trains several times faster than fp32 (bench/cpu_precision.py); elsewhere it is
+    emulated and slower, so nothing picks it without this check."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID checks
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 def configure(precision: str = "auto", tf32: bool = False) -> None:
     """A stage's precision for every autocast() that names none, and TF32 on or off."""
     global _default
