@@ -74,15 +74,18 @@ class TrainState:
 
 def save_checkpoint(run_dir: Path, run_id: str, cache_sha: str, identity_sha: str, state: TrainState,
                     student: nn.Module, hidden_map: nn.Module, optimizer: torch.optim.Optimizer,
-                    keep: int, tokenizer: Any | None = None) -> Path:
-    """Write checkpoint `state.step` atomically, point `latest` at it, prune older ones of this run."""
+                    keep: int, tokenizer: Any | None = None, scaler: torch.amp.GradScaler | None = None
+                    ) -> Path:
+    """Write checkpoint `state.step` atomically, point `latest` at it, prune older ones of this run.
+    `student` is the plain module (never a torch.compile wrapper): its state_dict names are the
+    model's own."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(state.step)
     final = root / name
     with atomic_dir(final, root / f"{_TMP_PREFIX}{name}.{os.getpid()}") as tmp:
         _write_checkpoint(tmp, final, run_id, cache_sha, identity_sha, state, student, hidden_map, optimizer,
-                          tokenizer)
+                          tokenizer, scaler)
     atomic_write_bytes(root / LATEST_NAME, (name + "\n").encode())
     prune(run_dir, run_id, keep, protect=name)
     return final
@@ -90,7 +93,8 @@ def save_checkpoint(run_dir: Path, run_id: str, cache_sha: str, identity_sha: st
 
 def _write_checkpoint(tmp: Path, final: Path, run_id: str, cache_sha: str, identity_sha: str,
                       state: TrainState, student: nn.Module, hidden_map: nn.Module,
-                      optimizer: torch.optim.Optimizer, tokenizer: Any | None) -> None:
+                      optimizer: torch.optim.Optimizer, tokenizer: Any | None,
+                      scaler: torch.amp.GradScaler | None = None) -> None:
     """Every file under `tmp`, checkpoint.json last, all synced; `final` cleared for the rename."""
     tmp.mkdir()
     stu.save_pretrained(student, tmp, tokenizer)  # config.json, STUDENT_FILE (+ tokenizer)
@@ -106,6 +110,7 @@ def _write_checkpoint(tmp: Path, final: Path, run_id: str, cache_sha: str, ident
         run_id=run_id, step=state.step, position=state.position, cache_fingerprint_sha256=cache_sha,
         identity_sha256=identity_sha, python_rng=py, numpy_rng=npy, log_window=state.log_window,
         files=files, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        grad_scaler=None if scaler is None else dict(scaler.state_dict()),
     )
     (tmp / CHECKPOINT_META).write_bytes(dumps_json(meta.model_dump(mode="json")))
     for f in tmp.iterdir():
@@ -200,8 +205,9 @@ def first_nonfinite(*modules: nn.Module) -> str | None:
 
 
 def load_checkpoint(path: Path, meta: CheckpointMeta, student: nn.Module, hidden_map: nn.Module,
-                    optimizer: torch.optim.Optimizer, device: torch.device) -> TrainState:
-    """Restore the modules, optimizer and every RNG from a checked checkpoint."""
+                    optimizer: torch.optim.Optimizer, device: torch.device,
+                    scaler: torch.amp.GradScaler | None = None) -> TrainState:
+    """Restore the modules, optimizer, loss scaler (fp16) and every RNG from a checked checkpoint."""
     with tensor_file_errors(path / STUDENT_FILE):
         missing, unexpected = load_model(student, str(path / STUDENT_FILE), strict=False, device=str(device))
     if missing or unexpected:
@@ -216,5 +222,9 @@ def load_checkpoint(path: Path, meta: CheckpointMeta, student: nn.Module, hidden
                           "remove it (and point checkpoints/latest at an earlier one) or start a new run")
     with tensor_file_errors(path / RNG_FILE):
         rng = load_file(str(path / RNG_FILE))
+    if scaler is not None:
+        if meta.grad_scaler is None:
+            raise KdpipeError(f"checkpoint {path} holds no fp16 loss-scaler state; it cannot be resumed in fp16")
+        scaler.load_state_dict(meta.grad_scaler)
     set_rng_state(meta.python_rng, meta.numpy_rng, rng)
     return TrainState(meta.step, meta.position, dict(meta.log_window))

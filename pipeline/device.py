@@ -5,6 +5,11 @@ CPU), auto (bf16 on CUDA, fp32 on CPU: what training and eval default to). --tf3
 float32 matmuls and convolutions use TF32 (PyTorch's own default leaves matmuls in full fp32).
 The dump runs the teacher at the precision its config names (fp32 by default, auto not offered):
 the targets it stores never depend on an autocast nobody asked for.
+
+fp16 training scales the loss (`grad_scaler`, torch.amp.GradScaler, on CUDA or CPU): float16's
+small range makes unscaled gradients underflow to 0, and a scale too large for a step makes them
+overflow, after which that step is skipped and the scale halved (growing again by 2 after 2,000
+clean steps). bf16 has float32's range and needs no scaling.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _default = "auto"  # what autocast() uses when not told: set per stage by configure()
+# fp16: an overflowing gradient is normal (the scaler skips that update and halves its scale), but
+# one that overflows at a scale of 1 (no scaling left to undo) is not: training stops there
+MIN_LOSS_SCALE = 1.0
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -49,6 +57,12 @@ def configure(precision: str = "auto", tf32: bool = False) -> None:
     _default = precision
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+
+
+def grad_scaler(device: torch.device, precision: str | None = None) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 training (`precision` None: the stage's), None for any other."""
+    p = resolve_precision(_default if precision is None else precision, device)
+    return torch.amp.GradScaler(device.type) if p == "fp16" else None
 
 
 def autocast(device: torch.device, precision: str | None = None) -> AbstractContextManager:

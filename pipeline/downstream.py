@@ -48,7 +48,8 @@ import torch
 
 from kdpipe.pipeline import metrics
 from kdpipe.pipeline.corpus import looks_like_path
-from kdpipe.pipeline.device import autocast
+from kdpipe.pipeline.compiling import Compile, compiled
+from kdpipe.pipeline.device import MIN_LOSS_SCALE, autocast, grad_scaler
 from kdpipe.pipeline.errors import KdpipeError, first_line, tensor_file_errors
 from kdpipe.pipeline.fsutil import sha256_file
 from kdpipe.pipeline.padding import pad
@@ -439,15 +440,21 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str], recipe: Recipe,
              seed: int, device: torch.device,
-             after_epoch: Callable[[int, torch.nn.Module], None] | None = None
-             ) -> tuple[torch.nn.Module, int, float]:
+             after_epoch: Callable[[int, torch.nn.Module], None] | None = None,
+             compile_spec: Compile | None = None) -> tuple[torch.nn.Module, int, float]:
     """A fresh classifier from `model_path` fine-tuned on `data`'s training examples for
     `recipe.epochs` epochs of a schedule spanning `recipe.horizon`; `after_epoch(epochs done,
     model)` is called after each epoch (scoring there uses no random numbers, so it does not change
-    the run). Returns the model, its optimizer steps and the seconds spent training."""
+    the run). Returns the model (torch.compile's wrapper of it with `compile_spec`), its optimizer
+    steps and the seconds spent training (compiling included).
+
+    In fp16 the loss is scaled (torch.amp.GradScaler): an update whose gradients overflow is
+    skipped and the scale halved, as in transformers' Trainer (the schedule still advances); one
+    that overflows at a scale of 1, which no smaller scale undoes, stops the fine-tuning."""
     torch.manual_seed(seed)
-    model = load_classifier(model_path, label_names).to(device)
+    model = compiled(load_classifier(model_path, label_names).to(device), compile_spec)
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    scaler = grad_scaler(device)
     n = len(data.train_ids)
     per_epoch = math.ceil(n / recipe.batch_size)
     total = per_epoch * recipe.horizon
@@ -465,15 +472,24 @@ def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str]
             with autocast(device):
                 out = model(input_ids=ids.to(device), attention_mask=att.to(device),
                             labels=y_all[ix].to(device))
-            out.loss.backward()
+            (out.loss if scaler is None else scaler.scale(out.loss)).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             loss = out.loss.item()
-            if not (math.isfinite(loss) and math.isfinite(float(norm))):  # before the step: nothing kept
+            # fp16: an overflowing gradient is skipped while the scale can still fall; otherwise a
+            # non-finite loss or gradient stops here, before the step, so nothing is kept
+            skippable = scaler is not None and scaler.get_scale() > MIN_LOSS_SCALE
+            if not math.isfinite(loss) or not (math.isfinite(float(norm)) or skippable):
                 what = f"the classification loss is {loss}" if not math.isfinite(loss) else \
                     f"the gradient norm is {float(norm)}"
                 raise KdpipeError(f"fine-tuning {model_path} (seed {seed}) stopped at step {sched.last_epoch + 1}: "
                                   f"{what}; no score is recorded for it: check that model's weights are finite")
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)  # skipped on an overflow
+                scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
         seconds += time.perf_counter() - t0
@@ -483,10 +499,12 @@ def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str]
 
 
 def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names: list[str],
-                       recipe: Recipe, seed: int, device: torch.device) -> dict[str, Any]:
+                       recipe: Recipe, seed: int, device: torch.device,
+                       compile_spec: Compile | None = None) -> dict[str, Any]:
     """Fine-tune a fresh classifier from `model_path` with `seed`; accuracy and macro-F1 on dev,
     and the dev predictions themselves (kept in the eval part for paired comparisons)."""
-    model, steps, train_seconds = finetune(model_path, pad_id, data, label_names, recipe, seed, device)
+    model, steps, train_seconds = finetune(model_path, pad_id, data, label_names, recipe, seed, device,
+                                           compile_spec=compile_spec)
     preds = predict(model, data.dev_ids, pad_id, recipe.eval_batch_size, device)
     gold = data.dev_y
     return {"seed": seed, "accuracy": metrics.accuracy(preds, gold),
@@ -497,7 +515,8 @@ def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names:
 
 
 def sweep_rate(model_path: str, pad_id: int, data: Encoded, label_names: list[str], recipe: Recipe,
-               epochs: list[int], seed: int, device: torch.device) -> dict[str, Any]:
+               epochs: list[int], seed: int, device: torch.device,
+               compile_spec: Compile | None = None) -> dict[str, Any]:
     """One learning rate of a sweep: fine-tune on `data`'s training side (the training examples
     outside the tuning split) for max(epochs) epochs at `recipe.lr` and score `data`'s dev side
     (the tuning split) after each epoch count in `epochs`."""
@@ -512,7 +531,7 @@ def sweep_rate(model_path: str, pad_id: int, data: Encoded, label_names: list[st
 
     longest = max(epochs)
     run = Recipe(**{**recipe.__dict__, "epochs": longest, "schedule_epochs": longest})
-    _, steps, seconds = finetune(model_path, pad_id, data, label_names, run, seed, device, score)
+    _, steps, seconds = finetune(model_path, pad_id, data, label_names, run, seed, device, score, compile_spec)
     return {"lr": recipe.lr, "seed": seed, "scores": scores, "steps": steps,
             "train_seconds": round(seconds, 3), "fit_examples": len(data.train_ids),
             "tune_examples": len(data.dev_ids)}

@@ -21,6 +21,7 @@ import torch
 
 from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import metrics
+from kdpipe.pipeline.compiling import Compile, compiled
 from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.dump import length_batches
 from kdpipe.pipeline.errors import KdpipeError
@@ -46,19 +47,25 @@ class Heldout:
     packing: corpus_mod.Packing = "pack"
     masking: MaskingSpec = field(default_factory=MaskingSpec)
     batch_size: int = 64
+    data_format: str = "auto"  # what the files are, where their names do not say (corpus.FORMATS)
+    split: str = "train"  # of a dataset, a save_to_disk DatasetDict or a dataset repository folder
+    column_flag: str = "--heldout-text-column"  # the stage's flag for text_column, named in errors
 
 
 # ---------------------------------------------------------------------------------- set up
 
 def resolve_heldout(h: Heldout) -> corpus_mod.Corpus:
-    """The held-out corpus; a missing file is named as such, before any dataset lookup."""
+    """The held-out corpus; a missing file is named as such, before any dataset lookup, and a
+    missing text column now (its first text is read), not once the models have been loaded."""
     for src in h.sources:
         if corpus_mod.looks_like_path(src) and not any(c in src for c in "*?[") and not Path(src).exists():
             raise KdpipeError(f"held-out file {src} does not exist (--heldout)")
     try:
-        return corpus_mod.resolve_corpus(h.sources, h.text_column)
+        corpus = corpus_mod.resolve_corpus(h.sources, h.text_column, h.split, h.data_format)
+        next(corpus_mod.iter_texts(corpus), None)
+        return corpus
     except KdpipeError as e:
-        raise KdpipeError(f"held-out text (--heldout): {e}") from None
+        raise KdpipeError(f"held-out text (--heldout): {str(e).replace('--text-column', h.column_flag)}") from None
 
 
 def check_comparable(teacher: Model, models: list[Model]) -> None:
@@ -127,26 +134,29 @@ def heldout_batches(h: Heldout, corpus: corpus_mod.Corpus, tokenizer: Any, vocab
 
 @torch.inference_mode()
 def masked_logits(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor,
-                  device: torch.device, role: str = "teacher") -> torch.Tensor:
-    """(N, V) float32 logits at the masked positions only: the decoder runs on N rows, not B*T."""
+                  device: torch.device, role: str = "teacher", forward: Any = None) -> torch.Tensor:
+    """(N, V) float32 logits at the masked positions only: the decoder runs on N rows, not B*T.
+    `forward`: what runs `model` (torch.compile's wrapper of it), the model itself if None."""
     dec = decoder_of(model, role)
     with autocast(device), decoder_bypassed(model):
-        x = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (B, T, H')
+        x = (model if forward is None else forward)(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (B, T, H')
     return dec(x[sel.to(device)].float()).float()  # (N, V); row-major order of (b, t), as labels
 
 
 def score(h: Heldout, corpus: corpus_mod.Corpus, teacher: Model, pending: list[Model],
-          device: torch.device) -> dict[str, dict[str, Any]]:
+          device: torch.device, compile_spec: Compile | None = None) -> dict[str, dict[str, Any]]:
     """One pass over the held-out batches scoring every pending model (the teacher among them
-    or not) against the teacher: model name -> MlmResult fields, seconds, sequences, tokens."""
+    or not) against the teacher: model name -> MlmResult fields, seconds, sequences, tokens.
+    With `compile_spec` every model runs compiled (the seconds then include compiling)."""
     batches, n_seq, n_tok = heldout_batches(h, corpus, teacher.tokenizer, teacher.entry["vocab_size"])
     teacher_lm = teacher.module.to(device)
+    forward = {m.name: compiled(m.module.to(device), compile_spec) for m in [teacher, *pending]}
     sums = {m.name: metrics.MlmSums() for m in pending}
     seconds = {m.name: 0.0 for m in pending}
     for ids, att, sel, labels in batches:
         labels = labels.to(device)
         t0 = time.perf_counter()
-        zt = masked_logits(teacher_lm, ids, att, sel, device)  # (N, V)
+        zt = masked_logits(teacher_lm, ids, att, sel, device, forward=forward[teacher.name])  # (N, V)
         t_teacher = time.perf_counter() - t0
         for m in pending:
             if m.role == "teacher":
@@ -154,7 +164,7 @@ def score(h: Heldout, corpus: corpus_mod.Corpus, teacher: Model, pending: list[M
                 seconds[m.name] += t_teacher
                 continue
             t0 = time.perf_counter()
-            z = masked_logits(m.module.to(device), ids, att, sel, device, f"student {m.name}")  # (N, V)
+            z = masked_logits(m.module, ids, att, sel, device, f"student {m.name}", forward[m.name])  # (N, V)
             seconds[m.name] += time.perf_counter() - t0
             sums[m.name].add(z, labels, zt)
     return {name: {**sums[name].result(), "model": name, "seconds": round(seconds[name], 3),

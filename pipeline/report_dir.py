@@ -41,7 +41,8 @@ LATER_KEYS = {"group_by_length": False}  # downstream settings and their value w
 # ----------------------------------------------------------------------------------- eval.json
 
 def settings(config: dict[str, Any], device: torch.device, models: list[Model],
-             tasks: list[downstream.Task], heldout: Corpus | None, speed: bool) -> dict[str, Any]:
+             tasks: list[downstream.Task], heldout: Corpus | None, speed: bool,
+             recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every part's result depends on; eval.json holds it and a rerun must match it.
 
     Only the settings of the sections asked for are included, and `--seeds` is not: each seed is
@@ -54,6 +55,7 @@ def settings(config: dict[str, Any], device: torch.device, models: list[Model],
         out["precision"] = config["precision"]
     if config.get("tf32"):
         out["tf32"] = True
+    out.update(recorded or {})  # torch_compile, when asked: it may change float results
     out.update({section: {k: config[k] for k in keys}
                 for section, keys in SECTION_KEYS.items() if asked[section]})
     if asked["downstream"]:  # settings added later: present only when used, so older reports resume

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kdpipe.pipeline.compiling import Compile, compiled
 from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.fsutil import sha256_bytes, sha256_file
 
@@ -50,10 +51,11 @@ def size(model: torch.nn.Module, files: list[Path]) -> dict[str, Any]:
 
 
 def measure(models: dict[str, torch.nn.Module], tokenizer: Any, bench: Bench,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, compile_spec: Compile | None = None) -> dict[str, Any]:
     """Latency (ms, batch 1) and throughput (sequences/s) per repeat of every masked LM's encoder,
     interleaved (see the module docstring). Token ids are drawn from the smallest vocabulary of
-    the models, so every model can embed them."""
+    the models, so every model can embed them. Compiled encoders get at least one warm-up call
+    per batch shape, so the compiling itself is never timed."""
     vocab_size = min(int(m.config.vocab_size) for m in models.values())
     specials = set(tokenizer.all_special_ids)
     pool = torch.tensor([i for i in range(vocab_size) if i not in specials], dtype=torch.long)
@@ -65,7 +67,7 @@ def measure(models: dict[str, torch.nn.Module], tokenizer: Any, bench: Bench,
         return ids.to(device), torch.ones_like(ids, device=device)
 
     one, big = batch(1), batch(bench.batch_size)
-    encoders = {name: m.to(device).base_model for name, m in models.items()}
+    encoders = {name: compiled(m.to(device).base_model, compile_spec) for name, m in models.items()}
 
     def timed(name: str, inputs: tuple[torch.Tensor, torch.Tensor]) -> float:
         if device.type == "cuda":
@@ -78,7 +80,7 @@ def measure(models: dict[str, torch.nn.Module], tokenizer: Any, bench: Bench,
         return time.perf_counter() - t0
 
     names = list(encoders)
-    for _ in range(bench.warmup):
+    for _ in range(max(bench.warmup, 1) if compile_spec else bench.warmup):
         for n in names:
             timed(n, one)
             timed(n, big)

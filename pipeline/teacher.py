@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdpipe.pipeline.compiling import Compile, compiled
 from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.errors import KdpipeError, first_line, tensor_file_errors
 
@@ -235,12 +236,15 @@ class TeacherRunner:
     def __init__(self, model: nn.Module, top_k: int, temperatures: tuple[float, ...],
                  projection: torch.Tensor, device: torch.device, chunk: int | None = None,
                  mode: str = "topk", precision: str = "fp32", layers: tuple[int, ...] = (),
-                 layer_projections: torch.Tensor | None = None) -> None:
+                 layer_projections: torch.Tensor | None = None, compile_spec: Compile | None = None) -> None:
         """layers: other hidden_states indices stored beside the last (pipeline/layer_targets.py),
         each through its (H, d) slice of layer_projections (n, H, d)."""
         from kdpipe.pipeline.modes import get_mode  # the modes' reductions import this module
 
         self.model = model.to(device)
+        # the forward pass up to the decoder input, compiled where asked (the decoder is always
+        # bypassed when it runs, so its guards never change); check_head_split's reference is eager
+        self.forward = compiled(self.model, compile_spec)
         self.device = device
         self.precision = precision  # of the teacher's forward pass; the reductions stay float32
         self.mode = get_mode(mode)
@@ -281,7 +285,7 @@ class TeacherRunner:
         """(B, T, H) last hidden states, (B, T, H') decoder inputs and the (B, T, H) states after
         each of `layers`, float32."""
         with autocast(self.device, self.precision), decoder_bypassed(self.model):
-            out = self.model(input_ids=input_ids.to(self.device),
+            out = self.forward(input_ids=input_ids.to(self.device),
                              attention_mask=attention_mask.to(self.device), output_hidden_states=True)
         return (out.hidden_states[-1].float(), out.logits.float(),
                 [out.hidden_states[i].float() for i in self.layers])

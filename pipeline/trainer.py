@@ -24,7 +24,8 @@ import torch
 
 from kdpipe.pipeline import distributed, layer_targets
 from kdpipe.pipeline import student as stu
-from kdpipe.pipeline.device import autocast
+from kdpipe.pipeline.compiling import Compile, compiled
+from kdpipe.pipeline.device import MIN_LOSS_SCALE, autocast, grad_scaler
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.loader import Batch
@@ -32,7 +33,8 @@ from kdpipe.pipeline.losses import LossSpec, distillation_loss
 from kdpipe.pipeline.modes import TeacherHead
 
 REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the DistilBERT reference never decays
-WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "layer_cos", "grad_norm")  # the metrics window, saved in checkpoints
+# the metrics window, saved in checkpoints; skipped: fp16 updates the loss scaler skipped (overflow)
+WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "layer_cos", "grad_norm", "skipped")
 TERMS = ("ce", "mlm", "cos", "layer_cos")  # the loss terms, each weighted by spec.alpha_<term>
 _DROPOUT_SALT = 0xD209
 
@@ -74,15 +76,22 @@ class Trainer:
     params: list[torch.nn.Parameter]
     init_report: dict[str, Any]
     ddp: torch.nn.Module | None = None  # several ranks: DistributedDataParallel(DistilStep)
+    precision: str | None = None  # of the forward's autocast (None: the stage's, pipeline/device.py)
+    scaler: torch.amp.GradScaler | None = None  # fp16: the loss scaler
+    # what runs the student's body and MLM head (build_trainer's): the modules themselves, or
+    # torch.compile's wrappers of them (sharing their parameters: `student` and its state_dict stay plain)
+    body: Any = None
+    head: Any = None
 
 
 def build_trainer(student_config: Any, teacher_hidden: int, projection: torch.Tensor, optim: Optim,
                   seed: int, init: str, layer_map: list[int] | None,
                   teacher_state: dict[str, torch.Tensor] | None, device: torch.device,
-                  init_from: Path | None = None, layer_projections: list[torch.Tensor] | None = None) -> Trainer:
+                  init_from: Path | None = None, layer_projections: list[torch.Tensor] | None = None,
+                  precision: str = "auto", compile_spec: Compile | None = None) -> Trainer:
     """Student (seeded), its initialisation (teacher layers, or a model folder's weights), the
     hidden map (with L_layer, one more map per matched layer: `layer_projections`, each (H, d))
-    and AdamW, in a fixed order."""
+    and AdamW, in a fixed order; the loss scaler of fp16, the compiled forward."""
     model = stu.build_student(student_config, seed)
     report: dict[str, Any] = {"init": init}
     if teacher_state is not None:
@@ -101,7 +110,9 @@ def build_trainer(student_config: Any, teacher_hidden: int, projection: torch.Te
     groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
-    return Trainer(model, hmap, opt, decay + no_decay, report)
+    return Trainer(model, hmap, opt, decay + no_decay, report, precision=precision,
+                   scaler=grad_scaler(device, precision),
+                   body=compiled(stu.body(model), compile_spec), head=compiled(stu.mlm_head(model), compile_spec))
 
 
 class DistilStep(torch.nn.Module):
@@ -114,17 +125,17 @@ class DistilStep(torch.nn.Module):
     size, so DDP's average of the gradients is the one-process gradient of the global batch."""
 
     def __init__(self, student: torch.nn.Module, hidden_map: torch.nn.Module, spec: LossSpec,
-                 teacher_head: TeacherHead | None, world_size: int) -> None:
+                 teacher_head: TeacherHead | None, world_size: int, body: Any, head: Any) -> None:
         super().__init__()
         self.student, self.hidden_map = student, hidden_map
         self.spec, self.teacher_head, self.world_size = spec, teacher_head, world_size
+        self.forward_fns = (body, head)  # a tuple: not registered as submodules (no state_dict keys)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """(loss for backward, [ce, mlm, cos, layer_cos] shares of the global means, None where
         alpha is 0)."""
         spec, part = self.spec, batch.part
-        terms = distillation_loss(stu.body(self.student), stu.mlm_head(self.student), self.hidden_map,
-                                  batch, spec, self.teacher_head)
+        terms = distillation_loss(*self.forward_fns, self.hidden_map, batch, spec, self.teacher_head)
         n_local, m_local = batch.tokens, int(batch.mlm_index.numel())
         p_local, p_global = (m_local, part.global_masked) if spec.ce_masked_only else (n_local, part.global_tokens)
 
@@ -149,7 +160,7 @@ def wrap_ddp(tr: Trainer, spec: LossSpec, teacher_head: TeacherHead | None, w: d
     weights, so the other ranks need not read the teacher. Parameters may go unused in a step (so
     DDP must look for them, an extra graph traversal) where a loss runs only on masked positions
     and a rank's share has none, or a weight of 0 leaves the head or the hidden map out."""
-    module = DistilStep(tr.student, tr.hidden_map, spec, teacher_head, w.size)
+    module = DistilStep(tr.student, tr.hidden_map, spec, teacher_head, w.size, tr.body, tr.head)
     unused = spec.ce_masked_only or spec.alpha_ce == 0 or spec.alpha_cos == 0
     tr.ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=None, find_unused_parameters=unused)
 
@@ -165,21 +176,48 @@ class StepResult:
 
 
 def _new_result() -> StepResult:
-    return StepResult(0, None, {k: 0.0 for k in ("loss", *TERMS, "grad_norm")}, 0, [], 0.0)
+    return StepResult(0, None, {k: 0.0 for k in ("loss", *TERMS, "grad_norm", "skipped")}, 0, [], 0.0)
 
 
-def _update(tr: Trainer, optim: Optim, terms: dict[str, float]) -> float:
-    """Clip (where asked) and step, unless the gradient norm is not finite (then nothing is changed:
-    with several ranks the gradients are averaged already, so every rank refuses the same update).
-    Returns the gradients' total L2 norm before clipping, as transformers' Trainer logs it."""
+def _backward(tr: Trainer, loss: torch.Tensor) -> None:
+    """Backward of the loss, scaled by the loss scaler in fp16."""
+    (tr.scaler.scale(loss) if tr.scaler is not None else loss).backward()
+
+
+def _update(tr: Trainer, optim: Optim, terms: dict[str, float]) -> tuple[float, bool]:
+    """Clip (where asked) and step. Returns the gradients' total L2 norm before clipping (as
+    transformers' Trainer logs it), and whether the update was skipped.
+
+    Without a loss scaler a non-finite gradient norm stops training and changes nothing (with
+    several ranks the gradients are averaged already, so every rank refuses the same update).
+    With one (fp16) the gradients are unscaled before the norm and the clipping; a non-finite norm
+    is an overflow of the scaled gradients, normal in fp16: the scaler skips the update and halves
+    its scale. Only an overflow at a scale of MIN_LOSS_SCALE or less, which no smaller scale undoes,
+    stops training (so a run whose gradients stay non-finite stops within about 17 updates)."""
+    if tr.scaler is not None:
+        tr.scaler.unscale_(tr.optimizer)
     if optim.max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(tr.params, optim.max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in tr.params if p.grad is not None])
-    if not math.isfinite(float(norm)):
-        raise NonFiniteError(f"the gradient norm is {float(norm)}", terms)
-    tr.optimizer.step()
-    return float(norm)
+    finite = math.isfinite(float(norm))
+    if tr.scaler is None:
+        if not finite:
+            raise NonFiniteError(f"the gradient norm is {float(norm)}", terms)
+        tr.optimizer.step()
+        return float(norm), False
+    if not finite and tr.scaler.get_scale() <= MIN_LOSS_SCALE:
+        raise NonFiniteError(f"the gradient norm is {float(norm)} at an fp16 loss scale of "
+                             f"{tr.scaler.get_scale():g} (the gradients overflow float16 unscaled)", terms)
+    tr.scaler.step(tr.optimizer)  # skips the update when the gradients hold an inf or a NaN
+    tr.scaler.update()
+    return float(norm), not finite
+
+
+def _record_update(res: StepResult, norm: float, skipped: bool) -> None:
+    """An update's grad norm (a skipped one has none) and skip count, into the step's sums."""
+    res.sums["grad_norm"] = 0.0 if skipped else norm
+    res.sums["skipped"] = float(skipped)
 
 
 def _start(tr: Trainer, lr: float) -> None:
@@ -191,7 +229,6 @@ def _start(tr: Trainer, lr: float) -> None:
 def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_head: TeacherHead | None,
                optim: Optim, lr: float, device: torch.device, record_rows: bool) -> StepResult:
     """One optimizer update over `grad_accum` batches: forward, the losses, backward, clip, AdamW."""
-    body, head = stu.body(tr.student), stu.mlm_head(tr.student)
     _start(tr, lr)
     res = _new_result()
     for _ in range(optim.grad_accum):
@@ -201,9 +238,9 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_he
         if batch is None:
             break
         batch = batch.to(device)
-        with autocast(device):
-            terms = distillation_loss(body, head, tr.hidden_map, batch, spec, teacher_head)
-        (terms.loss / optim.grad_accum).backward()
+        with autocast(device, tr.precision):
+            terms = distillation_loss(tr.body, tr.head, tr.hidden_map, batch, spec, teacher_head)
+        _backward(tr, terms.loss / optim.grad_accum)
         res.batches, res.last, res.tokens = res.batches + 1, batch, res.tokens + batch.tokens
         for key in ("loss", *TERMS):
             if (t := getattr(terms, key)) is not None:
@@ -213,7 +250,7 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_he
     if res.batches:
         terms = {k: res.sums[k] for k in ("loss", *TERMS) if k == "loss" or getattr(spec, f"alpha_{k}") > 0}
         check_terms(terms)
-        res.sums["grad_norm"] = _update(tr, optim, terms)
+        _record_update(res, *_update(tr, optim, terms))
     return res
 
 
@@ -235,9 +272,9 @@ def train_step_ddp(tr: Trainer, batches: Iterator[Batch], optim: Optim, lr: floa
     for i, batch in enumerate(micro):
         batch = batch.to(device)
         with nullcontext() if i == len(micro) - 1 else tr.ddp.no_sync():
-            with autocast(device):
+            with autocast(device, tr.precision):
                 loss, shares = tr.ddp(batch)
-            (loss / optim.grad_accum).backward()
+            _backward(tr, loss / optim.grad_accum)
         for j, t in enumerate(shares):
             if t is not None:
                 local[j] += t.item() / optim.grad_accum
@@ -246,7 +283,7 @@ def train_step_ddp(tr: Trainer, batches: Iterator[Batch], optim: Optim, lr: floa
             res.rows += [[int(a), int(b)] for a, b in zip(batch.part.seq_id, batch.part.view)]
     res.batches, res.last = len(micro), (micro[-1] if micro else None)
     if res.batches:  # a rank's own terms; a non-finite one makes every rank's gradient non-finite
-        res.sums["grad_norm"] = _update(tr, optim, {k: v for k, v, a in zip(TERMS, local, alphas(spec)) if a > 0})
+        _record_update(res, *_update(tr, optim, {k: v for k, v, a in zip(TERMS, local, alphas(spec)) if a > 0}))
     *summed, tokens = distributed.all_reduce_sum(w, local)
     for key, v, alpha in zip(TERMS, summed, alphas(spec)):
         if alpha > 0:
@@ -259,19 +296,26 @@ def train_step_ddp(tr: Trainer, batches: Iterator[Batch], optim: Optim, lr: floa
 # ------------------------------------------------------------------------------------ metrics
 
 def metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, waited: float, timed_steps: int,
-                 timed_tokens: int, epoch: float, spec: LossSpec) -> dict[str, Any]:
+                 timed_tokens: int, epoch: float, spec: LossSpec, loss_scale: float | None = None
+                 ) -> dict[str, Any]:
     """Means over the updates since the last line; the timings (tokens_per_s, steps_per_s,
     data_wait_pct: time spent waiting for a batch, % of wall time) are this process's; with
     several ranks the tokens are the whole job's. grad_norm: the mean over the window of each
-    update's gradient norm before clipping."""
+    update's gradient norm before clipping (None when fp16 skipped every update of the window).
+    In fp16 (`loss_scale` given) also the scale now and the updates skipped in the window."""
     n = max(w["steps"], 1.0)
+    skipped = w.get("skipped", 0.0)
     term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
     layer = {"loss_layer_cos": term("layer_cos", spec.alpha_layer_cos)} if spec.alpha_layer_cos > 0 else {}
-    return {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
+    line = {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
             "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos), **layer,
-            "grad_norm": w["grad_norm"] / n, "lr": lr, "tokens_per_s": round(timed_tokens / max(elapsed, 1e-9), 1),
+            "grad_norm": w["grad_norm"] / (w["steps"] - skipped) if w["steps"] > skipped else None,
+            "lr": lr, "tokens_per_s": round(timed_tokens / max(elapsed, 1e-9), 1),
             "epoch": round(epoch, 4), "steps_per_s": round(timed_steps / max(elapsed, 1e-9), 4),
             "data_wait_pct": round(100 * waited / max(elapsed, 1e-9), 2)}
+    if loss_scale is not None:
+        line.update(loss_scale=loss_scale, skipped_updates=int(skipped))
+    return line
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:

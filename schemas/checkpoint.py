@@ -14,6 +14,7 @@ without a config, and counted the number of steps among the settings a resume mu
         optimizer.pt                   AdamW state (torch.save; read back with weights_only=True)
         rng.safetensors                torch CPU (and CUDA) generator states
         checkpoint.json                CheckpointMeta, written last, with the SHA-256 of the others
+                                       (and, in fp16, the loss scaler's state)
       checkpoints/latest             name of the newest complete checkpoint, written atomically
       final/                         save_pretrained student (+ tokenizer), loadable without kdpipe
 
@@ -100,3 +101,4 @@ class CheckpointMeta(_Frozen):
     log_window: dict[str, float]  # metric sums since the last logged step
     files: dict[str, str]  # file name -> SHA-256
     created_at: str
+    grad_scaler: dict[str, Any] | None = None  # fp16: torch.amp.GradScaler.state_dict() (plain numbers)

@@ -34,8 +34,9 @@ from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import downstream, mlm_eval, model_card, report_dir, sections, speed
 from kdpipe.pipeline import report as render
 from kdpipe.pipeline import storage
+from kdpipe.pipeline.compiling import CompileSettings, compile_options
 from kdpipe.pipeline.config import (
-    MAX_SEED, StageConfig, build_config, config_option, echo_json, floats_option, ints_option,
+    MAX_SEED, build_config, config_option, echo_json, floats_option, ints_option,
 )
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import KdpipeError
@@ -49,7 +50,7 @@ from kdpipe.pipeline.report_dir import Parts, sweep_key, task_key
 from kdpipe.schemas.report import MARKDOWN_NAME, REPORT_NAME, ModelEntry, Report
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(CompileSettings):
     teacher: str
     students: list[str] = Field(min_length=1)
     out: str
@@ -58,6 +59,8 @@ class EvalConfig(StageConfig):
     baseline: str | None = None  # the student the ablation table compares against [first]
     # masked LM on held-out text
     heldout_text_column: str = "text"
+    heldout_format: Literal[corpus_mod.FORMATS] = "auto"  # type: ignore[valid-type]
+    heldout_split: str = "train"
     heldout_sequences: int = Field(256, ge=1)
     seq_len: int = Field(128, ge=8, le=65535)
     packing: Literal["pack", "line"] = "pack"
@@ -118,9 +121,6 @@ class EvalConfig(StageConfig):
     def _probs(self) -> "EvalConfig":
         if self.mask_token_prob + self.random_token_prob > 1:
             raise ValueError("mask_token_prob + random_token_prob must not exceed 1")
-        if self.precision == "fp16" and self.tasks:
-            raise ValueError("precision fp16 would fine-tune without loss scaling: use bf16 (or fp32) with "
-                             "--task, or fp16 for the masked-LM and speed sections alone")
         return self
 
     @property
@@ -135,7 +135,8 @@ class EvalConfig(StageConfig):
         masking = MaskingSpec(self.mask_prob, self.mask_token_prob, self.random_token_prob, 0.0,
                               self.mask_seed)
         return mlm_eval.Heldout(tuple(self.heldout), self.heldout_text_column, self.heldout_sequences,
-                                self.seq_len, self.packing, masking, self.eval_batch_size)
+                                self.seq_len, self.packing, masking, self.eval_batch_size,
+                                self.heldout_format, self.heldout_split)
 
     def bench(self) -> speed.Bench:
         return speed.Bench(self.speed_batch_size, self.speed_seq_len, self.speed_repeats,
@@ -197,7 +198,8 @@ def set_up(cfg: EvalConfig) -> Setup:
         mlm_eval.check_comparable(teacher, models)
         warnings += mlm_eval.overlap_warnings(students, heldout)
     device = pick_device(cfg.device)
-    settings = report_dir.settings(cfg.model_dump(mode="json"), device, models, tasks, heldout, cfg.speed)
+    settings = report_dir.settings(cfg.model_dump(mode="json"), device, models, tasks, heldout, cfg.speed,
+                                   cfg.compile_record())
     out = Path(cfg.out)
     return Setup(cfg, out, device, models, heldout, tasks, splits, tunes, settings,
                  Parts(out, sha256_bytes(dumps_json(settings))), warnings)
@@ -232,7 +234,7 @@ def run(s: Setup) -> dict[str, int]:
         if s.parts.read("speed") is None:
             say(f"speed: {len(s.models)} models interleaved, {s.cfg.speed_repeats} repeats")
             data = speed.measure({m.name: m.module for m in s.models}, s.teacher.tokenizer,
-                                 s.cfg.bench(), s.device)
+                                 s.cfg.bench(), s.device, s.cfg.compile_spec())
             s.parts.write("speed", "speed", data)
             done += 1
         else:
@@ -242,7 +244,8 @@ def run(s: Setup) -> dict[str, int]:
         reused += len(s.models) - len(pending)
         if pending:
             say(f"masked LM on held-out text: {', '.join(m.name for m in pending)}")
-            scores = mlm_eval.score(s.cfg.heldout_spec(), s.heldout, s.teacher, pending, s.device)
+            scores = mlm_eval.score(s.cfg.heldout_spec(), s.heldout, s.teacher, pending, s.device,
+                                    s.cfg.compile_spec())
             for name, data in scores.items():
                 s.parts.write("mlm", f"mlm/{name}", data)
                 done += 1
@@ -270,7 +273,7 @@ def run(s: Setup) -> dict[str, int]:
                                                       s.tunes[task.name])
                         result = downstream.sweep_rate(str(m.path), m.tokenizer.pad_token_id, sweep_data,
                                                        task.label_names, replace(base, lr=lr), epochs, k,
-                                                       s.device)
+                                                       s.device, s.cfg.compile_spec())
                         s.parts.write("sweep", key, {**result, "model": m.name, "task": task.name})
                         done += 1
                         say(f"{task.name} | {m.name} | sweep lr {lr:g} seed {k}: tuning accuracy "
@@ -286,8 +289,9 @@ def run(s: Setup) -> dict[str, int]:
                     reused += 1
                     continue
                 try:
-                    result = downstream.finetune_and_score(str(m.path), m.tokenizer.pad_token_id,
-                                                           data(task, m), task.label_names, recipe, seed, s.device)
+                    result = downstream.finetune_and_score(str(m.path), m.tokenizer.pad_token_id, data(task, m),
+                                                           task.label_names, recipe, seed, s.device,
+                                                           s.cfg.compile_spec())
                 except KdpipeError as e:
                     raise KdpipeError(f"task {task.name}: {e}") from None
                 s.parts.write("task", key, {**result, "model": m.name, "task": task.name})
@@ -378,7 +382,8 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 
 @click.command("eval", epilog="Example: kdpipe eval --teacher ./teacher --student runs/full "
                "--student no-ce=runs/no-ce --heldout heldout.txt --task builtin:movie-sentiment "
-               "--out reports/r1 --seeds 3 --max-train-examples 2000")
+               "--out reports/r1 --seeds 3 --max-train-examples 2000. Held-out text in a CSV whose name "
+               "does not say so: --heldout export.dat --heldout-format csv --heldout-text-column review.")
 @config_option
 @click.option("--teacher", help="Teacher model folder (or builtin:NAME, or NAME=PATH).")
 @click.option("--student", "students", multiple=True, help="A student-train run directory (its "
@@ -392,7 +397,12 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 @click.option("--out", help="Report directory to create or resume, or a URL (s3://bucket/path, ...).")
 @click.option("--baseline", help="Student the ablation table compares against. [first student]")
 @click.option("--heldout-sequences", type=int, help="Held-out sequences scored. [256]")
-@click.option("--heldout-text-column", help="Text column of JSONL/Parquet held-out data. [text]")
+@click.option("--heldout-text-column", help="Text column of JSONL/Parquet/CSV held-out data. [text]")
+@click.option("--heldout-format", type=click.Choice(list(corpus_mod.FORMATS)), help="What the --heldout "
+              "files are, where their names do not say, as teacher-dump's --format: text, json, parquet, "
+              "csv, tsv, disk, repo. [auto: from the name; any other extension is text]")
+@click.option("--heldout-split", help="Split of a held-out dataset, save_to_disk DatasetDict or dataset "
+              "repository folder. [train]")
 @click.option("--seq-len", type=int, help="Tokens per held-out sequence. [128]")
 @click.option("--packing", type=click.Choice(["pack", "line"]), help="Held-out packing. [pack]")
 @click.option("--mask-prob", type=float, help="Share of held-out tokens masked. [0.15]")
@@ -432,8 +442,10 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 @click.option("--speed-repeats", type=int, help="Timed repeats per model (median reported). [10]")
 @click.option("--speed-warmup", type=int, help="Untimed warm-up calls per model. [2]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast of every "
-              "forward pass (speed, masked LM, fine-tuning). [auto: bf16 on CUDA, fp32 on CPU]")
+              "forward pass (speed, masked LM, fine-tuning; fp16 fine-tuning scales the loss). "
+              "[auto: bf16 on CUDA, fp32 on CPU]")
 @click.option("--tf32/--no-tf32", default=None, help="Let CUDA use TF32 for float32 matmuls. [off]")
+@compile_options("every model's forward pass (speed: never timing the compile, masked LM, fine-tuning)")
 @click.option("--model-cards/--no-model-cards", default=None, help="Fill in the evaluation section of each "
               "kdpipe student's model card (final/README.md) from this report. [on]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")

@@ -47,8 +47,9 @@ from kdpipe.pipeline import checkpoint as ckpt
 from kdpipe.pipeline import distributed, layer_targets, model_card
 from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
+from kdpipe.pipeline.compiling import CompileSettings, compile_options
 from kdpipe.pipeline.config import (
-    MAX_SEED, StageConfig, build_config, config_option, echo_json, floats_option, ints_option,
+    MAX_SEED, build_config, config_option, echo_json, floats_option, ints_option,
 )
 from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
@@ -93,9 +94,12 @@ OPERATIONAL = ("cache", "out", "teacher", "device", "save_every", "keep_checkpoi
                "prefetch", "record_samples", "init_from", "report_to", "loader_workers")
 # The run's length: may change on a rerun (the schedule follows the new length, see above).
 LENGTH = ("max_steps", "epochs")
+# Recorded in a run's identity as one torch_compile entry, and only when compiling (so a run
+# started before the option existed still resumes).
+COMPILE_KEYS = ("torch_compile", "torch_compile_backend", "torch_compile_mode")
 
 
-class StudentConfig(StageConfig):
+class StudentConfig(CompileSettings):
     cache: str
     out: str
     teacher: str | None = None
@@ -171,9 +175,6 @@ class StudentConfig(StageConfig):
                 shaped.append("student_arch")
             if shaped:
                 problems.append(f"init_from takes the architecture from its folder: drop {', '.join(shaped)}")
-        if self.precision == "fp16":
-            problems.append("precision fp16 would need loss scaling (a GradScaler), which student-train "
-                            "does not do: use bf16 (or fp32)")
         if not all(0 <= b < 1 for b in self.adam_betas):
             problems.append("adam_betas must lie in [0, 1)")
         if problems:
@@ -312,9 +313,10 @@ def set_up(cfg: StudentConfig) -> Setup:
     resolved["layer_map"] = layer_map
     student_dict = json.loads(scfg.to_json_string())
     student_dict.pop("transformers_version", None)
-    identity = {k: v for k, v in resolved.items() if k not in OPERATIONAL + LENGTH}
+    identity = {k: v for k, v in resolved.items() if k not in OPERATIONAL + LENGTH + COMPILE_KEYS}
     if not cfg.alpha_layer_cos:  # a run from before L_layer existed resumes
         identity.pop("alpha_layer_cos")
+    identity.update(cfg.compile_record())  # compiling may change float results: a resume repeats it
     identity["student_config"] = student_dict
     if cfg.init_from:
         identity["init_from_weights_sha256"] = init_sha
@@ -438,7 +440,8 @@ def _tensorboard(cfg: StudentConfig, out: Path) -> Any | None:
 def _trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer:
     return build_trainer(s.student_config, int(s.teacher_config["hidden_size"]), s.projection, s.optim,
                          s.cfg.seed, s.cfg.init, s.layer_map, teacher_state, s.device,
-                         Path(s.cfg.init_from) if s.cfg.init_from else None, s.layer_projections)
+                         Path(s.cfg.init_from) if s.cfg.init_from else None, s.layer_projections,
+                         s.cfg.precision, s.cfg.compile_spec())
 
 
 def open_stream(s: Setup, position: Position, w: distributed.World | None = None) -> Iterator[Batch]:
@@ -510,7 +513,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
             if writer and (step % cfg.log_every == 0 or step == total):
                 now = time.perf_counter()
                 line = metrics_line(step, window, lr, now - t_log, waited, timed_steps, timed_tokens,
-                                     epoch_progress, spec)
+                                     epoch_progress, spec, tr.scaler.get_scale() if tr.scaler else None)
                 with disk_errors(out / METRICS_NAME):
                     metrics.write(json.dumps(line) + "\n")
                     metrics.flush()
@@ -524,7 +527,7 @@ def run(s: Setup, record: RunRecord, tr: Trainer, start: ckpt.TrainState | None,
             if writer and (step % cfg.save_every == 0 or step == total):
                 ckpt.save_checkpoint(out, record.run_id, s.manifest.fingerprint_sha256, s.identity_sha,
                                      ckpt.TrainState(step, position, dict(window)), tr.student,
-                                     tr.hidden_map, tr.optimizer, cfg.keep_checkpoints, tokenizer)
+                                     tr.hidden_map, tr.optimizer, cfg.keep_checkpoints, tokenizer, tr.scaler)
     finally:
         bar.close()
         if metrics:
@@ -549,6 +552,8 @@ def _stopped(out: Path, step: int, e: NonFiniteError) -> str:
     if bad and bad <= {"ce", "cos", "layer_cos"} and bad != set(terms):  # the student's own MLM loss is fine
         advice = (f"the cache's {' and '.join(sorted(bad))} targets of this batch are suspect: run "
                   "`kdpipe cache verify --deep`")
+    elif "fp16 loss scale" in e.what:
+        advice = "the gradients overflow float16: train with --precision bf16 or fp32, or lower --lr"
     else:
         advice = "the student diverged: lower --lr or clip with --max-grad-norm"
     return f"step {step}: {e}; training stopped before this update: no final/ written, {kept}; {advice}"
@@ -722,7 +727,7 @@ def _claim(s: Setup, held: ExitStack, online: Callable[[Batch], Batch] | None = 
     tr = _trainer(s, teacher_state if meta is None else None)
     del teacher_state
     start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
-                                 s.device) if meta else None
+                                 s.device, tr.scaler) if meta else None
     for p in [*s.out.glob(".final.tmp-*"), *s.out.glob(".final.old-*")]:
         shutil.rmtree(p, ignore_errors=True)
     ckpt.remove_stale_tmp(s.out)
@@ -761,12 +766,13 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
         stream = map(online, stream)
     tr = _trainer(s, None)
     start = ckpt.load_checkpoint(resume_from, meta, tr.student, tr.hidden_map, tr.optimizer,
-                                 s.device) if meta else None
+                                 s.device, tr.scaler) if meta else None
     return Claimed(record, resume_from, stream, tr, start)
 
 
 @click.command("student-train", epilog="Example: kdpipe student-train --cache caches/wiki --out runs/s3 "
-               "--teacher ./bert-mlm --max-steps 2000 --save-every 200. Rerun the same command to resume.")
+               "--teacher ./bert-mlm --max-steps 2000 --save-every 200. Rerun the same command to resume. "
+               "On a GPU: add --precision bf16 (or fp16) --torch-compile.")
 @config_option
 @click.option("--cache", help="Teacher cache directory (made by teacher-dump), or its URL (s3://...).")
 @click.option("--out", help="Run directory to create or resume, or a URL (s3://bucket/path, ...).")
@@ -822,9 +828,11 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--loader-workers", type=int, help="Threads decoding shards and collating batches "
               "(the batches are the same whatever the number). [cores - 1, 1 to 4]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="Autocast of the student's "
-              "forward pass (the losses are float32). [auto: bf16 on CUDA, fp32 on CPU]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast of the "
+              "student's forward pass (the losses are float32); fp16 scales the loss (GradScaler), skipping "
+              "the updates whose gradients overflow. [auto: bf16 on CUDA, fp32 on CPU]")
 @click.option("--tf32/--no-tf32", default=None, help="Let CUDA use TF32 for float32 matmuls. [off]")
+@compile_options("the student's encoder and MLM head (checkpoints keep the model's own tensor names)")
 @click.option("--report-to", type=click.Choice(["none", "tensorboard"]), help="Also log the metrics to "
               "TensorBoard (RUN_DIR/tensorboard; pip install 'kdpipe[tensorboard]'). metrics.jsonl is "
               "always written. [none]")

@@ -31,7 +31,8 @@ import torch
 from pydantic import Field
 
 from kdpipe.pipeline.cache import diff_fingerprints, fingerprint_sha256
-from kdpipe.pipeline.config import MAX_SEED, StageConfig, build_config, config_option, echo_json
+from kdpipe.pipeline.compiling import CompileSettings, compile_options
+from kdpipe.pipeline.config import MAX_SEED, build_config, config_option, echo_json
 from kdpipe.pipeline.errors import CacheMismatchError, KdpipeError
 from kdpipe.pipeline.fsutil import (
     atomic_dir, atomic_write_json, dumps_json, ensure_dir, exclusive_lock, read_json, remove_stale_tmp,
@@ -52,9 +53,12 @@ RECORD_NAME = "teacher_adapt.json"  # what OUT was made from; written before any
 RECORD_VERSION = 1
 # fields that do not change what is made (adapt.json records its held-out text itself)
 _NOT_IDENTITY = {"out", "device", "save_every", "heldout", "heldout_sequences"}
+# settings added later: left out of the identity at these values (what OUT was made with before
+# they existed), so an OUT made then still matches
+_LATER = {"precision": "auto", "torch_compile": False, "torch_compile_backend": None, "torch_compile_mode": None}
 
 
-class AdaptConfig(StageConfig):
+class AdaptConfig(CompileSettings):
     teacher: str
     data: list[str] = Field(min_length=1)
     out: str
@@ -72,6 +76,7 @@ class AdaptConfig(StageConfig):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     save_every: int = Field(50, ge=1)
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # of the training, as student-train's
 
 
 def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: AdaptConfig) -> float:
@@ -80,7 +85,7 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: AdaptConfig) -
     from kdpipe.pipeline.device import pick_device
 
     h = mlm_eval.Heldout(tuple(cfg.heldout), cfg.text_column, cfg.heldout_sequences, cfg.seq_len,
-                         masking=MaskingSpec(seed=cfg.seed))
+                         masking=MaskingSpec(seed=cfg.seed), column_flag="--text-column")
     corpus = mlm_eval.resolve_heldout(h)
     batches, _, _ = mlm_eval.heldout_batches(h, corpus, tokenizer, int(model.config.vocab_size))
     device = pick_device(cfg.device)
@@ -105,7 +110,8 @@ def tree_sha256(folder: Path) -> str | None:
 
 
 def _identity(cfg: AdaptConfig, teacher_path: str) -> dict[str, Any]:
-    settings = {k: v for k, v in cfg.model_dump().items() if k not in _NOT_IDENTITY}
+    settings = {k: v for k, v in cfg.model_dump().items()
+                if k not in _NOT_IDENTITY and not (k in _LATER and v == _LATER[k])}
     return {"settings": settings, "teacher_files_sha256": tree_sha256(Path(teacher_path))}
 
 
@@ -182,7 +188,9 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
         student_layers=layers, layer_map=list(range(layers)), alpha_ce=0.0, alpha_cos=0.0,
         alpha_mlm=1.0, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup=min(0.99, cfg.warmup_steps / cfg.max_steps), weight_decay=cfg.weight_decay,
-        seed=cfg.seed, save_every=cfg.save_every, device=cfg.device)
+        seed=cfg.seed, save_every=cfg.save_every, device=cfg.device, precision=cfg.precision,
+        torch_compile=cfg.torch_compile, torch_compile_backend=cfg.torch_compile_backend,
+        torch_compile_mode=cfg.torch_compile_mode)
     trained = student_train.main(train)
     model_dir = out / MODEL_DIR
     made = tree_sha256(out / RUN_DIR / FINAL_DIR)
@@ -212,7 +220,8 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
 
 
 @click.command("teacher-adapt", epilog="Example: kdpipe teacher-adapt --teacher builtin:minilm-l6 "
-               "--data builtin:wikipedia --out teachers/minilm-mlm --max-steps 100")
+               "--data builtin:wikipedia --out teachers/minilm-mlm --max-steps 100. On a GPU: add "
+               "--precision fp16 --torch-compile.")
 @config_option
 @click.option("--teacher", help="Encoder checkpoint folder (or builtin:NAME), head trained or not.")
 @click.option("--data", multiple=True, help="Text to adapt on (as for teacher-dump); repeatable.")
@@ -232,6 +241,9 @@ def _adapt(cfg: AdaptConfig, out: Path) -> dict[str, Any]:
 @click.option("--seed", type=int, help="Seed of masks and initialisation. [0]")
 @click.option("--save-every", type=int, help="Checkpoint every N steps. [50]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast of the "
+              "training, as for student-train (fp16 scales the loss). [auto: bf16 on CUDA, fp32 on CPU]")
+@compile_options("the encoder and MLM head being trained, as for student-train")
 def command(config_file: Path | None, **flags: Any) -> None:
     """Train a masked-LM head (and the encoder under it) so a checkpoint can serve as a teacher."""
     echo_json(main(build_config(AdaptConfig, config_file, flags)))

@@ -38,7 +38,8 @@ from kdpipe.pipeline import corpus as corpus_mod
 from kdpipe.pipeline import distributed, layer_targets
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage, values
-from kdpipe.pipeline.config import StageConfig, build_config, config_option, echo_json, floats_option, ints_option
+from kdpipe.pipeline.compiling import CompileSettings, compile_options
+from kdpipe.pipeline.config import build_config, config_option, echo_json, floats_option, ints_option
 from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import KdpipeError
@@ -63,7 +64,7 @@ from kdpipe.schemas.manifest import FINGERPRINT_NAME, MANIFEST_NAME, FileEntry, 
 from kdpipe.schemas.shard import SCHEMA_VERSION, shard_schema
 
 
-class DumpConfig(StageConfig):
+class DumpConfig(CompileSettings):
     teacher: str
     data: list[str] = Field(min_length=1)
     out: str
@@ -241,13 +242,16 @@ def set_up(cfg: DumpConfig) -> Setup:
 
 def _precision_fingerprint(cfg: DumpConfig) -> dict[str, Any]:
     """The teacher's precision changes the stored values, so a cache records it; fp32 without
-    TF32, the default, adds nothing (a cache made before the choice existed keeps its fingerprint)."""
+    TF32, the default, adds nothing (a cache made before the choice existed keeps its fingerprint).
+    So may compiling the teacher (inductor fuses and reorders float operations: measured on a tiny
+    BERT, stored logits within about 1e-6 of eager's, not equal), so a compiled dump records its
+    backend and mode, whatever the backend: a cache is then resumed only as it was begun."""
     out: dict[str, Any] = {}
     if cfg.precision != "fp32":
         out["precision"] = cfg.precision
     if cfg.tf32:
         out["tf32"] = True
-    return out
+    return out | cfg.compile_record()
 
 
 def _target_settings(cfg: DumpConfig, model: torch.nn.Module | None) -> TargetSettings:
@@ -400,7 +404,8 @@ def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
     def runner_for(p: torch.Tensor, layer_p: torch.Tensor | None) -> TeacherRunner:
         return TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device,
                              mode=s.cfg.targets, precision=s.cfg.precision,
-                             layers=tuple(s.cfg.hidden_layers), layer_projections=layer_p)
+                             layers=tuple(s.cfg.hidden_layers), layer_projections=layer_p,
+                             compile_spec=s.cfg.compile_spec())
 
     proj_path = s.out / cachedir.PROJECTION_NAME
     if proj_path.exists():
@@ -477,7 +482,7 @@ def dry_run(s: Setup) -> dict[str, Any]:
     runner = None if s.model is None else TeacherRunner(
         s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device, mode=s.cfg.targets,
         precision=s.cfg.precision, layers=tuple(s.cfg.hidden_layers),
-        layer_projections=p.expand(len(s.cfg.hidden_layers), *p.shape))
+        layer_projections=p.expand(len(s.cfg.hidden_layers), *p.shape), compile_spec=s.cfg.compile_spec())
     seqs = list(itertools.islice(_sequences(s), max(1, 2 * s.cfg.batch_size // s.cfg.mask_views)))
     dump_shard(s.rows, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
     t0 = time.perf_counter()
@@ -567,7 +572,8 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
 
 
 @click.command("teacher-dump", epilog="Example: kdpipe teacher-dump --teacher ./bert-mlm "
-               "--data wiki.txt --out caches/wiki --top-k 32 --temperatures 1,2,4")
+               "--data wiki.txt --out caches/wiki --top-k 32 --temperatures 1,2,4. On a GPU: add "
+               "--device cuda --precision bf16 --torch-compile (both recorded in the fingerprint).")
 @config_option
 @click.option("--teacher", help="Masked-LM checkpoint folder (or builtin:NAME).")
 @click.option("--data", multiple=True, help="Text (any extension), JSONL, Parquet, CSV/TSV files, "
@@ -579,6 +585,8 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
               "forward pass; bf16/fp16 change the stored targets, and the cache's fingerprint records it. [fp32]")
 @click.option("--tf32/--no-tf32", default=None, help="Let CUDA use TF32 for float32 matmuls (recorded in "
               "the fingerprint). [off]")
+@compile_options("the teacher's forward pass (recorded in the fingerprint: inductor may change the stored "
+                 "values in their last bits)")
 @click.option("--data-split", help="Split of a named dataset, or of a save_to_disk DatasetDict or dataset "
               "repository folder. [train]")
 @click.option("--format", type=click.Choice(list(corpus_mod.FORMATS)), help="What --data is, where its name "

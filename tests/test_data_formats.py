@@ -126,3 +126,33 @@ def test_teacher_dump_takes_a_compressed_corpus_and_refuses_a_bad_format(tmp_pat
     assert a == b and a
     one_line_error(kdpipe_inproc("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file, "--out",
                                  tmp_path / "x", "--format", "xml"), "--format")
+
+
+def test_eval_heldout_reads_the_same_formats_with_heldout_format(tmp_path, teacher_dir, small_corpus_file,
+                                                                  kdpipe_inproc, one_line_error):
+    """The held-out text as a plain file, as a CSV whose name does not say so (--heldout-format), and
+    as a save_to_disk DatasetDict's validation split: the same documents, the same masked-LM scores."""
+    import datasets
+
+    lines = small_corpus_file.read_text(encoding="utf-8").splitlines()
+    dat = tmp_path / "heldout.dat"
+    dat.write_text("id,body\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(lines)), encoding="utf-8")
+    ds = datasets.Dataset.from_dict({"text": lines})
+    datasets.DatasetDict({"train": ds.select([0]), "validation": ds}).save_to_disk(str(tmp_path / "disk"))
+    args = ("eval", "--teacher", teacher_dir, "--student", f"s={teacher_dir}", "--no-speed", "--seq-len", "32",
+            "--heldout-sequences", "8")
+    scores = {}
+    for name, extra in (("plain", ("--heldout", small_corpus_file)),
+                        ("csv", ("--heldout", dat, "--heldout-format", "csv", "--heldout-text-column", "body")),
+                        ("disk", ("--heldout", tmp_path / "disk", "--heldout-split", "validation"))):
+        r = kdpipe_inproc(*args, *extra, "--out", tmp_path / f"report-{name}")
+        assert r.returncode == 0, r.stderr
+        part = json.loads((tmp_path / f"report-{name}" / "parts" / "mlm" / "s.json").read_text())["data"]
+        scores[name] = {k: part[k] for k in ("masked_tokens", "top1_accuracy", "mean_cross_entropy", "tokens")}
+    assert scores["csv"] == scores["plain"] == scores["disk"]
+    heldout = json.loads((tmp_path / "report-csv" / "eval.json").read_text())["inputs"]["heldout"]
+    assert heldout["format"] == "csv" and heldout["text_column"] == "body"
+    one_line_error(kdpipe_inproc(*args, "--heldout", dat, "--out", tmp_path / "x", "--heldout-format", "xml"),
+                   "--heldout-format")
+    one_line_error(kdpipe_inproc(*args, "--heldout", dat, "--out", tmp_path / "y", "--heldout-format", "csv"),
+                   "held-out text", "no column 'text'", "--heldout-text-column")
