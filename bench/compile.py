@@ -86,18 +86,19 @@ def bench_train(cache: str, teacher: str, batch: int, steps: int, backend: str, 
     trainers = {k: st._trainer(s, state) for k, s in setups.items()}
     streams = {k: st.open_stream(s, Position(0, 0)) for k, s in setups.items()}
 
-    def step(k: str) -> dict:
+    def step(k: str, seed: int) -> dict:
         s = setups[k]
+        torch.manual_seed(seed)  # the same dropout draws for both students (where the backend keeps torch's RNG)
         return train_step(trainers[k], streams[k], st.loss_spec(s), s.teacher_head, s.optim, 1e-4, s.device,
                           False).sums
 
-    first = {k: timed(lambda k=k: step(k)) for k in ("eager", "compiled")}
+    first = {k: timed(lambda k=k: step(k, 0)) for k in ("eager", "compiled")}
     times = {"eager": [], "compiled": []}
     losses = {"eager": [], "compiled": []}
-    for _ in range(steps):
+    for i in range(steps):
         for k in times:
             t0 = time.perf_counter()
-            losses[k].append(step(k)["loss"])
+            losses[k].append(step(k, i + 1)["loss"])
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"eager_step_s": round(med["eager"], 3), "compiled_step_s": round(med["compiled"], 3),

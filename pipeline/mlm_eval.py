@@ -137,9 +137,9 @@ def masked_logits(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, 
                   device: torch.device, role: str = "teacher", forward: Any = None) -> torch.Tensor:
     """(N, V) float32 logits at the masked positions only: the decoder runs on N rows, not B*T.
     `forward`: what runs `model` (torch.compile's wrapper of it), the model itself if None."""
-    dec = decoder_of(model, role)
+    dec, run = decoder_of(model, role), model if forward is None else forward
     with autocast(device), decoder_bypassed(model):
-        x = (model if forward is None else forward)(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (B, T, H')
+        x = run(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (B, T, H')
     return dec(x[sel.to(device)].float()).float()  # (N, V); row-major order of (b, t), as labels
 
 

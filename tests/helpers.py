@@ -56,3 +56,16 @@ def plain_rows(table) -> list[dict]:
         for name, (dtype, width) in vectors.items():
             row[name] = np.frombuffer(row[name], dtype).reshape(-1, width)
     return rows
+
+
+def tiny_task(path: Path, rows: int = 24, seed: int = 0) -> Path:
+    """A two-class JSON-lines task of short random sentences (labels alternate pos/neg)."""
+    import json
+    import random
+
+    rnd = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            f.write(json.dumps({"text": " ".join(rnd.choice(["the", "a", "cat", "sat"]) for _ in range(6)),
+                                "label": "pos" if i % 2 else "neg"}) + "\n")
+    return path

@@ -1,7 +1,8 @@
 """--torch-compile (Hugging Face's TrainingArguments names) in teacher-dump, student-train, eval and
-teacher-adapt, through torch.compile's real code path. Most tests use the aot_eager backend (dynamo
-traces, AOTAutograd builds forward and backward graphs, no code generation: seconds, not minutes);
-one tiny dump goes through inductor itself. Checkpoints keep the plain module's tensor names, a
+teacher-adapt, through torch.compile's real code path with the aot_eager backend (dynamo traces,
+AOTAutograd builds forward and backward graphs, no code generation: seconds). Inductor itself took
+26 s to compile the tiny teacher's forward from a cold cache here, too slow for the suite; its
+values are checked by bench/compile.py. Checkpoints keep the plain module's tensor names, a
 compiled run resumes exactly, and wherever results are recorded a compile is recorded with them."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 
+from helpers import plain_rows
 from kdpipe.schemas.checkpoint import STUDENT_FILE
 
 TRAIN = ("--temperature", "1.5", "--batch-size", "8", "--seed", "0", "--log-every", "1", "--max-steps", "4",
@@ -121,21 +123,19 @@ def _dump(kdpipe_inproc, out: Path, teacher_dir, corpus_file, dump_args, *extra:
 
 
 def _targets(cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    t = pq.read_table(cache / "shards")
-    flat = lambda c: np.asarray(t.column(c).combine_chunks().flatten().flatten(), dtype=np.float32)  # noqa: E731
-    return flat("topk_ids"), flat("topk_logits")
+    rows = plain_rows(pq.read_table(cache / "shards"))
+    return tuple(np.concatenate([r[c] for r in rows]).astype(np.float32) for c in ("topk_ids", "topk_logits"))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_a_compiled_dump_records_it_and_stores_the_same_targets(backend, tmp_path, teacher_dir, corpus_file,
+def test_a_compiled_dump_records_it_and_stores_the_same_targets(tmp_path, teacher_dir, corpus_file,
                                                                 kdpipe_inproc, dump_args, one_line_error):
     plain = _dump(kdpipe_inproc, tmp_path / "plain", teacher_dir, corpus_file, dump_args)
     before = graphs()
     comp = _dump(kdpipe_inproc, tmp_path / "compiled", teacher_dir, corpus_file, dump_args,
-                 "--torch-compile-backend", backend)
+                 "--torch-compile-backend", "aot_eager")
     assert graphs() > before
     assert "torch_compile" not in plain["fingerprint"]["teacher"]  # the default adds nothing
-    assert comp["fingerprint"]["teacher"]["torch_compile"] == {"backend": backend, "mode": None}
+    assert comp["fingerprint"]["teacher"]["torch_compile"] == {"backend": "aot_eager", "mode": None}
     assert comp["fingerprint_sha256"] != plain["fingerprint_sha256"]
     (ids_a, z_a), (ids_b, z_b) = _targets(tmp_path / "plain"), _targets(tmp_path / "compiled")
     assert np.array_equal(ids_a, ids_b)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny_task
 from kdpipe.pipeline.trainer import NonFiniteError, Optim, Trainer, _backward, _update, train_step
 from kdpipe.schemas.checkpoint import STUDENT_FILE
 
@@ -124,14 +125,7 @@ def test_a_real_fp16_step_that_overflows_is_skipped_and_training_goes_on(referen
 
 
 def test_eval_fine_tunes_in_fp16(tmp_path, teacher_dir, small_corpus_file, kdpipe_inproc):
-    import random
-
-    rnd = random.Random(0)
-    task = tmp_path / "task.jsonl"
-    with open(task, "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"text": " ".join(rnd.choice(["the", "a", "cat", "sat"]) for _ in range(6)),
-                                "label": "pos" if i % 2 else "neg"}) + "\n")
+    task = tiny_task(tmp_path / "task.jsonl")
     out = tmp_path / "report"
     r = kdpipe_inproc("eval", "--teacher", teacher_dir, "--student", f"s={teacher_dir}", "--task", task,
                       "--out", out, "--no-speed", "--seeds", "1", "--epochs", "2", "--batch-size", "4",

@@ -6,7 +6,6 @@ non-finite weights are never resumed from or published."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import tiny_task
 from kdpipe.pipeline.fsutil import sha256_file
 from kdpipe.schemas.checkpoint import STUDENT_FILE
 from kdpipe.pipeline.trainer import NonFiniteError, Optim, Trainer, _update
@@ -89,12 +89,7 @@ def test_teacher_adapt_that_diverges_publishes_no_model(tmp_path, teacher_dir, s
 
 def test_an_eval_fine_tuning_that_diverges_records_no_score(tmp_path, teacher_dir, small_corpus_file, kdpipe_inproc,
                                                             one_line_error):
-    rnd = random.Random(0)
-    task = tmp_path / "task.jsonl"
-    with open(task, "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"text": " ".join(rnd.choice(["the", "a", "cat", "sat"]) for _ in range(6)),
-                                "label": "pos" if i % 2 else "neg"}) + "\n")
+    task = tiny_task(tmp_path / "task.jsonl")
     out = tmp_path / "report"
     proc = kdpipe_inproc("eval", "--teacher", teacher_dir, "--student", f"s={teacher_dir}", "--task", task,
                          "--heldout", small_corpus_file, "--out", out, "--no-speed", "--seeds", "1", "--epochs", "2",
