@@ -101,7 +101,7 @@ def eval_config(workdir: Path, teacher: str, heldout_txt: Path, s: Sizes, device
 def main(workdir: Path, sizes: Sizes, device: str = "auto", precision: str = "auto") -> dict[str, Any]:
     workdir = ensure_dir(workdir, "demo directory")
     precision = demo_precision(precision, device)
-    click.echo(f"[demo] precision {precision} (student-train and eval autocast)", err=True)
+    click.echo(f"[demo] precision {precision} (teacher-adapt, student-train and eval autocast)", err=True)
     timings: dict[str, float] = {}
 
     def timed(name: str, fn: Any, *args: Any) -> Any:
@@ -117,7 +117,7 @@ def main(workdir: Path, sizes: Sizes, device: str = "auto", precision: str = "au
     adapted = timed("teacher-adapt", teacher_adapt.main, teacher_adapt.AdaptConfig(
         teacher="builtin:minilm-l6", data=[str(train_txt)], out=str(workdir / "teacher"),
         heldout=[str(heldout_txt)], heldout_sequences=s.heldout_sequences,
-        max_steps=s.adapt_steps, batch_size=s.adapt_batch, device=device))
+        max_steps=s.adapt_steps, batch_size=s.adapt_batch, device=device, precision=precision))
     teacher = adapted["model"]
     timed("teacher-dump", teacher_dump.main, teacher_dump.DumpConfig(
         teacher=teacher, data=[str(train_txt)], out=str(workdir / "cache"),
@@ -139,7 +139,7 @@ def main(workdir: Path, sizes: Sizes, device: str = "auto", precision: str = "au
 @click.option("--quick", is_flag=True, help="A tiny smoke run of the same path (about 2 minutes).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="Autocast of student-train and eval: auto is bf16 where bf16 runs in hardware (CUDA, "
+              help="Autocast of teacher-adapt, student-train and eval: auto is bf16 where bf16 runs in hardware (CUDA, "
                    "CPUs with AVX512-BF16 or AMX) and fp32 elsewhere. The cached targets are fp32 either way.")
 def command(workdir: Path, quick: bool, device: str, precision: str) -> None:
     """Distil the built-in MiniLM teacher on built-in Wikipedia text and report, end to end."""
