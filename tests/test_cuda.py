@@ -77,3 +77,23 @@ def test_both_stages_on_cuda(tmp_path: Path, kdpipe_cli, teacher_dir: Path, corp
                "--batch-size", "8", "--max-steps", "6", "--log-every", "2", "--loader-workers", "2")
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines and all(0 <= ln["data_wait_pct"] <= 100 for ln in lines)
+
+
+def test_fp16_and_compile_on_cuda(tmp_path: Path, kdpipe_cli, reference_cache: Path, teacher_dir: Path,
+                                  corpus_file: Path, dump_args) -> None:
+    """fp16 with its loss scaler, and inductor (which generates Triton kernels on CUDA), in both
+    stages on the device: they run, and record what they did."""
+    run = tmp_path / "run"
+    kdpipe_cli("student-train", "--cache", reference_cache, "--out", run, "--device", "cuda", "--temperature",
+               "1.5", "--batch-size", "8", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
+               "--precision", "fp16", "--torch-compile", timeout=600)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(np.isfinite(ln["loss"]) and ln["loss_scale"] > 0 for ln in lines)
+    meta = json.loads((run / "checkpoints" / "step-0000006" / "checkpoint.json").read_text())
+    assert meta["grad_scaler"]["scale"] > 0
+    assert json.loads((run / "run.json").read_text())["identity"]["torch_compile"]["backend"] == "inductor"
+    out = tmp_path / "cache"
+    kdpipe_cli("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file, "--out", out, *dump_args,
+               "--max-sequences", "16", "--device", "cuda", "--precision", "bf16", "--torch-compile", timeout=600)
+    fp = json.loads((out / "manifest.json").read_text())["fingerprint"]["teacher"]
+    assert fp["precision"] == "bf16" and fp["torch_compile"] == {"backend": "inductor", "mode": None}
