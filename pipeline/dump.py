@@ -2,7 +2,7 @@
 
 teacher-dump (stages/teacher_dump.py) decides which shards to make and writes them; this module
 makes one. Every row is a pure function of (its sequence, sequence id, view) and the settings in
-`RowSpec`: masks are drawn by `masking.mask_sequence`, the random numbers of a target mode's
+`RowSpec`: masks are drawn by `masking.mask_sequences`, the random numbers of a target mode's
 reduction by the mode (`TargetMode.uniforms`, keyed by sequence, view and position), and
 batching (by length, to keep padding small) never changes a row's values. So any shard can be
 recomputed alone, by any rank, identically.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequence, mask_sequences
+from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequences
 from kdpipe.pipeline.modes import TargetMode, get_mode
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.shards import PER_SAMPLE, PER_TARGET, ShardData
@@ -44,8 +44,7 @@ class RowSpec:
 
 def mask_rows(spec: RowSpec, seq_id: int, seq: np.ndarray) -> list[MaskedSequence]:
     """The `views` masked rows of one sequence."""
-    return [mask_sequence(seq, seq_id, v, spec.masking, spec.vocab, spec.pool, spec.weights)
-            for v in range(spec.views)]
+    return mask_sequences([seq], seq_id, spec.views, spec.masking, spec.vocab, spec.pool, spec.weights)
 
 
 def length_batches(rows: list, batch_size: int) -> list[list[int]]:

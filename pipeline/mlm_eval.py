@@ -26,7 +26,7 @@ from kdpipe.pipeline.device import autocast
 from kdpipe.pipeline.dump import length_batches
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import read_json
-from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, mask_sequence
+from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, mask_sequences
 from kdpipe.pipeline.models import Model
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.teacher import decoder_bypassed, decoder_of
@@ -116,7 +116,7 @@ def heldout_batches(h: Heldout, corpus: corpus_mod.Corpus, tokenizer: Any, vocab
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     vocab = Vocabulary(vocab_size, tokenizer.mask_token_id, special)
     pool = vocab.random_pool()
-    masked = [mask_sequence(seq, i, 0, h.masking, vocab, pool) for i, seq in enumerate(seqs)]
+    masked = mask_sequences(seqs, 0, 1, h.masking, vocab, pool)
     batches = []
     for batch in length_batches(masked, h.batch_size):
         rows = [masked[i] for i in batch]

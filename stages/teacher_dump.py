@@ -48,7 +48,7 @@ from kdpipe.pipeline.fsutil import (
     remove_stale_tmp, sha256_file,
 )
 from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows
-from kdpipe.pipeline.masking import MaskingSpec, Vocabulary, token_weights
+from kdpipe.pipeline.masking import DRAWS, MaskingSpec, Vocabulary, token_weights
 from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES, MODES, TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.provenance import provenance
@@ -225,7 +225,7 @@ def set_up(cfg: DumpConfig) -> Setup:
         "tokenizer": {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)},
         "corpus": {**corpus.fingerprint, "max_sequences": cfg.max_sequences},
         "sequences": {"seq_len": cfg.seq_len, "packing": cfg.packing, "count": n_seq, "tokens": n_tok},
-        "masking": {"mask_prob": cfg.mask_prob, "mask_token_prob": cfg.mask_token_prob,
+        "masking": {"draws": DRAWS, "mask_prob": cfg.mask_prob, "mask_token_prob": cfg.mask_token_prob,
                     "random_token_prob": cfg.random_token_prob, "smoothing": cfg.mask_smoothing,
                     "seed": cfg.seed, "views": cfg.mask_views},
         "targets": {"mode": cfg.targets, "positions": cfg.target_positions,

@@ -254,3 +254,26 @@ def test_a_shard_at_once_is_every_row_bit_for_bit(smoothing: float, mask_prob: f
             for name in ("input_ids", "positions", "labels"):
                 a, b = getattr(m, name), getattr(one, name)
                 assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (j, v, name)
+
+
+@pytest.mark.parametrize("n_chosen", [1, 2])
+def test_weighted_choice_is_sequential_choice_in_proportion_to_weight(n_chosen: int) -> None:
+    """Each position is chosen as often as drawing positions one at a time, each in proportion to
+    its weight among those left, would choose it (over 6000 views of one 3-token sequence)."""
+    w = np.zeros(V)
+    w[[10, 11, 12]] = [1.0, 2.0, 7.0]
+    ids = np.array([CLS, 10, 11, 12, SEP], dtype=np.int64)
+    spec = MaskingSpec(mask_prob=0.2 if n_chosen == 1 else 0.5, seed=5)
+    views = 6000
+    hits = np.zeros(3)
+    from kdpipe.pipeline.masking import mask_sequences
+
+    for m in mask_sequences([ids], 0, views, spec, VOCAB, POOL, w):
+        assert len(m.positions) == n_chosen
+        hits[m.positions - 1] += 1
+    p = w[[10, 11, 12]] / w.sum()
+    if n_chosen == 2:  # left out: the one not drawn in two draws
+        left = [sum(p[j] * p[k] / (1 - p[j]) for j in range(3) for k in range(3) if len({i, j, k}) == 3)
+                for i in range(3)]
+        p = 1 - np.array(left)
+    assert np.allclose(hits / views, p, atol=0.02), (hits / views, p)
