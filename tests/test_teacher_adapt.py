@@ -39,7 +39,7 @@ def test_headless_encoder_is_refused_then_adapted(encoder_only: Path, corpus_fil
 
     out = tmp_path / "adapted"
     args = ("teacher-adapt", "--teacher", encoder_only, "--data", tiny_corpus_path, "--out", out,
-            "--heldout", tiny_corpus_path, "--heldout-sequences", "8", "--seq-len", "32",
+            "--heldout", tiny_corpus_path, "--heldout-sequences", "32", "--seq-len", "32",
             "--max-steps", "40", "--batch-size", "8", "--warmup-steps", "4", "--lr", "3e-3",
             "--save-every", "20")
     summary = json.loads(kdpipe_cli(*args, timeout=300).stdout)
