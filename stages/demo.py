@@ -1,6 +1,6 @@
 """`kdpipe demo`: the whole pipeline on real built-in data, one command from install to report.
 
-    kdpipe demo                      # ~15 minutes on 2 CPU cores; rerun to reuse what is done
+    kdpipe demo                      # ~8 minutes on 2 CPU cores with bf16; rerun to reuse what is done
     kdpipe demo --workdir /tmp/kd --quick   # a 2-minute smoke run of the same path
 
 Real pretrained weights (all-MiniLM-L6-v2), real text (a Wikipedia sample) and a real downstream
@@ -41,7 +41,8 @@ HELDOUT_EVERY = 20  # every 20th paragraph of the Wikipedia text is held out
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much of each stage the demo runs; `full` is sized for ~15 minutes on 2 CPU cores."""
+    """How much of each stage the demo runs; `full` is sized for at most 15 minutes on 2 CPU cores
+    (8 min with bf16 in hardware, bench/RESULTS.md)."""
 
     adapt_steps: int
     adapt_batch: int
