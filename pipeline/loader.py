@@ -43,7 +43,8 @@ from kdpipe.pipeline import values
 from kdpipe.pipeline.errors import CorruptShardError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.modes.base import float_tensor
-from kdpipe.pipeline.shards import LayoutError, ShardData, iter_row_groups, ranges
+from kdpipe.pipeline.offsets import ranges
+from kdpipe.pipeline.shards import LayoutError, ShardData, iter_row_groups
 from kdpipe.schemas.checkpoint import Position
 from kdpipe.schemas.manifest import Manifest, ShardEntry
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdpipe.pipeline.offsets import ranges, starts
+
 DRAWS = "splitmix64-v1"  # how the random numbers are made: in the fingerprint, since masks depend on it
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -92,29 +94,17 @@ def _n_mask(mask_prob: float, candidates: int) -> int:
     return min(candidates, math.ceil(round(mask_prob * candidates, 9)))
 
 
-def _starts(counts: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + c) for each (s, c)."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.repeat(starts - _starts(counts)[:-1], counts) + np.arange(total, dtype=np.int64)
-
-
 def _mask_rows(seqs: Sequence[np.ndarray], seq_of_row: np.ndarray, seq_ids: np.ndarray, views: np.ndarray,
                spec: MaskingSpec, vocab: Vocabulary, pool: np.ndarray, weights: np.ndarray | None
                ) -> list[MaskedSequence]:
     """Row r masks sequence seqs[seq_of_row[r]] as (seq_ids[r], views[r]), all rows at once."""
     ids = np.concatenate(seqs)  # (sum T,)
-    starts = _starts(np.array([len(x) for x in seqs], dtype=np.int64))
-    rlen = starts[seq_of_row + 1] - starts[seq_of_row]  # (R,)
+    seq_start = starts(np.array([len(x) for x in seqs], dtype=np.int64))  # (S + 1,)
+    rlen = seq_start[seq_of_row + 1] - seq_start[seq_of_row]  # (R,)
     rows = len(rlen)
-    tok = _ranges(starts[seq_of_row], rlen)  # (N,) every row's tokens, as indices into ids
+    tok = ranges(seq_start[seq_of_row], rlen)  # (N,) every row's tokens, as indices into ids
     row_of = np.repeat(np.arange(rows), rlen)  # (N,)
-    pos = np.arange(len(tok), dtype=np.int64) - np.repeat(_starts(rlen)[:-1], rlen)  # (N,) position in its row
+    pos = np.arange(len(tok), dtype=np.int64) - np.repeat(starts(rlen)[:-1], rlen)  # (N,) position in its row
     special = np.zeros(max(vocab.size, int(ids.max(initial=0)) + 1), dtype=bool)
     special[vocab.special_ids] = True
     w = np.where(special[ids[tok]], 0.0, 1.0 if weights is None else weights[ids[tok]])  # (N,)
@@ -127,7 +117,7 @@ def _mask_rows(seqs: Sequence[np.ndarray], seq_of_row: np.ndarray, seq_ids: np.n
     e = -np.log(_uniforms(keys[row_of[cand]], pos[cand], _CHOOSE)) / w[cand]  # (C,)
     by_key = np.argsort(e)
     by_row = by_key[np.argsort(row_of[cand][by_key].astype(np.uint16 if rows <= 1 << 16 else np.int64), kind="stable")]
-    chosen = cand[by_row[_ranges(_starts(n_cand)[:-1], n_mask)]]  # (M,) grouped by row
+    chosen = cand[by_row[ranges(starts(n_cand)[:-1], n_mask)]]  # (M,) grouped by row
     chosen = chosen[np.argsort(chosen)]  # ascending: by row, then by position
     crow = row_of[chosen]
     u = _uniforms(keys[crow], pos[chosen], _ACTION)  # (M,)
@@ -137,7 +127,7 @@ def _mask_rows(seqs: Sequence[np.ndarray], seq_of_row: np.ndarray, seq_ids: np.n
     rand = chosen[(u >= spec.mask_token_prob) & (u < spec.mask_token_prob + spec.random_token_prob)]
     pick = (_uniforms(keys[row_of[rand]], pos[rand], _TOKEN) * len(pool)).astype(np.int64)
     out[rand] = pool[np.minimum(pick, len(pool) - 1)]
-    toff, moff = _starts(rlen), _starts(n_mask)
+    toff, moff = starts(rlen), starts(n_mask)
     cpos = pos[chosen]
     return [MaskedSequence(out[toff[r]:toff[r + 1]], cpos[moff[r]:moff[r + 1]], labels[moff[r]:moff[r + 1]])
             for r in range(rows)]

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdpipe.pipeline.fsutil import atomic_write
+from kdpipe.pipeline.offsets import starts
 from kdpipe.schemas.shard import FINGERPRINT_KEY, SHARD_PATTERN, shard_path, vector_layout  # noqa: F401  (used from here)
 
 ROW_GROUP_ROWS = 256
@@ -61,29 +62,16 @@ class ShardData:
 
     def offsets(self) -> np.ndarray:
         """(R + 1,) start of each row in the per-token arrays."""
-        return _starts(self.length)
+        return starts(self.length)
 
     def mlm_offsets(self) -> np.ndarray:
-        return _starts(self.mlm_count)
+        return starts(self.mlm_count)
 
     def target_offsets(self) -> np.ndarray | None:
-        return None if self.target_count is None else _starts(self.target_count)
+        return None if self.target_count is None else starts(self.target_count)
 
     def sample_offsets(self) -> np.ndarray | None:
-        return None if self.sample_len is None else _starts(self.sample_len)
-
-
-def _starts(counts: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
-def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + c) for each (s, c), without a Python loop per element."""
-    total = int(counts.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    rep = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    return rep + np.arange(total, dtype=np.int64)
+        return None if self.sample_len is None else starts(self.sample_len)
 
 
 PER_TOKEN = ("input_ids", "hidden", "hidden_layers")
@@ -110,7 +98,7 @@ def encode_vectors(values: np.ndarray, counts: np.ndarray, field: pa.Field) -> p
     v = as_stored(values, dtype)
     if v.ndim != 2 or v.shape[1] != width or len(v) != int(counts.sum()):
         raise ValueError(f"{field.name}: ({int(counts.sum())}, {width}) values wanted, not {v.shape}")
-    offsets = _starts(counts) * (width * dtype.itemsize)  # (R + 1,) bytes
+    offsets = starts(counts) * (width * dtype.itemsize)  # (R + 1,) bytes
     return pa.Array.from_buffers(pa.large_binary(), len(counts),
                                  [None, pa.py_buffer(offsets), pa.py_buffer(v.reshape(-1).view(np.uint8))])
 

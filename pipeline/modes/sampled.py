@@ -19,7 +19,7 @@ from kdpipe.pipeline.losses import REFERENCE_TEMPERATURE, sampled_ce
 from kdpipe.pipeline.modes.base import (
     FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, pick,
 )
-from kdpipe.pipeline.shards import ranges
+from kdpipe.pipeline.offsets import ranges
 from kdpipe.pipeline.targets import position_uniforms, sample_counts
 from kdpipe.pipeline.teacher import TeacherRunner
 
