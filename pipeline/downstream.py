@@ -55,6 +55,7 @@ from kdpipe.pipeline.fsutil import sha256_file
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.schedule import lr_at
 from kdpipe.pipeline.teacher import quiet_transformers
+from kdpipe.schemas.report import SweepPoint  # one (lr, epochs) of a sweep, as the report keeps it
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 SPLIT_METHOD = "sha256-rank"  # see the module docstring
@@ -329,16 +330,6 @@ class Recipe:
     @property
     def horizon(self) -> int:
         return self.schedule_epochs or self.epochs
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    """One (learning rate, epochs) of a sweep, scored on the tuning split (mean over its seeds)."""
-
-    lr: float
-    epochs: int
-    accuracy: float
-    macro_f1: float
 
 
 def choose(points: list[SweepPoint]) -> SweepPoint:

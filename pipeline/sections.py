@@ -74,7 +74,7 @@ SWEEP_RULE = ("highest tuning accuracy (mean over the sweep seeds), then macro-F
 def task_section(task: downstream.Task, split: downstream.Split, split_file: str,
                  recipe: downstream.Recipe, scores: dict[str, list[dict[str, Any]]],
                  sweep: Sweep | None = None, tune: list[int] | None = None,
-                 points: dict[str, list[downstream.SweepPoint]] | None = None) -> TaskSection:
+                 points: dict[str, list[SweepPoint]] | None = None) -> TaskSection:
     """`scores`: model name -> its task part data seed by seed, teacher first; with a sweep, `tune`
     is the tuning split and `points` each model's scored grid."""
     per_model = {n: [SeedScore(**{k: v for k, v in d.items() if k in SeedScore.model_fields})
@@ -91,7 +91,7 @@ def task_section(task: downstream.Task, split: downstream.Split, split_file: str
 
     results = [TaskModelResult(model=n, seeds=v, accuracy=acc[n], macro_f1=f1[n],
                                accuracy_retention=kept(acc, n), macro_f1_retention=kept(f1, n),
-                               **used(n), sweep=[SweepPoint(**p.__dict__) for p in (points or {}).get(n, [])])
+                               **used(n), sweep=list((points or {}).get(n, [])))
                for n, v in per_model.items()]
     seeds = [x.seed for x in per_model[t]]
     record = split.record(len(task.texts), split_file)

@@ -213,8 +213,8 @@ def sweep_points(s: Setup, task: str, model: str) -> list[downstream.SweepPoint]
         runs = [s.parts.done(sweep_key(task, model, lr, k))["scores"] for k in range(s.cfg.sweep_seeds)]
         for e in epochs:
             points.append(downstream.SweepPoint(
-                lr, e, sum(r[str(e)]["accuracy"] for r in runs) / len(runs),
-                sum(r[str(e)]["macro_f1"] for r in runs) / len(runs)))
+                lr=lr, epochs=e, accuracy=sum(r[str(e)]["accuracy"] for r in runs) / len(runs),
+                macro_f1=sum(r[str(e)]["macro_f1"] for r in runs) / len(runs)))
     return points
 
 

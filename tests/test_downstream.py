@@ -162,7 +162,9 @@ def test_tune_split_is_a_fixed_part_of_the_training_examples() -> None:
 
 
 def test_choose_prefers_accuracy_then_f1_then_the_cheaper_point() -> None:
-    P = downstream.SweepPoint
+    def P(lr: float, epochs: int, accuracy: float, macro_f1: float) -> downstream.SweepPoint:
+        return downstream.SweepPoint(lr=lr, epochs=epochs, accuracy=accuracy, macro_f1=macro_f1)
+
     assert downstream.choose([P(1e-4, 2, 0.8, 0.7), P(2e-4, 3, 0.9, 0.1)]) == P(2e-4, 3, 0.9, 0.1)
     assert downstream.choose([P(1e-4, 2, 0.8, 0.7), P(2e-4, 3, 0.8, 0.75)]) == P(2e-4, 3, 0.8, 0.75)
     assert downstream.choose([P(1e-4, 4, 0.8, 0.7), P(2e-4, 2, 0.8, 0.7)]) == P(2e-4, 2, 0.8, 0.7)

@@ -394,8 +394,7 @@ def test_sweep_chooses_per_model_on_the_tuning_split_and_reports_it(sweep_dir: P
     assert (sw["lr"], sw["epochs"], sw["tune_examples"], sw["fit_examples"]) == ([3e-4, 3e-3], [1, 2], 10, 30)
     for r in task.results:
         assert {(p.lr, p.epochs) for p in r.sweep} == {(3e-4, 1), (3e-4, 2), (3e-3, 1), (3e-3, 2)}
-        best = downstream.choose([downstream.SweepPoint(p.lr, p.epochs, p.accuracy, p.macro_f1)
-                                  for p in r.sweep])
+        best = downstream.choose(list(r.sweep))
         assert (r.lr, r.epochs, r.schedule_epochs) == (best.lr, best.epochs, 2)
         for x in r.seeds:  # the final fine-tunings ran with the choice, on all 40 training examples
             part = json.loads((sweep_dir / "parts" / "task" / task.name / r.model / f"seed{x.seed}.json").read_text())
