@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kdpipe.pipeline.errors import ConfigError
 
 C = TypeVar("C", bound="StageConfig")
+N = TypeVar("N", int, float)
 
 
 # torch.manual_seed and numpy take seeds up to 2**32 - 1 (numpy's limit); a larger one was a
@@ -102,6 +103,16 @@ config_option = click.option(
     help="YAML or JSON file of settings (keys are the long flag names with _); flags given on "
     "the command line override it.",
 )
+
+
+def sorted_distinct(values: list[N], too_small: Callable[[N], bool], small: str, name: str = "") -> list[N]:
+    """A list setting whose order means nothing (temperatures, layers, a sweep's grid): every value
+    checked, none repeated, sorted so that the same set is always one fingerprint."""
+    if any(too_small(x) for x in values):
+        raise ValueError(small)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct".lstrip())
+    return sorted(values)
 
 
 def echo_json(obj: Any) -> None:

@@ -36,7 +36,7 @@ from kdpipe.pipeline import report as render
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.compiling import CompileSettings, compile_options
 from kdpipe.pipeline.config import (
-    MAX_SEED, build_config, config_option, echo_json, floats_option, ints_option,
+    MAX_SEED, build_config, config_option, echo_json, floats_option, ints_option, sorted_distinct,
 )
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import KdpipeError
@@ -111,11 +111,7 @@ class EvalConfig(CompileSettings):
     @field_validator("sweep_lr", "sweep_epochs")
     @classmethod
     def _grid(cls, v: list[Any]) -> list[Any]:
-        if any(x <= 0 for x in v):
-            raise ValueError("must be positive")
-        if len(set(v)) != len(v):
-            raise ValueError("must be distinct")
-        return sorted(v)
+        return sorted_distinct(v, lambda x: x <= 0, "must be positive")
 
     @model_validator(mode="after")
     def _probs(self) -> "EvalConfig":

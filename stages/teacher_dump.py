@@ -39,7 +39,9 @@ from kdpipe.pipeline import distributed, layer_targets
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage, values
 from kdpipe.pipeline.compiling import CompileSettings, compile_options
-from kdpipe.pipeline.config import build_config, config_option, echo_json, floats_option, ints_option
+from kdpipe.pipeline.config import (
+    build_config, config_option, echo_json, floats_option, ints_option, sorted_distinct,
+)
 from kdpipe.pipeline.cores import MAX_WORKERS, default_workers
 from kdpipe.pipeline.device import configure, pick_device
 from kdpipe.pipeline.errors import KdpipeError
@@ -101,20 +103,13 @@ class DumpConfig(CompileSettings):
     @field_validator("temperatures")
     @classmethod
     def _temps(cls, v: list[float]) -> list[float]:
-        if any(t <= 0 for t in v):
-            raise ValueError("temperatures must be positive")
-        if len(set(v)) != len(v):
-            raise ValueError("temperatures must be distinct")
-        return sorted(v)
+        return sorted_distinct(v, lambda t: t <= 0, "temperatures must be positive", "temperatures")
 
     @field_validator("hidden_layers")
     @classmethod
     def _layers(cls, v: list[int]) -> list[int]:
-        if any(x < 0 for x in v):
-            raise ValueError("hidden_layers must be 0 (the embeddings' output) or more")
-        if len(set(v)) != len(v):
-            raise ValueError("hidden_layers must be distinct")
-        return sorted(v)
+        return sorted_distinct(v, lambda x: x < 0, "hidden_layers must be 0 (the embeddings' output) or more",
+                               "hidden_layers")
 
     @model_validator(mode="before")
     @classmethod
