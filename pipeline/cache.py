@@ -128,6 +128,11 @@ def _inconsistencies(m: Manifest) -> list[str]:
             out.append(f"{field} is {getattr(m, field)!r} but the fingerprint says {want!r}")
     if m.hidden_layers != (fp("hidden", "layers") or []):
         out.append(f"hidden_layers is {m.hidden_layers!r} but the fingerprint says {fp('hidden', 'layers') or []!r}")
+    stored = fp("relation")
+    if (m.relation is None) != (stored is None) or (m.relation is not None and stored != {
+            "layer": m.relation.layer, "parts": m.relation.parts}):
+        held = None if m.relation is None else {"layer": m.relation.layer, "parts": m.relation.parts}
+        out.append(f"relation is {held!r} but the fingerprint says {stored!r}")
     for field in ("sequences", "rows", "tokens", "bytes"):
         total = sum(getattr(e, "num_seqs" if field == "sequences" else field) for e in m.shards)
         if getattr(m, field) != total:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from kdpipe.pipeline import layer_targets
+from kdpipe.pipeline import layer_targets, relation_targets
 from kdpipe.pipeline.modes import MODES
 from kdpipe.schemas.shard import manifest_schema, vector_layout
 
@@ -46,6 +46,8 @@ def description(fingerprint: dict[str, Any]) -> dict[str, Any]:
                          "meaning": "teacher last hidden state @ projection.safetensors (H, dim)"}
         if (layers := layer_targets.description(h)) is not None:
             out[layer_targets.COLUMN] = layers
+    if (rel := relation_targets.description(fingerprint.get("relation"))) is not None:
+        out[relation_targets.COLUMN] = rel
     out["vector_columns"] = ("one binary value per row, C order, little-endian: "
                              "np.frombuffer(value, field's kdpipe.dtype).reshape(-1, field's kdpipe.width)")
     return out
@@ -78,6 +80,10 @@ def describe(schema: pa.Schema, fingerprint: dict[str, Any]) -> pa.Schema:
             meaning = layer_targets.MEANING
             extra[b"kdpipe.layers"] = json.dumps(desc[f.name]["layers"]).encode()
             extra[b"kdpipe.projection"] = str(desc[f.name]["projection"]).encode()
+        elif f.name == relation_targets.COLUMN and f.name in desc:
+            meaning = relation_targets.MEANING
+            extra[b"kdpipe.layer"] = str(desc[f.name]["layer"]).encode()
+            extra[b"kdpipe.parts"] = str(desc[f.name]["parts"]).encode()
         if f.name in _TARGET_COLUMNS:
             extra[b"kdpipe.positions"] = str(desc["target_positions"]).encode()
         if meaning:
@@ -113,6 +119,8 @@ def render(manifest: Any) -> str:
         f"| hidden states | {(fp.get('hidden') or {}).get('projection')} projection to {manifest.hidden_dim} dims |",
         *([f"| hidden states of other layers (hidden_layers, in order) | {', '.join(map(str, layers))}"
            " (0: embeddings), each through its own projection |"] if layers else []),
+        *([f"| attention projections (relation) | teacher layer {manifest.relation.layer}: "
+           f"{', '.join(manifest.relation.parts)}, {manifest.relation.dim} entries each, raw |"] if manifest.relation else []),
         f"| bytes per token | {manifest.bytes_per_token} |", "",
         "## Columns", "",
         "Per-token columns hold one entry per token (no padding); target columns one per target position.", "",
@@ -123,6 +131,8 @@ def render(manifest: Any) -> str:
         "| hidden | teacher last hidden state @ projection.safetensors |",
         *([f"| {layer_targets.COLUMN} | {layer_targets.MEANING}: {manifest.hidden_dim} entries per layer above, "
            "in their order |"] if layers else []),
+        *([f"| {relation_targets.COLUMN} | {relation_targets.MEANING}: {manifest.relation.dim} entries per part "
+           "above, in their order |"] if manifest.relation else []),
         "| log_z | log sum_v exp(z_v / T) over the full vocabulary, one column per temperature above |", "",
         "Logits are stored raw. At temperature T the teacher's probability of top-k token i is "
         "exp(topk_logits_i / T - log_z[T]), exact; the mass outside the top-k is one minus their sum. "

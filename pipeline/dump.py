@@ -94,8 +94,9 @@ def _split_rows(o: TeacherOutputs, batch: list[int], rows: list[MaskedSequence],
     for j, i in enumerate(batch):
         d = per_row[i]
         d["hidden"] = o.hidden[tok[j]:tok[j + 1]]
-        if o.hidden_layers is not None:
-            d["hidden_layers"] = o.hidden_layers[tok[j]:tok[j + 1]]
+        for name in ("hidden_layers", "relation"):  # per token, where stored
+            if (v := getattr(o, name)) is not None:
+                d[name] = v[tok[j]:tok[j + 1]]
         for name in (*PER_TARGET, "sample_len"):  # per target position
             v = getattr(o, name)
             if v is not None:

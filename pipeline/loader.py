@@ -82,6 +82,7 @@ class Batch:
     epoch_progress: float  # epoch + share of it consumed after this batch
     hidden: torch.Tensor | None = None  # (N, d) float32, teacher hidden @ projection
     hidden_layers: torch.Tensor | None = None  # (N, n, d) float32, other layers' states @ their projections
+    relation: torch.Tensor | None = None  # (N, n * D) float32, one teacher layer's attention projections
     topk_ids: torch.Tensor | None = None  # (P, k) int64
     topk_logits: torch.Tensor | None = None  # (P, k) float32, raw
     log_z: torch.Tensor | None = None  # (P,) float32, log-partition at the chosen temperature
@@ -103,7 +104,7 @@ class Batch:
         return dataclasses.replace(self, **moved)
 
 
-_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidden", "hidden_layers", "topk_ids",
+_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidden", "hidden_layers", "relation", "topk_ids",
             "topk_logits", "log_z", "sample_ids", "sample_counts", "teacher_state")
 
 
@@ -161,6 +162,11 @@ def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardD
                 else "a hidden_layers column the manifest does not list")
     elif data.hidden_layers is not None and data.hidden_layers.shape[1] != len(manifest.hidden_layers) * manifest.hidden_dim:
         what = "its hidden_layers width differs from the manifest's layers x hidden width"
+    elif (data.relation is None) != (manifest.relation is None):
+        what = ("no relation column for the manifest's relation targets" if data.relation is None
+                else "a relation column the manifest does not list")
+    elif data.relation is not None and data.relation.shape[1] != manifest.relation.width:
+        what = "its relation width differs from the manifest's parts x width"
     else:
         what = mode.shard_problem(data, TargetSettings.of_manifest(manifest))
     if what:
@@ -222,6 +228,7 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
         add("mlab", d.mlm_labels[msk])
         add("hidden", None if d.hidden is None else d.hidden[tok])
         add("hidden_layers", None if d.hidden_layers is None else d.hidden_layers[tok])
+        add("relation", None if d.relation is None else d.relation[tok])
         if win.toff is not None:
             tgt = ranges(win.toff[r], d.target_count[r].astype(np.int64))
             for name, v in mode.gather(d, tgt, win.soff, spec.temperature_index).items():
@@ -250,6 +257,7 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
         mlm_index=t(mlm_index), mlm_labels=t(cat(pieces["mlab"]).astype(np.int64)),
         seq_id=cat(seq), view=cat(view), tokens=int(length.sum()), position=position,
         epoch_progress=progress, hidden=hidden, hidden_layers=layers,
+        relation=float_tensor(cat(pieces["relation"])) if "relation" in pieces else None,  # (N, n * D)
         **mode.batch_tensors({name: cat(v) for name, v in targets.items()}),
     )
 

@@ -32,12 +32,20 @@ projection space, cached teacher projection): the reference's CosineEmbeddingLos
 L_layer (alpha_layer_cos, off by default; not in DistilBERT): the same cosine loss at each matched
 layer below the last (pipeline/layer_targets.py says which), averaged over those layers.
 
+L_rel (alpha_relation, off by default; MiniLM/MiniLMv2's, not DistilBERT's): for each part X of
+q, k, v the cache stores for one teacher layer, and the same part of the student's matched layer,
+each split into R relation heads, KL(softmax(X_t X_t^T / sqrt(d_t)) || softmax(X_s X_s^T /
+sqrt(d_s))) over the keys of each row's real tokens, averaged over parts, relation heads and the
+real tokens (queries); float32 whatever the autocast (pipeline/relation_targets.py).
+
 Efficiency: the student body runs once; the MLM head (and its (P, V) logits) runs only on the
 positions some loss needs; the teacher side is gathered at the top-k ids, never a (P, V) tensor.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +62,7 @@ REFERENCE_ALPHA_MLM = 2.0
 REFERENCE_ALPHA_COS = 1.0
 REFERENCE_TEMPERATURE = 2.0
 DEFAULT_ALPHA_LAYER_COS = 0.0  # L_layer is kdpipe's, off unless asked for
+DEFAULT_ALPHA_RELATION = 0.0  # L_rel: off unless asked for (bench/RESULTS.md, issue 16)
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,10 @@ class LossSpec:
     alpha_layer_cos: float = DEFAULT_ALPHA_LAYER_COS
     # L_layer's pairs: (student hidden_states index, block of the cache's hidden_layers column)
     layer_pairs: tuple[tuple[int, int], ...] = ()
+    alpha_relation: float = DEFAULT_ALPHA_RELATION
+    relation_input: int = 0  # L_rel: the student's hidden_states index feeding its matched layer
+    relation_parts: int = 0  # L_rel: parts of q, k, v in the cache's relation column
+    relation_heads: int = 0  # L_rel: R
 
 
 @dataclass
@@ -79,6 +92,7 @@ class LossTerms:
     mlm: torch.Tensor | None
     cos: torch.Tensor | None
     layer_cos: torch.Tensor | None = None
+    relation: torch.Tensor | None = None
 
 
 def teacher_log_probs(topk_logits: torch.Tensor, log_z: torch.Tensor, temperature: float
@@ -171,17 +185,53 @@ def layer_cosine_loss(states: list[torch.Tensor], maps: list[nn.Module], teacher
     return torch.stack(terms).mean()
 
 
+_MASKED = -1e9  # a padded key's score: exp() of it is 0, and 0 * log of it stays finite (no NaN)
+
+
+def relation_log_probs(x: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, R, T, T) log softmax over keys of x_r x_r^T / sqrt(D / R) for each relation head r.
+    x (B, T, D); keys (B, T) bool: the real tokens (padded keys get no mass)."""
+    b, t, d = x.shape
+    xh = x.float().reshape(b, t, heads, d // heads).transpose(1, 2)  # (B, R, T, D/R)
+    scores = xh @ xh.transpose(-1, -2) / math.sqrt(d // heads)  # (B, R, T, T)
+    return F.log_softmax(scores.masked_fill(~keys[:, None, None, :], _MASKED), dim=-1)
+
+
+def relation_kl_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, parts: int,
+                     heads: int) -> torch.Tensor:
+    """Mean over parts, relation heads and real tokens of KL(teacher relation || student's).
+    student (B, T, n * D_s), teacher (B, T, n * D_t): n parts side by side; mask (B, T)."""
+    keys = mask.bool()
+    with torch.autocast(student.device.type, enabled=False):  # float32 under any autocast
+        terms = []
+        for s, t in zip(student.float().chunk(parts, dim=-1), teacher.float().chunk(parts, dim=-1)):
+            log_p, log_q = relation_log_probs(t, keys, heads), relation_log_probs(s, keys, heads)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, R, T) per query row
+            terms.append(kl.mean(1)[keys].mean())  # over heads, then the real query rows
+        return torch.stack(terms).mean()
+
+
+def padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, w) zeros with a (N, w) per-token tensor at the mask's N true positions (row-major)."""
+    out = flat.new_zeros((*mask.shape, flat.shape[-1]))
+    out[mask.bool()] = flat
+    return out
+
+
 def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, batch, spec: LossSpec,
-                      teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> LossTerms:
+                      teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                      relation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossTerms:
     """All the terms from one student forward.
 
     body: (B, T) ids -> (B, T, H) last hidden state; head: (P, H) -> (P, V) MLM logits;
     hidden_map: (N, H) -> (N, d) into the cache's projection space (with L_layer, a
-    layer_targets.WithLayerMaps holding each matched layer's map too). `batch` is a loader.Batch.
+    layer_targets.WithLayerMaps holding each matched layer's map too); relation (with L_rel): the
+    student's matched layer's projections, (B, T, H) layer input -> (B, T, n * D_s)
+    (relation_targets.LayerParts). `batch` is a loader.Batch.
     """
-    want_layers = spec.alpha_layer_cos > 0
+    want_layers, want_relation = spec.alpha_layer_cos > 0, spec.alpha_relation > 0
     out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-               **({"output_hidden_states": True} if want_layers else {}))
+               **({"output_hidden_states": True} if want_layers or want_relation else {}))
     h = out[0]  # (B, T, H)
     valid = batch.attention_mask.bool()
     hv = h[valid]  # (N, H) non-padding positions, row-major as the cache
@@ -216,4 +266,10 @@ def distillation_loss(body: nn.Module, head: nn.Module, hidden_map: nn.Module, b
         layer_cos = layer_cosine_loss(states, list(hidden_map.layers), batch.hidden_layers,
                                       [b for _, b in spec.layer_pairs])
         total = total + spec.alpha_layer_cos * layer_cos
-    return LossTerms(total, ce, mlm, cos, layer_cos)
+    rel = None
+    if want_relation:
+        student = relation(out.hidden_states[spec.relation_input])  # (B, T, n * D_s)
+        rel = relation_kl_loss(student, padded(batch.relation, batch.attention_mask), batch.attention_mask,
+                               spec.relation_parts, spec.relation_heads)
+        total = total + spec.alpha_relation * rel
+    return LossTerms(total, ce, mlm, cos, layer_cos, rel)

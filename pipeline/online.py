@@ -24,8 +24,9 @@ def online_targets(model: torch.nn.Module, device: torch.device,
     """A function replacing a batch's hidden (N, H) and its target mode's fields (exact:
     teacher_state (P, H')) with the teacher's float32 values computed now from the batch's masked
     input ids; `positions` is the cache's target positions (P = N, or the M masked ones in
-    mlm_index order). A batch's hidden_layers (layer-wise targets, pipeline/layer_targets.py) stay
-    as the cache stores them: the baseline is the reference's, which has no layer-wise loss."""
+    mlm_index order). A batch's hidden_layers and relation (layer-wise and relation targets,
+    pipeline/layer_targets.py, relation_targets.py) stay as the cache stores them: the baseline is
+    the reference's, which has neither loss."""
     mode = get_mode(targets)
     runner = TeacherRunner(model, 1, (1.0,), torch.eye(int(model.config.hidden_size)), device, mode=targets)
 

@@ -38,6 +38,7 @@ class ShardData:
     mlm_labels: np.ndarray  # (sum M,)
     hidden: np.ndarray | None = None  # (sum T, d)
     hidden_layers: np.ndarray | None = None  # (sum T, n * d) other layers' states, d each (layer_targets.py)
+    relation: np.ndarray | None = None  # (sum T, n * D) one layer's attention projections (relation_targets.py)
     target_count: np.ndarray | None = None  # (R,) target positions per row: length, or mlm_count
     topk_ids: np.ndarray | None = None  # (sum P, k)
     topk_logits: np.ndarray | None = None  # (sum P, k)
@@ -74,7 +75,7 @@ class ShardData:
         return None if self.sample_len is None else starts(self.sample_len)
 
 
-PER_TOKEN = ("input_ids", "hidden", "hidden_layers")
+PER_TOKEN = ("input_ids", "hidden", "hidden_layers", "relation")
 PER_MASK = ("mlm_positions", "mlm_labels")
 PER_TARGET = ("topk_ids", "topk_logits", "log_z", "teacher_state")
 PER_SAMPLE = ("sample_ids", "sample_counts")  # list<list<...>>: per target, then per draw
@@ -302,7 +303,7 @@ def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
     return ShardData(**kwargs)
 
 
-_VECTOR_COLUMNS = ("hidden", "hidden_layers", *PER_TARGET)  # stored as vector columns (schemas.shard)
+_VECTOR_COLUMNS = ("hidden", "hidden_layers", "relation", *PER_TARGET)  # stored as vector columns (schemas.shard)
 
 
 def iter_row_groups(path: Path) -> Iterator[ShardData]:

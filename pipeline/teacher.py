@@ -32,6 +32,7 @@ class TeacherOutputs:
 
     hidden: np.ndarray  # (N, d) float32, last hidden state through the projection
     hidden_layers: np.ndarray | None = None  # (N, n * d) float32, other layers' states, each through its own
+    relation: np.ndarray | None = None  # (N, n * D) float32, one layer's attention projections (relation_targets)
     topk_ids: np.ndarray | None = None  # (P, k) int64, by decreasing logit
     topk_logits: np.ndarray | None = None  # (P, k) float32, raw (temperature 1)
     log_z: np.ndarray | None = None  # (P, n_T) float32, log sum_v exp(z_v / T), full vocabulary
@@ -236,10 +237,13 @@ class TeacherRunner:
     def __init__(self, model: nn.Module, top_k: int, temperatures: tuple[float, ...],
                  projection: torch.Tensor, device: torch.device, chunk: int | None = None,
                  mode: str = "topk", precision: str = "fp32", layers: tuple[int, ...] = (),
-                 layer_projections: torch.Tensor | None = None, compile_spec: Compile | None = None) -> None:
+                 layer_projections: torch.Tensor | None = None, compile_spec: Compile | None = None,
+                 relation_layer: int | None = None, relation_parts: str = "") -> None:
         """layers: other hidden_states indices stored beside the last (pipeline/layer_targets.py),
-        each through its (H, d) slice of layer_projections (n, H, d)."""
+        each through its (H, d) slice of layer_projections (n, H, d). relation_layer: the teacher
+        layer (1..N) whose attention projections `relation_parts` are stored too (relation_targets.py)."""
         from kdpipe.pipeline.modes import get_mode  # the modes' reductions import this module
+        from kdpipe.pipeline.relation_targets import LayerParts
 
         self.model = model.to(device)
         # the forward pass up to the decoder input, compiled where asked (the decoder is always
@@ -259,6 +263,8 @@ class TeacherRunner:
         # ~10% on an idle 2-core machine, and were 4-7x slower than the bare forward pass once
         # another process competed for the cores (each small op's thread barrier waits for a
         # descheduled thread).
+        self.relation_layer = relation_layer
+        self.relation = None if relation_layer is None else LayerParts(model, relation_layer - 1, relation_parts)
         self.chunk = chunk or (4096 if device.type == "cuda" else self.mode.cpu_chunk_rows)
         dec = decoder_of(model)
         self.weight_t = dec.weight.detach().float().t()  # (H', V)
@@ -268,7 +274,7 @@ class TeacherRunner:
     def hidden_and_decoder_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) last hidden states and (N, H') decoder inputs at the non-padding positions."""
-        h, x, _ = self._forward(input_ids, attention_mask)
+        h, x, _, _ = self._forward(input_ids, attention_mask)
         valid = attention_mask.to(self.device).bool()
         return h[valid], x[valid]
 
@@ -276,19 +282,21 @@ class TeacherRunner:
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """(N, H) unprojected hidden states at the non-padding positions: the last layer's, then
         those after each of `layers` (what the projections are fitted on)."""
-        h, _, states = self._forward(input_ids, attention_mask)
+        h, _, states, _ = self._forward(input_ids, attention_mask)
         valid = attention_mask.to(self.device).bool()
         return [s[valid] for s in (h, *states)]
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(B, T, H) last hidden states, (B, T, H') decoder inputs and the (B, T, H) states after
-        each of `layers`, float32."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """(B, T, H) last hidden states, (B, T, H') decoder inputs, the (B, T, H) states after
+        each of `layers`, and the relation layer's (B, T, n * D) projections of its input (None
+        without one), float32."""
         with autocast(self.device, self.precision), decoder_bypassed(self.model):
             out = self.forward(input_ids=input_ids.to(self.device),
                              attention_mask=attention_mask.to(self.device), output_hidden_states=True)
+            rel = None if self.relation is None else self.relation(out.hidden_states[self.relation_layer - 1])
         return (out.hidden_states[-1].float(), out.logits.float(),
-                [out.hidden_states[i].float() for i in self.layers])
+                [out.hidden_states[i].float() for i in self.layers], None if rel is None else rel.float())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full (N, V) float32 logits from decoder inputs; for checks, not the hot path."""
@@ -301,13 +309,15 @@ class TeacherRunner:
             ) -> TeacherOutputs:
         """target_mask (B, T) bool: where targets are stored (default: every non-padding position);
         uniforms (P, N): the draws' uniforms in the sampled mode, one row per target position."""
-        h, x, states = self._forward(input_ids, attention_mask)  # (B, T, H), (B, T, H'), n x (B, T, H)
+        h, x, states, rel = self._forward(input_ids, attention_mask)  # (B, T, H), (B, T, H'), n x (B, T, H)
         valid = self._where(attention_mask)
         targets = valid if target_mask is None else self._where(target_mask)
         out = {"hidden": h.flatten(0, 1)[valid] @ self.projection}  # (N, d)
         if states:  # (N, n * d): each layer through its own projection, side by side
             out["hidden_layers"] = torch.cat([s.flatten(0, 1)[valid] @ p
                                               for s, p in zip(states, self.layer_projections)], dim=1)
+        if rel is not None:  # (N, n * D)
+            out["relation"] = rel.flatten(0, 1)[valid]
         x = x.flatten(0, 1)[targets]  # (P, H')
         return TeacherOutputs(**self._to_host({**out, **self.mode.reduce(self, x, uniforms)}))
 

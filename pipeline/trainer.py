@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdpipe.pipeline import distributed, layer_targets
+from kdpipe.pipeline import distributed, layer_targets, relation_targets
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.compiling import Compile, compiled
 from kdpipe.pipeline.device import MIN_LOSS_SCALE, autocast, grad_scaler
@@ -34,8 +34,8 @@ from kdpipe.pipeline.modes import TeacherHead
 
 REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")  # parameters the DistilBERT reference never decays
 # the metrics window, saved in checkpoints; skipped: fp16 updates the loss scaler skipped (overflow)
-WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "layer_cos", "grad_norm", "skipped")
-TERMS = ("ce", "mlm", "cos", "layer_cos")  # the loss terms, each weighted by spec.alpha_<term>
+WINDOW_KEYS = ("steps", "loss", "ce", "mlm", "cos", "layer_cos", "relation", "grad_norm", "skipped")
+TERMS = ("ce", "mlm", "cos", "layer_cos", "relation")  # the loss terms, each weighted by spec.alpha_<term>
 _DROPOUT_SALT = 0xD209
 
 
@@ -82,16 +82,19 @@ class Trainer:
     # torch.compile's wrappers of them (sharing their parameters: `student` and its state_dict stay plain)
     body: Any = None
     head: Any = None
+    relation: Any = None  # with L_rel: the student's matched layer's projections (relation_targets.LayerParts)
 
 
 def build_trainer(student_config: Any, teacher_hidden: int, projection: torch.Tensor, optim: Optim,
                   seed: int, init: str, layer_map: list[int] | None,
                   teacher_state: dict[str, torch.Tensor] | None, device: torch.device,
                   init_from: Path | None = None, layer_projections: list[torch.Tensor] | None = None,
-                  precision: str = "auto", compile_spec: Compile | None = None) -> Trainer:
+                  precision: str = "auto", compile_spec: Compile | None = None,
+                  relation: tuple[int, str] | None = None) -> Trainer:
     """Student (seeded), its initialisation (teacher layers, or a model folder's weights), the
     hidden map (with L_layer, one more map per matched layer: `layer_projections`, each (H, d))
-    and AdamW, in a fixed order; the loss scaler of fp16, the compiled forward."""
+    and AdamW, in a fixed order; the loss scaler of fp16, the compiled forward. relation (with
+    L_rel): (the student's matched block, 0-based; the cache's parts)."""
     model = stu.build_student(student_config, seed)
     report: dict[str, Any] = {"init": init}
     if teacher_state is not None:
@@ -112,7 +115,8 @@ def build_trainer(student_config: Any, teacher_hidden: int, projection: torch.Te
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
     return Trainer(model, hmap, opt, decay + no_decay, report, precision=precision,
                    scaler=grad_scaler(device, precision),
-                   body=compiled(stu.body(model), compile_spec), head=compiled(stu.mlm_head(model), compile_spec))
+                   body=compiled(stu.body(model), compile_spec), head=compiled(stu.mlm_head(model), compile_spec),
+                   relation=None if relation is None else relation_targets.LayerParts(model, *relation))
 
 
 class DistilStep(torch.nn.Module):
@@ -125,17 +129,19 @@ class DistilStep(torch.nn.Module):
     size, so DDP's average of the gradients is the one-process gradient of the global batch."""
 
     def __init__(self, student: torch.nn.Module, hidden_map: torch.nn.Module, spec: LossSpec,
-                 teacher_head: TeacherHead | None, world_size: int, body: Any, head: Any) -> None:
+                 teacher_head: TeacherHead | None, world_size: int, body: Any, head: Any,
+                 relation: Any = None) -> None:
         super().__init__()
         self.student, self.hidden_map = student, hidden_map
         self.spec, self.teacher_head, self.world_size = spec, teacher_head, world_size
         self.forward_fns = (body, head)  # a tuple: not registered as submodules (no state_dict keys)
+        self.relation = relation  # a plain object over the student's own modules
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """(loss for backward, [ce, mlm, cos, layer_cos] shares of the global means, None where
-        alpha is 0)."""
+        """(loss for backward, [ce, mlm, cos, layer_cos, relation] shares of the global means, None
+        where alpha is 0)."""
         spec, part = self.spec, batch.part
-        terms = distillation_loss(*self.forward_fns, self.hidden_map, batch, spec, self.teacher_head)
+        terms = distillation_loss(*self.forward_fns, self.hidden_map, batch, spec, self.teacher_head, self.relation)
         n_local, m_local = batch.tokens, int(batch.mlm_index.numel())
         p_local, p_global = (m_local, part.global_masked) if spec.ce_masked_only else (n_local, part.global_tokens)
 
@@ -145,7 +151,8 @@ class DistilStep(torch.nn.Module):
         shares = [t * share(lo, tot) if t is not None else None
                   for t, lo, tot in ((terms.ce, p_local, p_global), (terms.mlm, m_local, part.global_masked),
                                      (terms.cos, n_local, part.global_tokens),
-                                     (terms.layer_cos, n_local, part.global_tokens))]
+                                     (terms.layer_cos, n_local, part.global_tokens),
+                                     (terms.relation, n_local, part.global_tokens))]
         loss = sum(a * t for a, t in zip(alphas(spec), shares) if t is not None)
         return loss * self.world_size, shares
 
@@ -160,7 +167,7 @@ def wrap_ddp(tr: Trainer, spec: LossSpec, teacher_head: TeacherHead | None, w: d
     weights, so the other ranks need not read the teacher. Parameters may go unused in a step (so
     DDP must look for them, an extra graph traversal) where a loss runs only on masked positions
     and a rank's share has none, or a weight of 0 leaves the head or the hidden map out."""
-    module = DistilStep(tr.student, tr.hidden_map, spec, teacher_head, w.size, tr.body, tr.head)
+    module = DistilStep(tr.student, tr.hidden_map, spec, teacher_head, w.size, tr.body, tr.head, tr.relation)
     unused = spec.ce_masked_only or spec.alpha_ce == 0 or spec.alpha_cos == 0
     tr.ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=None, find_unused_parameters=unused)
 
@@ -239,7 +246,7 @@ def train_step(tr: Trainer, batches: Iterator[Batch], spec: LossSpec, teacher_he
             break
         batch = batch.to(device)
         with autocast(device, tr.precision):
-            terms = distillation_loss(tr.body, tr.head, tr.hidden_map, batch, spec, teacher_head)
+            terms = distillation_loss(tr.body, tr.head, tr.hidden_map, batch, spec, teacher_head, tr.relation)
         _backward(tr, terms.loss / optim.grad_accum)
         res.batches, res.last, res.tokens = res.batches + 1, batch, res.tokens + batch.tokens
         for key in ("loss", *TERMS):
@@ -307,6 +314,8 @@ def metrics_line(step: int, w: dict[str, float], lr: float, elapsed: float, wait
     skipped = w.get("skipped", 0.0)
     term = lambda key, alpha: (w[key] / n) if alpha > 0 else None  # noqa: E731
     layer = {"loss_layer_cos": term("layer_cos", spec.alpha_layer_cos)} if spec.alpha_layer_cos > 0 else {}
+    if spec.alpha_relation > 0:
+        layer["loss_relation"] = term("relation", spec.alpha_relation)
     line = {"step": step, "loss": w["loss"] / n, "loss_ce": term("ce", spec.alpha_ce),
             "loss_mlm": term("mlm", spec.alpha_mlm), "loss_cos": term("cos", spec.alpha_cos), **layer,
             "grad_norm": w["grad_norm"] / (w["steps"] - skipped) if w["steps"] > skipped else None,

@@ -27,7 +27,7 @@ import pyarrow as pa
 from kdpipe.pipeline.shards import ShardData
 from kdpipe.schemas.shard import manifest_schema, vector_layout
 
-FLOAT_COLUMNS = ("hidden", "hidden_layers", "topk_logits", "log_z", "teacher_state")
+FLOAT_COLUMNS = ("hidden", "hidden_layers", "relation", "topk_logits", "log_z", "teacher_state")
 ID_COLUMNS = ("input_ids", "mlm_labels", "topk_ids", "sample_ids")
 # float16 rounds a logit z to within |z| * 2^-11: logsumexp of the rounded top-k may exceed the
 # exact log Z (computed in float32 from the unrounded logits) by that much over T
@@ -111,6 +111,7 @@ def check(data: ShardData, lim: Limits, first_seq: int | None = None, num_seqs: 
     """Raise ValueProblem at the first value `data` should not hold; return quietly otherwise."""
     _check_rows(data, lim, first_seq, num_seqs)
     rows_of = {"input_ids": data.offsets(), "hidden": data.offsets(), "hidden_layers": data.offsets(),
+               "relation": data.offsets(),
                "mlm_labels": data.mlm_offsets(),
                "mlm_positions": data.mlm_offsets(), **{c: data.target_offsets() for c in
                                                         ("topk_ids", "topk_logits", "log_z", "teacher_state")}}

@@ -45,6 +45,22 @@ class FileEntry(_Frozen):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class RelationEntry(_Frozen):
+    """The relation targets of a cache (pipeline/relation_targets.py): which teacher layer's
+    attention projections the `relation` column holds, and what each choice of parts costs."""
+
+    layer: int = Field(ge=1)  # teacher layer L (its output is hidden_states[L])
+    parts: str  # of "qkv", in that order
+    dim: int = Field(ge=1)  # entries per part (the projection's width)
+    heads: int = Field(ge=1)  # the teacher's attention heads: --relation-heads' default
+    raw_bytes_per_token: int  # float16 before compression: 2 * dim * len(parts)
+    raw_bytes_per_token_by_parts: dict[str, int]  # the same for every choice of --relation-parts
+
+    @property
+    def width(self) -> int:
+        return self.dim * len(self.parts)
+
+
 class Manifest(_Frozen):
     format: Literal["kdpipe-cache"] = MANIFEST_FORMAT
     format_version: Literal[1] = MANIFEST_VERSION
@@ -61,6 +77,7 @@ class Manifest(_Frozen):
     samples: int | None = None  # sampled: draws per position
     hidden_dim: int  # 0 in mode none
     hidden_layers: list[int] = []  # other layers stored in the hidden_layers column (pipeline/layer_targets.py)
+    relation: RelationEntry | None = None  # with --relation-layer (pipeline/relation_targets.py)
     state_dim: int | None = None  # exact: width of teacher_state
     projection: FileEntry | None = None  # absent in mode none
     head: FileEntry | None = None  # exact: the frozen decoder (head.safetensors)

@@ -6,7 +6,7 @@ one entry per target position: every token (positions "all") or the masked ones,
 the vocabulary fits in 16 bits, else uint32; stored activations are float16; log-partition
 values float32 (their error would otherwise shift every probability).
 
-Columns of fixed-width vectors (one per token or target position: hidden, hidden_layers, topk_ids,
+Columns of fixed-width vectors (one per token or target position: hidden, hidden_layers, relation, topk_ids,
 topk_logits, log_z, teacher_state) are *vector columns*: one `large_binary` value per row holding the row's
 (entries, width) array, C order, little-endian, with the dtype and width in the field's metadata
 (`kdpipe.dtype`, `kdpipe.width`). Decoding a row is `np.frombuffer(value, dtype).reshape(-1, width)`;
@@ -22,6 +22,7 @@ decoding a whole column chunk is one `np.frombuffer` on its data buffer, no copy
 | mlm_labels    | list<id>                              | masked  | original ids at those positions                |
 | hidden        | vector float16 × d                    | token   | teacher's last hidden state @ projection (all modes but none) |
 | hidden_layers | vector float16 × n·d                  | token   | with --hidden-layers: the teacher's states after n other layers, d each, each @ its projection |
+| relation      | vector float16 × n·D                  | token   | with --relation-layer: one teacher layer's attention projections (n of q, k, v, D each), raw |
 | topk_ids      | vector id × k                         | target  | topk: the teacher's k largest logits' ids      |
 | topk_logits   | vector float16 × k                    | target  | topk: their raw logits (temperature 1)         |
 | log_z         | vector float32 × n_T                  | target  | topk: log sum_v exp(z_v / T), full vocabulary, per T of the grid |
@@ -86,10 +87,12 @@ def vector_layout(field: pa.Field) -> tuple[np.dtype, int] | None:
 
 
 def shard_schema(vocab_size: int, k: int = 0, n_temperatures: int = 0, hidden_dim: int = 0,
-                 mode: str = "topk", state_dim: int = 0, hidden_layers: int = 0) -> pa.Schema:
+                 mode: str = "topk", state_dim: int = 0, hidden_layers: int = 0,
+                 relation_width: int = 0) -> pa.Schema:
     """The one explicit schema of a cache's shards, from the settings in its manifest: the fields
     every mode has, then the target mode's own (pipeline/modes declares them). hidden_layers: how
-    many other layers' states the cache stores beside the last (pipeline/layer_targets.py)."""
+    many other layers' states the cache stores beside the last (pipeline/layer_targets.py);
+    relation_width: entries per token of the relation column (pipeline/relation_targets.py), 0: none."""
     from kdpipe.pipeline.modes import get_mode
 
     target = get_mode(mode)
@@ -106,6 +109,8 @@ def shard_schema(vocab_size: int, k: int = 0, n_temperatures: int = 0, hidden_di
         fields.append(vector_field("hidden", pa.float16(), hidden_dim))
         if hidden_layers:  # one per-token column, as wide as the layers' states together
             fields.append(vector_field("hidden_layers", pa.float16(), hidden_layers * hidden_dim))
+        if relation_width:
+            fields.append(vector_field("relation", pa.float16(), relation_width))
     fields += target.fields(ids, k, n_temperatures, state_dim)
     return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
 
@@ -113,4 +118,4 @@ def shard_schema(vocab_size: int, k: int = 0, n_temperatures: int = 0, hidden_di
 def manifest_schema(m: Any) -> pa.Schema:
     """The shard schema a finished cache's manifest (schemas.manifest.Manifest) implies."""
     return shard_schema(m.vocab_size, m.top_k, len(m.temperatures), m.hidden_dim, m.targets, m.state_dim or 0,
-                        len(m.hidden_layers or []))
+                        len(m.hidden_layers or []), m.relation.width if m.relation else 0)

@@ -46,21 +46,26 @@ def info(cache_dir: Path | str) -> dict[str, Any]:
         "targets": m.targets, "target_positions": m.target_positions, "top_k": m.top_k,
         "temperatures": m.temperatures, "samples": m.samples, "state_dim": m.state_dim,
         "hidden_dim": m.hidden_dim, "hidden_layers": m.hidden_layers,
+        "relation": m.relation.model_dump() if m.relation else None,
         "created_at": m.created_at, "finished_at": m.finished_at,
     }
 
 
 def bytes_by_kind(m: Any) -> dict[str, float]:
     """Bytes per token of each kind of stored target: the inputs (ids, masks, row fields), the
-    last hidden state, the other layers' states (and each one's share), the mode's L_ce columns."""
+    last hidden state, the other layers' states (and each one's share), the attention projections of
+    the relation targets (and each part's share), the mode's L_ce columns."""
     from kdpipe.pipeline.modes import get_mode
 
     cols = m.bytes_per_token_by_column
-    kinds = {"hidden": ("hidden",), "hidden_layers": ("hidden_layers",), "targets": get_mode(m.targets).columns}
+    kinds = {"hidden": ("hidden",), "hidden_layers": ("hidden_layers",), "relation": ("relation",),
+             "targets": get_mode(m.targets).columns}
     out = {k: round(sum(cols.get(c, 0.0) for c in v), 3) for k, v in kinds.items() if any(c in cols for c in v)}
     out["inputs"] = round(sum(v for c, v in cols.items() if not any(c in v2 for v2 in kinds.values())), 3)
     if m.hidden_layers:
         out["hidden_per_layer"] = round(out.get("hidden_layers", 0.0) / len(m.hidden_layers), 3)
+    if m.relation:  # each part costs the same: what another choice of --relation-parts would take
+        out["relation_per_part"] = round(out.get("relation", 0.0) / len(m.relation.parts), 3)
     return dict(sorted(out.items()))
 
 

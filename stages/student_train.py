@@ -44,7 +44,7 @@ from tqdm import tqdm
 from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import checkpoint as ckpt
-from kdpipe.pipeline import distributed, layer_targets, model_card
+from kdpipe.pipeline import distributed, layer_targets, model_card, relation_targets
 from kdpipe.pipeline import storage
 from kdpipe.pipeline import student as stu
 from kdpipe.pipeline.compiling import CompileSettings, compile_options
@@ -61,7 +61,7 @@ from kdpipe.pipeline.fsutil import (
 )
 from kdpipe.pipeline.loader import Batch, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
 from kdpipe.pipeline.losses import (
-    DEFAULT_ALPHA_LAYER_COS, REFERENCE_ALPHA_CE, REFERENCE_ALPHA_COS, REFERENCE_ALPHA_MLM, REFERENCE_TEMPERATURE,
+    DEFAULT_ALPHA_LAYER_COS, DEFAULT_ALPHA_RELATION, REFERENCE_ALPHA_CE, REFERENCE_ALPHA_COS, REFERENCE_ALPHA_MLM, REFERENCE_TEMPERATURE,
     LossSpec,
 )
 from kdpipe.pipeline.modes import get_mode
@@ -116,6 +116,8 @@ class StudentConfig(CompileSettings):
     alpha_mlm: float = Field(REFERENCE_ALPHA_MLM, ge=0)
     alpha_cos: float = Field(REFERENCE_ALPHA_COS, ge=0)
     alpha_layer_cos: float = Field(DEFAULT_ALPHA_LAYER_COS, ge=0)  # recorded in the identity only when > 0
+    alpha_relation: float = Field(DEFAULT_ALPHA_RELATION, ge=0)  # recorded in the identity only when > 0
+    relation_heads: int | None = Field(None, ge=1)  # L_rel's relation heads [the teacher's attention heads]
     temperature: float = Field(REFERENCE_TEMPERATURE, gt=0)
     ce_masked_only: bool = False
     max_steps: int | None = Field(None, ge=1)
@@ -158,8 +160,11 @@ class StudentConfig(CompileSettings):
     @model_validator(mode="after")
     def _consistent(self) -> "StudentConfig":
         problems = []
-        if self.alpha_ce == self.alpha_mlm == self.alpha_cos == self.alpha_layer_cos == 0:
-            problems.append("alpha_ce, alpha_mlm, alpha_cos and alpha_layer_cos are all 0: there is nothing to train")
+        if self.alpha_ce == self.alpha_mlm == self.alpha_cos == self.alpha_layer_cos == self.alpha_relation == 0:
+            problems.append("alpha_ce, alpha_mlm, alpha_cos, alpha_layer_cos and alpha_relation are all 0: "
+                            "there is nothing to train")
+        if self.relation_heads is not None and not self.alpha_relation:
+            problems.append("relation_heads goes with alpha_relation > 0")
         if self.max_steps is not None and self.epochs is not None:
             problems.append("give max_steps or epochs, not both")
         if self.batch_size is not None and self.batch_tokens is not None:
@@ -192,6 +197,8 @@ class Setup:
     projection: torch.Tensor  # (H_teacher, d)
     layer_pairs: tuple[tuple[int, int], ...]  # L_layer: (student hidden_states index, cached block); () when off
     layer_projections: list[torch.Tensor] | None  # L_layer: each pair's (H_teacher, d) projection
+    relation: tuple[int, str] | None  # L_rel: (the student's matched block, 0-based; the cache's parts); None when off
+    relation_heads: int  # L_rel: R (0 when off)
     teacher_head: TeacherHead | None  # exact mode: decoder (V, H'), (V,)
     student_config: Any  # a transformers config
     layer_map: list[int] | None
@@ -211,7 +218,9 @@ class Setup:
 def loss_spec(s: Setup) -> LossSpec:
     c = s.cfg
     return LossSpec(c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.temperature, c.ce_masked_only,
-                    s.manifest.targets, s.manifest.target_positions, c.alpha_layer_cos, s.layer_pairs)
+                    s.manifest.targets, s.manifest.target_positions, c.alpha_layer_cos, s.layer_pairs,
+                    c.alpha_relation, s.relation[0] if s.relation else 0,
+                    len(s.relation[1]) if s.relation else 0, s.relation_heads)
 
 
 # ---------------------------------------------------------------------------------------- set up
@@ -306,6 +315,13 @@ def set_up(cfg: StudentConfig) -> Setup:
     if cfg.alpha_layer_cos > 0 and len(matching) == s_layers:  # the student's layers matched to the cache's
         pairs = layer_targets.matched(matching, s_layers)
         problems += layer_targets.train_problems(pairs, manifest.hidden_layers, s_layers)
+    relation, heads = None, 0
+    if cfg.alpha_relation > 0:
+        rel = manifest.relation
+        block = rel and relation_targets.student_layer(rel.layer, t_layers, matching, s_layers)
+        heads = cfg.relation_heads or (rel.heads if rel else 1)
+        problems += relation_targets.train_problems(rel, heads, int(scfg.hidden_size), block, matching)
+        relation = (block, rel.parts) if rel and block is not None else None
     if problems:
         raise KdpipeError("; ".join(problems))
 
@@ -316,6 +332,10 @@ def set_up(cfg: StudentConfig) -> Setup:
     identity = {k: v for k, v in resolved.items() if k not in OPERATIONAL + LENGTH + COMPILE_KEYS}
     if not cfg.alpha_layer_cos:  # a run from before L_layer existed resumes
         identity.pop("alpha_layer_cos")
+    for key in ("alpha_relation", "relation_heads"):  # likewise L_rel: recorded only when on
+        identity.pop(key)
+    if cfg.alpha_relation:
+        identity.update(alpha_relation=cfg.alpha_relation, relation_heads=heads)  # the resolved R
     identity.update(cfg.compile_record())  # compiling may change float results: a resume repeats it
     identity["student_config"] = student_dict
     if cfg.init_from:
@@ -335,7 +355,8 @@ def set_up(cfg: StudentConfig) -> Setup:
         stack = load_layer_projections(_checked(cache, manifest.projection))  # (n, H, d)
         layer_projections = [stack[manifest.hidden_layers.index(t)] for _, t in pairs]
     return Setup(cfg, cache, out, manifest, teacher_config, projection,
-                 layer_targets.columns(pairs, manifest.hidden_layers), layer_projections, teacher_head, scfg,
+                 layer_targets.columns(pairs, manifest.hidden_layers), layer_projections, relation, heads,
+                 teacher_head, scfg,
                  layer_map, teacher_path, identity, sha256_bytes(dumps_json(identity)), loader, total, device)
 
 
@@ -441,7 +462,7 @@ def _trainer(s: Setup, teacher_state: dict[str, torch.Tensor] | None) -> Trainer
     return build_trainer(s.student_config, int(s.teacher_config["hidden_size"]), s.projection, s.optim,
                          s.cfg.seed, s.cfg.init, s.layer_map, teacher_state, s.device,
                          Path(s.cfg.init_from) if s.cfg.init_from else None, s.layer_projections,
-                         s.cfg.precision, s.cfg.compile_spec())
+                         s.cfg.precision, s.cfg.compile_spec(), s.relation)
 
 
 def open_stream(s: Setup, position: Position, w: distributed.World | None = None) -> Iterator[Batch]:
@@ -549,7 +570,7 @@ def _stopped(out: Path, step: int, e: NonFiniteError) -> str:
     kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint was written yet"
     terms = {k: v for k, v in e.terms.items() if k != "loss"}
     bad = {k for k, v in terms.items() if not math.isfinite(v)}
-    if bad and bad <= {"ce", "cos", "layer_cos"} and bad != set(terms):  # the student's own MLM loss is fine
+    if bad and bad <= {"ce", "cos", "layer_cos", "relation"} and bad != set(terms):  # the student's own MLM loss is fine
         advice = (f"the cache's {' and '.join(sorted(bad))} targets of this batch are suspect: run "
                   "`kdpipe cache verify --deep`")
     elif "fp16 loss scale" in e.what:
@@ -803,6 +824,13 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
               "student layers 1..M-1 against the teacher layers the cache holds (teacher-dump --hidden-layers), "
               "matched through the layer map (pipeline/layer_targets.py). "
               f"[{DEFAULT_ALPHA_LAYER_COS:g}: off]")
+@click.option("--alpha-relation", type=float, help="Weight of the MiniLM-style relation KL: the Q-Q, K-K, "
+              "V-V relations (those the cache holds: teacher-dump --relation-layer, --relation-parts) of the "
+              "student's matched layer against the teacher's (pipeline/relation_targets.py). "
+              f"[{DEFAULT_ALPHA_RELATION:g}: off]")
+@click.option("--relation-heads", type=int, help="Relation heads of --alpha-relation (MiniLMv2's; they need "
+              "not be the attention heads, but must divide both the teacher's and the student's width). "
+              "[the teacher's attention heads]")
 @click.option("--temperature", type=float, help="Softening temperature; must be in the cache's grid. "
               f"[{REFERENCE_TEMPERATURE}]")
 @click.option("--ce-masked-only", is_flag=True, default=None, help="Distil only at masked positions "

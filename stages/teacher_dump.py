@@ -35,7 +35,7 @@ from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import cache_card
 from kdpipe.pipeline import corpus as corpus_mod
-from kdpipe.pipeline import distributed, layer_targets
+from kdpipe.pipeline import distributed, layer_targets, relation_targets
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage, values
 from kdpipe.pipeline.compiling import CompileSettings, compile_options
@@ -90,6 +90,8 @@ class DumpConfig(CompileSettings):
     hidden_proj: Literal["identity", "random", "pca"] = "pca"
     hidden_dim: int | None = Field(None, ge=1)  # default: full width (identity), else 128
     hidden_layers: list[int] = Field(default_factory=list)  # other layers' states too (pipeline/layer_targets.py)
+    relation_layer: int | None = Field(None, ge=1)  # its attention projections too (relation_targets.py)
+    relation_parts: Literal[relation_targets.PART_CHOICES] | None = None  # type: ignore[valid-type]  # qkv
     pca_sequences: int = Field(64, ge=1)
     shard_size: int = Field(1024, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -127,6 +129,8 @@ class DumpConfig(CompileSettings):
         problems += self.mode.dump_problems(temperatures=self.temperatures, hidden_proj=self.hidden_proj)
         if self.hidden_layers and not self.mode.uses_teacher:
             problems.append(f"hidden_layers: mode {self.targets} runs no teacher and stores no hidden states")
+        if self.relation_layer is not None and not self.mode.uses_teacher:
+            problems.append(f"relation_layer: mode {self.targets} runs no teacher and stores no relation targets")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -201,7 +205,8 @@ def set_up(cfg: DumpConfig) -> Setup:
     max_pos = getattr(mcfg, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise KdpipeError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {max_pos} positions")
-    if problems := layer_targets.dump_problems(cfg.hidden_layers, int(mcfg.num_hidden_layers)):
+    if problems := layer_targets.dump_problems(cfg.hidden_layers, int(mcfg.num_hidden_layers)) + \
+            relation_targets.dump_problems(cfg.relation_layer, cfg.relation_parts, int(mcfg.num_hidden_layers)):
         raise KdpipeError("; ".join(problems))
     hidden_dim = proj.check_dim(cfg.hidden_proj, int(mcfg.hidden_size), cfg.hidden_dim) \
         if cfg.mode.uses_teacher else 0
@@ -230,6 +235,7 @@ def set_up(cfg: DumpConfig) -> Setup:
             "pca_sequences": cfg.pca_sequences if cfg.hidden_proj == "pca" else None,
             **layer_targets.fingerprint(cfg.hidden_layers)},
         "storage": {"shard_size": cfg.shard_size, "zstd_level": cfg.zstd_level},
+        **relation_targets.fingerprint(cfg.relation_layer, cfg.relation_parts),
     }
     return Setup(cfg, Path(cfg.out), tokenizer, model, mcfg, corpus, vocab, vocab.random_pool(), n_seq,
                  n_tok, weights, fingerprint, hidden_dim)
@@ -386,7 +392,7 @@ def _schema(s: Setup) -> pa.Schema:
     t = _target_settings(s.cfg, s.model)
     return cache_card.describe(
         shard_schema(s.vocab.size, t.top_k, len(t.temperatures), s.hidden_dim, s.cfg.targets, t.state_dim,
-                     len(s.cfg.hidden_layers)),
+                     len(s.cfg.hidden_layers), _relation_width(s)),
         s.fingerprint)
 
 
@@ -400,7 +406,7 @@ def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
         return TeacherRunner(s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device,
                              mode=s.cfg.targets, precision=s.cfg.precision,
                              layers=tuple(s.cfg.hidden_layers), layer_projections=layer_p,
-                             compile_spec=s.cfg.compile_spec())
+                             compile_spec=s.cfg.compile_spec(), **_relation_args(s.cfg))
 
     proj_path = s.out / cachedir.PROJECTION_NAME
     if proj_path.exists():
@@ -415,6 +421,27 @@ def _prepare_runner(s: Setup, device: torch.device) -> TeacherRunner | None:
     first = next(iter(_sequences(s)))
     runner.check_head_split(*pad([first], s.tokenizer.pad_token_id))
     return runner
+
+
+def _relation_args(cfg: DumpConfig) -> dict[str, Any]:
+    """The runner's relation settings (pipeline/relation_targets.py)."""
+    return {"relation_layer": cfg.relation_layer, "relation_parts": cfg.relation_parts or relation_targets.DEFAULT_PARTS}
+
+
+def _relation_entry(s: Setup) -> dict[str, Any] | None:
+    """The manifest's relation entry (None without --relation-layer); the width is the layer's own
+    projections' (mode none, which has no model, refuses relations)."""
+    if s.cfg.relation_layer is None:
+        return None
+    dim = relation_targets.LayerParts(s.model, s.cfg.relation_layer - 1, relation_targets.PARTS).dim
+    return relation_targets.entry(s.cfg.relation_layer, s.cfg.relation_parts, dim,
+                                  int(s.model_config.num_attention_heads))
+
+
+def _relation_width(s: Setup) -> int:
+    """Entries per token of the relation column (0: none)."""
+    e = _relation_entry(s)
+    return e["dim"] * len(e["parts"]) if e else 0
 
 
 def _save_tokenizer(s: Setup) -> list[FileEntry]:
@@ -453,7 +480,7 @@ def finish(s: Setup, fp_sha: str, n_shards: int, started: str, hashed: dict[Path
         schema_version=SCHEMA_VERSION, fingerprint=s.fingerprint, fingerprint_sha256=fp_sha,
         vocab_size=s.vocab.size, seq_len=s.cfg.seq_len, targets=mode.name,
         target_positions=s.cfg.target_positions, **mode.manifest_fields(_target_settings(s.cfg, s.model)),
-        hidden_dim=s.hidden_dim, hidden_layers=list(s.cfg.hidden_layers),
+        hidden_dim=s.hidden_dim, hidden_layers=list(s.cfg.hidden_layers), relation=_relation_entry(s),
         projection=cachedir.file_entry(out, cachedir.PROJECTION_NAME) if mode.uses_teacher else None,
         head=cachedir.file_entry(out, cachedir.HEAD_NAME) if mode.needs_head else None,
         teacher_config=cachedir.file_entry(out, cachedir.TEACHER_CONFIG_NAME),
@@ -477,7 +504,8 @@ def dry_run(s: Setup) -> dict[str, Any]:
     runner = None if s.model is None else TeacherRunner(
         s.model, s.cfg.top_k, tuple(s.cfg.temperatures), p, device, mode=s.cfg.targets,
         precision=s.cfg.precision, layers=tuple(s.cfg.hidden_layers),
-        layer_projections=p.expand(len(s.cfg.hidden_layers), *p.shape), compile_spec=s.cfg.compile_spec())
+        layer_projections=p.expand(len(s.cfg.hidden_layers), *p.shape), compile_spec=s.cfg.compile_spec(),
+        **_relation_args(s.cfg))
     seqs = list(itertools.islice(_sequences(s), max(1, 2 * s.cfg.batch_size // s.cfg.mask_views)))
     dump_shard(s.rows, runner, 0, seqs[: max(1, s.cfg.batch_size // s.cfg.mask_views)])  # warm-up
     t0 = time.perf_counter()
@@ -611,6 +639,12 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
               "these layers (0: the embeddings' output; the last is stored already), each through its own "
               "projection of --hidden-proj's kind and --hidden-dim's width, for student-train "
               "--alpha-layer-cos, e.g. 2,4. [none]")
+@click.option("--relation-layer", type=int, help="Also store the outputs of this teacher layer's attention "
+              "projections (1..N in --hidden-layers' numbering; N, the last, is MiniLM's), raw, for "
+              "student-train --alpha-relation. [none]")
+@click.option("--relation-parts", type=click.Choice(relation_targets.PART_CHOICES), help="Which projections "
+              "--relation-layer stores: qkv (MiniLMv2's Q-Q, K-K, V-V relations; 6H bytes per token), v "
+              "(MiniLM's value relation alone; 2H bytes), or another subset. [qkv]")
 @click.option("--shard-size", type=int, help="Sequences per shard (the unit of resumption). [1024]")
 @click.option("--batch-size", type=int, help="Sequences per teacher batch. [32]")
 @click.option("--zstd-level", type=int, help="zstd level of the shards. [3]")

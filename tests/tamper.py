@@ -49,7 +49,7 @@ def _set_cell(table: pa.Table, column: str, data: Any, rng: random.Random, value
     flat = arr.reshape(len(arr), -1)
     i, j = rng.randrange(flat.shape[0]), rng.randrange(flat.shape[1])
     flat[i, j] = value
-    if column in ("input_ids", "hidden", "hidden_layers"):
+    if column in ("input_ids", "hidden", "hidden_layers", "relation"):
         offsets = data.offsets()
     elif column in ("mlm_labels", "mlm_positions"):
         offsets = data.mlm_offsets()
@@ -87,7 +87,7 @@ def corrupt(cache: Path, kind: str, rng: random.Random) -> dict[str, Any]:
         if isinstance(v := getattr(data, f.name), np.ndarray):
             setattr(data, f.name, v.copy())
     if kind in ("nan", "inf"):
-        columns = [c for c in ("hidden", "hidden_layers", "topk_logits", "log_z", "teacher_state")
+        columns = [c for c in ("hidden", "hidden_layers", "relation", "topk_logits", "log_z", "teacher_state")
                    if getattr(data, c) is not None]
         column = rng.choice(columns)
         value = float("nan") if kind == "nan" else rng.choice([float("inf"), float("-inf")])

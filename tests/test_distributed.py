@@ -220,18 +220,19 @@ def test_two_rank_training_matches_one_rank_and_resumes_on_any_world_size(
 
 def test_two_rank_training_with_the_layer_loss_matches_one_rank(tmp_path, small_corpus_file, nodrop,
                                                                 kdpipe_inproc) -> None:
-    """L_layer's share of each rank is weighted like L_cos's: the two-rank trajectory is the one-rank one."""
+    """L_layer's and L_rel's shares of each rank are weighted like L_cos's (and L_rel's student
+    projections are the DDP module's own): the two-rank trajectory is the one-rank one."""
     from helpers import tiny_teacher
 
     teacher = tiny_teacher(tmp_path / "bert4", layers=4)
     cache = tmp_path / "cache"
     proc = kdpipe_inproc("teacher-dump", "--teacher", teacher, "--data", small_corpus_file, "--out", cache,
                          "--seq-len", "32", "--shard-size", "4", "--hidden-dim", "8", "--hidden-layers", "2",
-                         "--temperatures", "1.5", "--writers", "1")
+                         "--relation-layer", "3", "--temperatures", "1.5", "--writers", "1")
     assert proc.returncode == 0, proc.stderr
     i = TRAIN.index("--epochs")
     args = ("--cache", cache, "--teacher", teacher, "--student-config", nodrop, *TRAIN[:i], *TRAIN[i + 2:],
-            "--max-steps", "4", "--alpha-layer-cos", "2")
+            "--max-steps", "4", "--alpha-layer-cos", "2", "--alpha-relation", "1")
     one, two = tmp_path / "one", tmp_path / "two"
     proc = kdpipe_inproc("student-train", *args, "--out", one)
     assert proc.returncode == 0, proc.stderr
@@ -239,5 +240,5 @@ def test_two_rank_training_with_the_layer_loss_matches_one_rank(tmp_path, small_
     m1, m2 = lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl")
     assert len(m1) == len(m2) == 4
     for a, b in zip(m1, m2):
-        for key in ("loss", "loss_cos", "loss_layer_cos"):
+        for key in ("loss", "loss_cos", "loss_layer_cos", "loss_relation"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)

@@ -215,7 +215,7 @@ def test_a_cache_without_targets_or_hidden_states_is_described_too() -> None:
     assert json.loads(schema.metadata[b"kdpipe.description"])["targets"] == "none"
     m = SimpleNamespace(fingerprint=fp, fingerprint_sha256="0" * 64, vocab_size=50, sequences=3, seq_len=8,
                         rows=3, tokens=20, targets="none", top_k=0, hidden_dim=0, bytes_per_token=1.0,
-                        temperatures=[], state_dim=None, hidden_layers=[])
+                        temperatures=[], state_dim=None, hidden_layers=[], relation=None)
     card = cache_card.render(m)
     assert "configs:" in card and "Vector columns" not in card  # mode none stores none
 
