@@ -129,6 +129,9 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "no-mlm": {"cache": "topk", "alpha_mlm": 0.0},
     "random-init": {"cache": "topk", "init": "random"},
     "layer-cos": {"cache": "topk-layers", "alpha_layer_cos": 1.0},
+    # cached plus MiniLMv2's Q-Q, K-K, V-V relation KL of the teacher's last layer against the
+    # student's last (issue 16: --alpha-relation 1, 12 relation heads: the teacher's attention heads)
+    "relation": {"cache": "topk-relation", "alpha_relation": 1.0},
     # what the cache is for (issue 16): more student updates at no teacher cost, at equal student
     # compute (3x cached's updates each): the same masks three times, or three mask draws
     "epochs-3": {"cache": "topk", "length": 3},
@@ -141,6 +144,9 @@ MODES = {  # cache name -> DumpConfig overrides; same seed, so the same masks in
     # topk's settings plus the states after layers 2 and 4 of the 6-layer teacher (layer_targets.py)
     "topk-layers": dict(targets="topk", top_k=32, temperatures=[1.0, 2.0, 4.0], hidden_proj="pca", hidden_dim=128,
                         hidden_layers=[2, 4]),
+    # topk's settings plus the last layer's query, key and value outputs (relation_targets.py)
+    "topk-relation": dict(targets="topk", top_k=32, temperatures=[1.0, 2.0, 4.0], hidden_proj="pca", hidden_dim=128,
+                          relation_layer=6, relation_parts="qkv"),
     # topk's settings, three independent mask draws per sequence (view 0 is topk's masks)
     "topk-views3": dict(targets="topk", top_k=32, temperatures=[1.0, 2.0, 4.0], hidden_proj="pca", hidden_dim=128,
                         mask_views=3),
