@@ -117,6 +117,12 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def teacher4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer, hidden-32, 2-head BERT masked LM: layers below the last for the extra targets."""
+    return tiny_teacher(tmp_path_factory.mktemp("teacher4") / "bert4", layers=4)
+
+
+@pytest.fixture(scope="session")
 def other_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture and tokenizer as `teacher_dir`, other weights."""
     return tiny_teacher(tmp_path_factory.mktemp("teacher2") / "tiny-bert", seed=1)

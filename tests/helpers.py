@@ -34,6 +34,23 @@ def tiny_teacher(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0)
     return folder
 
 
+def student_train(*args):
+    """`kdpipe student-train ARGS` through click's runner (a click Result: exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from kdpipe.pipeline.cli import cli
+
+    return CliRunner().invoke(cli, ["student-train", *map(str, args)])
+
+
+def assert_refused(result, *needles: str) -> None:
+    """A click Result that failed with one `Error:` line holding every needle, and no traceback."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+    assert result.exit_code != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
 def tiny_corpus(path: Path, lines: int = 60, seed: int = 0) -> Path:
     import random
 

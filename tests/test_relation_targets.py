@@ -18,7 +18,9 @@ import torch
 from click.testing import CliRunner
 from transformers import BertConfig, BertForMaskedLM
 
+from helpers import assert_refused as refused
 from helpers import plain_rows, tiny_teacher
+from helpers import student_train as train
 from kdpipe.pipeline import values
 from kdpipe.pipeline.cache import load_manifest
 from kdpipe.pipeline.cli import cli
@@ -30,12 +32,6 @@ DUMP = ("--seq-len", "32", "--shard-size", "4", "--top-k", "8", "--hidden-dim", 
 RELATION = ("--relation-layer", "3")  # of 4: a 2-layer student copies it into its last layer (map 0, 2)
 TRAIN = ("--batch-size", "4", "--temperature", "2", "--seed", "0", "--max-steps", "6", "--save-every", "3",
          "--log-every", "1")
-
-
-@pytest.fixture(scope="module")
-def teacher4(tmp_path_factory) -> Path:
-    """A 4-layer, hidden-32, 2-head BERT masked LM."""
-    return tiny_teacher(tmp_path_factory.mktemp("teacher4") / "bert4", layers=4)
 
 
 def dump(kdpipe_inproc, teacher: Path, corpus: Path, out: Path, *extra: str):
@@ -270,17 +266,6 @@ def test_a_non_finite_relation_is_refused_where_used(tmp_path, relation_cache, t
 
 
 # ---------------------------------------------------------------------------------- train side
-
-def train(*args):
-    return CliRunner().invoke(cli, ["student-train", *map(str, args)])
-
-
-def refused(result, *needles: str) -> None:
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
-    assert result.exit_code != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
 
 @pytest.mark.parametrize("shape", [(), ("--student-hidden", "16", "--init", "random", "--relation-heads", "4")])
 def test_relation_loss_trains_and_resumes_bit_for_bit(tmp_path, relation_cache, teacher4, shape):
