@@ -18,7 +18,8 @@ import torch
 from kdpipe.pipeline.masking import MaskedSequence, MaskingSpec, Vocabulary, mask_sequences
 from kdpipe.pipeline.modes import TargetMode, get_mode
 from kdpipe.pipeline.padding import pad
-from kdpipe.pipeline.shards import PER_SAMPLE, PER_TARGET, ShardData
+from kdpipe.pipeline.offsets import ranges, starts
+from kdpipe.pipeline.shards import PER_SAMPLE, PER_TARGET, PER_TOKEN, ShardData, gathered
 from kdpipe.pipeline.teacher import TeacherOutputs, TeacherRunner
 
 
@@ -54,15 +55,25 @@ def length_batches(rows: list, batch_size: int) -> list[list[int]]:
 
 
 def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray],
-               rows: list[MaskedSequence] | None = None) -> ShardData:
+               rows: list[MaskedSequence] | None = None, stored: dict[str, np.dtype] | None = None
+               ) -> ShardData:
     """Mask (unless `rows` are the shard's masked rows already, from `mask_sequences` with these
-    settings), run the teacher (unless the mode is none), gather one shard's rows in row order."""
+    settings), run the teacher (unless the mode is none), gather one shard's rows in row order.
+
+    stored: the vector columns' stored dtypes (`shards.stored_dtypes`): each teacher column is
+    then narrowed as it is gathered, in one pass, where all its values fit the stored dtype; a
+    column holding a value that does not (a logit over float16's 65504, a NaN) stays as the
+    teacher made it, so the value checks quote that value. Without it, columns keep the teacher's
+    dtypes (the writer narrows them). The values are the same either way."""
     if rows is None:
         rows = mask_sequences(seqs, first_seq, spec.views, spec.masking, spec.vocab, spec.pool, spec.weights)
     meta = [(first_seq + j, v) for j in range(len(seqs)) for v in range(spec.views)]
     masked = spec.target_positions == "masked"
-    n_target = np.array([len(r.positions) if masked else len(r.input_ids) for r in rows], dtype=np.int64)
-    per_row: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    length = np.array([len(r.input_ids) for r in rows], dtype=np.int64)  # (R,)
+    mcount = np.array([len(r.positions) for r in rows], dtype=np.int64)  # (R,)
+    n_target = mcount if masked else length
+    outs: list[TeacherOutputs] = []
+    order: list[int] = []  # the rows of the batches, batch after batch
     for batch in length_batches(rows, spec.batch_size) if runner is not None else []:
         ids, att = pad([rows[i].input_ids for i in batch], spec.pad_id)
         target_mask = None
@@ -72,35 +83,46 @@ def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs
                 target_mask[j, torch.from_numpy(rows[i].positions)] = True
         uniforms = spec.mode.uniforms(spec.masking.seed, spec.samples, [
             (*meta[i], len(rows[i].input_ids), rows[i].positions if masked else None) for i in batch])
-        _split_rows(runner.run(ids, att, target_mask, uniforms), batch, rows, n_target, per_row)
+        outs.append(runner.run(ids, att, target_mask, uniforms))
+        order.extend(batch)
+    targets = gather_outputs(outs, np.array(order, dtype=np.int64), length, n_target, stored or {}) if outs else {}
     cat = lambda xs: np.concatenate(xs)  # noqa: E731
-    targets = {name: cat([d[name] for d in per_row]) for name in per_row[0]} if per_row[0] else {}
     return ShardData(
-        seq_id=np.array([m[0] for m in meta]), view=np.array([m[1] for m in meta]),
-        length=np.array([len(r.input_ids) for r in rows]),
-        input_ids=cat([r.input_ids for r in rows]),
-        mlm_count=np.array([len(r.positions) for r in rows]),
+        seq_id=np.array([m[0] for m in meta]), view=np.array([m[1] for m in meta]), length=length,
+        input_ids=cat([r.input_ids for r in rows]), mlm_count=mcount,
         mlm_positions=cat([r.positions for r in rows]), mlm_labels=cat([r.labels for r in rows]),
-        target_count=n_target if spec.mode.uses_teacher else None, **targets,
+        target_count=n_target.copy() if spec.mode.uses_teacher else None, **targets,
     )
 
 
-def _split_rows(o: TeacherOutputs, batch: list[int], rows: list[MaskedSequence], n_target: np.ndarray,
-                per_row: list[dict[str, np.ndarray]]) -> None:
-    """Cut a batch's outputs (row-major over the batch) back into per-row arrays."""
-    tok = np.cumsum([0] + [len(rows[i].input_ids) for i in batch])
-    tgt = np.cumsum([0] + [int(n_target[i]) for i in batch])
-    smp = None if o.sample_len is None else np.concatenate([[0], np.cumsum(o.sample_len)])
-    for j, i in enumerate(batch):
-        d = per_row[i]
-        d["hidden"] = o.hidden[tok[j]:tok[j + 1]]
-        for name in ("hidden_layers", "relation"):  # per token, where stored
-            if (v := getattr(o, name)) is not None:
-                d[name] = v[tok[j]:tok[j + 1]]
-        for name in (*PER_TARGET, "sample_len"):  # per target position
-            v = getattr(o, name)
-            if v is not None:
-                d[name] = v[tgt[j]:tgt[j + 1]]
-        if smp is not None:  # per draw: sample_len of them per target position
-            lo, hi = smp[tgt[j]], smp[tgt[j + 1]]
-            d.update({name: getattr(o, name)[lo:hi] for name in PER_SAMPLE})
+_PER_TOKEN_OUT = tuple(n for n in PER_TOKEN if n != "input_ids")  # TeacherOutputs fields, an entry per token
+_PER_TARGET_OUT = (*PER_TARGET, "sample_len")  # ... per target position
+
+
+def gather_outputs(outs: list[TeacherOutputs], order: np.ndarray, length: np.ndarray, n_target: np.ndarray,
+                   stored: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """The batches' outputs (their rows `order`, batch after batch, each batch row-major) as flat
+    shard columns in row order: each column is written once into one array, narrowed on the way
+    (`stored`), and put in row order by one scatter where the batches are not consecutive rows
+    already (packed sequences of one length always are). No per-row arrays."""
+    consecutive = bool(np.array_equal(order, np.arange(len(order))))
+    token_dest = target_dest = sample_dest = None  # (entries,) row-order index of each batch-order entry
+    if not consecutive:
+        token_dest = ranges(starts(length)[order], length[order])
+        target_dest = ranges(starts(n_target)[order], n_target[order])
+    cols: dict[str, np.ndarray] = {}
+    for name in (*_PER_TOKEN_OUT, *_PER_TARGET_OUT, *PER_SAMPLE):
+        parts = [getattr(o, name) for o in outs]
+        if parts[0] is None:
+            continue
+        if name in PER_SAMPLE and not consecutive and sample_dest is None:
+            sample_dest = _sample_dest(cols["sample_len"], order, n_target)
+        dest = token_dest if name in _PER_TOKEN_OUT else target_dest if name in _PER_TARGET_OUT else sample_dest
+        cols[name] = gathered(parts, dest, stored.get(name))
+    return cols
+
+
+def _sample_dest(sample_len: np.ndarray, order: np.ndarray, n_target: np.ndarray) -> np.ndarray:
+    """(S,) row-order index of each batch-order draw, from the (P,) draws per target in row order."""
+    per_row = np.diff(starts(sample_len)[starts(n_target)])  # (R,) draws of each row
+    return ranges(starts(per_row)[order], per_row[order])

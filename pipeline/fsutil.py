@@ -134,7 +134,8 @@ def atomic_dir(target: Path, tmp: Path | None = None) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: Any) -> None:
+    """`data`: bytes, or anything with the buffer protocol (an Arrow buffer, say)."""
     atomic_write(path, lambda f: f.write(data))
 
 

@@ -115,6 +115,75 @@ def as_stored(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(values, dtype)
 
 
+def store(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src in dst's dtype, in one pass: to float16 as `as_stored` narrows (by torch,
+    from float32), any other cast by numpy."""
+    if dst.dtype == np.float16 and src.dtype != np.float16:
+        import torch
+
+        torch.from_numpy(dst).copy_(torch.from_numpy(np.ascontiguousarray(src, np.float32)))
+    else:
+        dst[...] = src
+
+
+def fits(values: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether every value is finite and holds in `dtype` as it is (a float within its range, an
+    integer within its bounds): narrowing then loses nothing a check could see. Other casts never."""
+    if values.dtype == dtype or not values.size:
+        return True
+    kinds = (values.dtype.kind, dtype.kind)
+    if kinds[0] == "f" and kinds[1] == "f":
+        bound = float(np.finfo(dtype).max)
+        return bool(-bound <= values.min() and values.max() <= bound)  # NaN compares False
+    if kinds[0] in "iu" and kinds[1] in "iu":
+        info = np.iinfo(dtype)
+        return bool(info.min <= values.min() and values.max() <= info.max)
+    return False
+
+
+def gathered(parts: list[np.ndarray], dest: np.ndarray | None, dtype: np.dtype | None = None) -> np.ndarray:
+    """The concatenation of `parts` (along the first axis), entry j moved to dest[j] (None: left
+    where it is), in `dtype` where every value fits it, else in the parts' own dtype (so a value
+    that does not fit is kept for the value checks to quote). Each part is written once, narrowed
+    on the way; a scatter costs one more pass."""
+    own = np.result_type(*parts)
+    if dtype is None or (dtype.kind != "f" and not all(fits(p, dtype) for p in parts)):
+        dtype = own
+    out = _joined(parts, dtype)
+    if dtype != own and dtype.kind == "f" and _may_not_fit(out) and not all(fits(p, dtype) for p in parts):
+        out = _joined(parts, own)
+    if dest is None:
+        return out
+    moved = np.empty_like(out)
+    moved[dest] = out
+    return moved
+
+
+def _joined(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    out = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype)
+    at = 0
+    for p in parts:
+        store(out[at:at + len(p)], p)
+        at += len(p)
+    return out
+
+
+def _may_not_fit(narrowed: np.ndarray) -> bool:
+    """Whether a float16 array narrowed from wider floats holds a value that may not have fit:
+    NaN, infinity, or the largest finite magnitude 65504 (what (65504, 65520) rounds to). Tested
+    on the bits by two integer maxima, so the float32 source is read once, by the narrowing; only
+    then are the source's values themselves tested."""
+    if narrowed.dtype != np.float16 or not narrowed.size:
+        return narrowed.dtype != np.float16
+    bits = narrowed.reshape(-1).view(np.int16)
+    return int(bits.max()) >= 0x7BFF or int(bits.view(np.uint16).max()) >= 0xFBFF
+
+
+def stored_dtypes(schema: pa.Schema) -> dict[str, np.dtype]:
+    """Each vector column's stored dtype (float16 hidden states, uint16 ids, ...)."""
+    return {f.name: layout[0] for f in schema if (layout := vector_layout(f)) is not None}
+
+
 def narrowed(data: ShardData, schema: pa.Schema) -> ShardData:
     """`data` with every vector column in its stored dtype (float16 hidden states, uint16 ids): what
     a writer process is handed, so it pickles half the bytes and converts nothing."""
@@ -306,9 +375,10 @@ def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
 _VECTOR_COLUMNS = ("hidden", "hidden_layers", "relation", *PER_TARGET)  # stored as vector columns (schemas.shard)
 
 
-def iter_row_groups(path: Path) -> Iterator[ShardData]:
-    """Stream a shard a row group at a time: memory is bounded by one row group."""
-    pf = pq.ParquetFile(path)
+def iter_row_groups(source: Path | bytes) -> Iterator[ShardData]:
+    """Stream a shard (its path, or its bytes read already) a row group at a time: memory is
+    bounded by one row group."""
+    pf = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source)
     start = 0
     for i in range(pf.metadata.num_row_groups):
         try:
@@ -319,7 +389,7 @@ def iter_row_groups(path: Path) -> Iterator[ShardData]:
         yield data
 
 
-def read_fingerprint(path: Path) -> str | None:
+def read_fingerprint(path: Path | pa.NativeFile) -> str | None:
     md = pq.read_schema(path).metadata or {}
     v = md.get(FINGERPRINT_KEY)
     return v.decode() if v else None

@@ -42,10 +42,11 @@ def check_writers(n: int) -> int:
     return n
 
 
-def encode(data: ShardData, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> tuple[bytes, str]:
-    """A shard's file bytes and their SHA-256 (what a worker does)."""
+def encode(data: ShardData, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> tuple[pa.Buffer, str]:
+    """A shard's file bytes and their SHA-256 (what a worker does). The bytes stay in Arrow's
+    buffer: a writer thread hands it on without a copy, a process pickles it."""
     buf = shard_bytes(to_table(data, schema), fingerprint_sha256, zstd_level)
-    return buf.to_pybytes(), hashlib.sha256(buf).hexdigest()
+    return buf, hashlib.sha256(buf).hexdigest()
 
 
 def _ready(_: int) -> int:
@@ -72,6 +73,7 @@ class ShardWriters:
     def __init__(self, n: int, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> None:
         self.n = check_writers(n)
         self.args = (schema, fingerprint_sha256, zstd_level)
+        self.schema = schema
         self.written: dict[Path, str] = {}
         self._pool: Executor = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-writer") if n == 1 else \
             ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
@@ -107,7 +109,7 @@ class ShardWriters:
             self._writing.result()  # one file at a time: its bytes are freed before the next
         self._writing = self._io.submit(self._write, path, data, sha)
 
-    def _write(self, path: Path, data: bytes, sha: str) -> None:
+    def _write(self, path: Path, data: pa.Buffer, sha: str) -> None:
         atomic_write_bytes(path, data)
         self.written[path] = sha
 
