@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError, validate_record
 from kdpipe.pipeline.fsutil import dumps_json, read_json, safe_join, sha256_bytes, sha256_file
 from kdpipe.pipeline.shards import read_fingerprint
@@ -174,22 +176,24 @@ def _fetcher(cache_dir: Path) -> Any | None:
     return _remote.get(Path(cache_dir).resolve()) if _remote else None
 
 
-def check_file(cache_dir: Path, entry: ShardEntry | FileEntry) -> Problem | None:
-    """Size (for shards) and SHA-256 of one listed file against the manifest."""
+def check_file(cache_dir: Path, entry: ShardEntry | FileEntry, data: bytes | None = None) -> Problem | None:
+    """Size (for shards) and SHA-256 of one listed file against the manifest; `data`: the file's
+    bytes, read already (they are what is hashed and whose footer is read, not the file again)."""
     path = safe_join(cache_dir, entry.path)
-    if isinstance(entry, ShardEntry) and (fetcher := _fetcher(cache_dir)) is not None:
+    if data is None and isinstance(entry, ShardEntry) and (fetcher := _fetcher(cache_dir)) is not None:
         fetcher.fetch(entry.path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         return Problem(entry.path, "missing")
-    if isinstance(entry, ShardEntry) and path.stat().st_size != entry.bytes:
-        return Problem(entry.path, f"size {path.stat().st_size} bytes, manifest says {entry.bytes}")
-    digest = sha256_file(path)
+    size = len(data) if data is not None else path.stat().st_size
+    if isinstance(entry, ShardEntry) and size != entry.bytes:
+        return Problem(entry.path, f"size {size} bytes, manifest says {entry.bytes}")
+    digest = sha256_bytes(data) if data is not None else sha256_file(path)
     if digest != entry.sha256:
         return Problem(entry.path, f"SHA-256 {digest[:12]}..., manifest says {entry.sha256[:12]}...")
     want = _expected_fingerprint.get(Path(cache_dir).resolve()) if isinstance(entry, ShardEntry) else None
     if want is not None:
         try:
-            got = read_fingerprint(path)
+            got = read_fingerprint(path if data is None else pa.BufferReader(data))
         except Exception as e:  # pyarrow's many kinds: not a readable Parquet footer
             return Problem(entry.path, f"its Parquet footer cannot be read ({type(e).__name__})")
         if got != want:
@@ -236,6 +240,15 @@ _verified: set[tuple[str, str, int, int, int]] = set()
 
 def open_shard(cache_dir: Path, entry: ShardEntry) -> Path:
     """A listed shard's path, checked against the manifest before any of it is used."""
+    path, _ = shard_source(cache_dir, entry, keep=False)
+    return path
+
+
+def shard_source(cache_dir: Path, entry: ShardEntry, keep: bool = True) -> tuple[Path, bytes | None]:
+    """A listed shard's path and, with `keep`, its bytes: read once, hashed and checked against the
+    manifest before any of it is used, so the reader parses what was hashed (no second read of the
+    file, no window for it to change in between). None instead of the bytes where this process
+    checked this very file before (same path, hash, size, mtime and inode): read it from the path."""
     path = safe_join(cache_dir, entry.path)
     if (fetcher := _fetcher(cache_dir)) is not None:
         fetcher.fetch(entry.path)  # a cache on a store: bring the shard here first
@@ -245,11 +258,15 @@ def open_shard(cache_dir: Path, entry: ShardEntry) -> Path:
     except OSError:
         key = None
     if key is not None and key in _verified:
-        return path
-    problem = check_file(cache_dir, entry)
+        return path, None
+    data = None
+    if keep and key is not None and key[2] == entry.bytes:  # the size the manifest says: worth reading
+        with open(path, "rb") as f:
+            data = f.read()
+    problem = check_file(cache_dir, entry, data)
     if problem:
         raise CorruptCacheError(f"corrupt cache: {Path(cache_dir) / problem.path}: {problem.what}; "
                                 "run `kdpipe cache verify` and re-dump the shard")
     if key is not None:
         _verified.add(key)
-    return path
+    return path, data

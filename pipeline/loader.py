@@ -16,8 +16,8 @@ With several ranks (DDP) every rank forms the same global batches and keeps a co
 of each one's rows (`part`): the data position stays global, so a checkpoint resumes on any
 number of ranks without skipping or repeating a row. Each rank reads the windows' shards, but
 decodes and trains on its own rows only.
-Only the current window is in memory (each shard opened through `cache.open_shard`, its hash
-checked before use, then read a row group at a time), so memory is flat in the cache size.
+Only the current window is in memory (each shard's file read once by `cache.shard_source`, its
+hash checked before use, then parsed a row group at a time), so memory is flat in the cache size.
 A background thread decodes and pads the next batches while the model trains on this one; with
 `workers` > 1, the next window is decoded and batches collated in a pool of threads as well.
 """
@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from kdpipe.pipeline.cache import open_shard
+from kdpipe.pipeline.cache import open_shard, shard_source
 from kdpipe.pipeline import values
 from kdpipe.pipeline.errors import CorruptShardError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
@@ -143,10 +143,11 @@ class EpochPlan:
 
 
 def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardData:
-    """One listed shard, hash-checked, read a row group at a time, checked against the manifest."""
-    path = open_shard(cache_dir, entry)
+    """One listed shard, hash-checked, read a row group at a time, checked against the manifest.
+    Its file is read once: the bytes hashed are the bytes parsed."""
+    path, raw = shard_source(cache_dir, entry)
     try:
-        data = concat(list(iter_row_groups(path)))
+        data = concat(list(iter_row_groups(path if raw is None else raw)))
     except LayoutError as e:
         raise CorruptShardError(path, str(e)) from None
     mode = get_mode(manifest.targets)
@@ -238,7 +239,7 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
         seq.append(d.seq_id[r])
         view.append(d.view[r])
         i = j
-    cat = np.concatenate
+    cat = _joined
     length, mcount = cat(lengths), cat(mcounts)
     bsz, width = len(length), int(length.max())
     ids = np.full((bsz, width), spec.pad_id, dtype=np.int64)  # (B, T)
@@ -260,6 +261,12 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
         relation=float_tensor(cat(pieces["relation"])) if "relation" in pieces else None,  # (N, n * D)
         **mode.batch_tensors({name: cat(v) for name, v in targets.items()}),
     )
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts one after the other; a batch's rows usually come from one window, so one part,
+    used as it is (concatenating it would copy it once more)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _read_window(cache_dir: Path, manifest: Manifest, window: list[ShardEntry], mode: TargetMode,

@@ -92,11 +92,14 @@ def _row_of(offsets: np.ndarray, flat_index: int) -> int:
 
 
 def _out_of_range(v: np.ndarray, bound: float) -> bool:
-    """Whether any value is NaN, infinite or beyond `bound`, in one pass. float16 arithmetic is slow
-    in numpy, so a decoded float16 array is tested on its bits: the largest exponent field (all
-    ones) is exactly infinity or NaN, and every finite float16 is within its own range."""
+    """Whether any value is NaN, infinite or beyond `bound`. float16 arithmetic is slow in numpy,
+    so a float16 array is tested on its bits, by two integer maxima (no temporary array): every
+    finite float16 is within its own range, and the non-finite ones are those whose exponent
+    field is all ones, 0x7C00..0x7FFF (positive: the int16 view's maximum reaches them) and
+    0xFC00..0xFFFF (negative: the top of the uint16 view)."""
     if v.dtype == np.float16:
-        return int((v.view(np.uint16) & 0x7FFF).max()) >= 0x7C00
+        bits = np.ascontiguousarray(v).reshape(-1).view(np.int16)
+        return int(bits.max()) >= 0x7C00 or int(bits.view(np.uint16).max()) >= 0xFC00
     top = np.abs(v).max()  # NaN propagates through max
     return not top <= bound
 

@@ -149,6 +149,37 @@ def test_a_shard_changed_after_its_first_check_is_caught_on_the_next_open(copy_c
         open_shard(cache, entry)
 
 
+def test_a_shard_is_read_once_and_parsed_from_the_bytes_that_were_hashed(copy_cache):
+    """shard_source reads a shard's file once and hands back the very bytes it hashed (the loader
+    parses those, not the file again); a shard checked before in this process is read from its
+    path; bytes that differ from the manifest's are refused before anything parses them."""
+    import hashlib
+
+    from kdpipe.pipeline.cache import _verified, shard_source
+    from kdpipe.pipeline.shards import iter_row_groups
+
+    cache = copy_cache()
+    m = load_manifest(cache)
+    entry = m.shards[1]
+    path, raw = shard_source(cache, entry)
+    assert raw is not None and hashlib.sha256(raw).hexdigest() == entry.sha256
+    from_bytes, from_path = list(iter_row_groups(raw)), list(iter_row_groups(path))
+    assert len(from_bytes) == len(from_path)
+    for a, b in zip(from_bytes, from_path):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.hidden, b.hidden)
+    assert shard_source(cache, entry) == (path, None)  # checked already: read from the path
+    _verified.clear()
+    data = bytearray(raw)
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))  # same size, other bytes
+    with pytest.raises(CorruptCacheError, match="SHA-256"):
+        shard_source(cache, entry)
+    path.write_bytes(raw[:-1])
+    with pytest.raises(CorruptCacheError, match="size"):
+        shard_source(cache, entry)
+
+
 BATCH_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidden", "topk_ids",
                  "topk_logits", "log_z")
 

@@ -127,3 +127,15 @@ def test_checks_name_the_first_bad_row_of_each_kind(reference_cache):
         f"outside this shard's sequences {entry.first_seq}..{entry.first_seq + entry.num_seqs - 1}")
     assert "view is 1, but the cache has 1 view(s)" in planted("view", 1)
     assert "length is 33, outside 1..32" in planted("length", 33)
+
+
+def test_the_float16_test_on_bits_agrees_with_isfinite_for_every_float16() -> None:
+    """Each of the 65,536 float16 bit patterns among finite neighbours of either sign (and all the
+    finite ones together): out of range exactly where it is not finite."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.isfinite(every)
+    assert not values._out_of_range(every[finite], 65504.0) and values._out_of_range(every, 65504.0)
+    neighbours = np.array([-65504.0, -1.0, 0.0, 1.0, 65504.0], np.float16)
+    for i in range(1 << 16):
+        v = np.concatenate([neighbours, every[i:i + 1], neighbours])
+        assert values._out_of_range(v, 65504.0) == (not finite[i]), hex(i)
