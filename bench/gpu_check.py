@@ -72,7 +72,7 @@ def dump_vs_bare(size_name: str, shards: int, shard_size: int, batch: int, seq_l
         for p in (out / "shards").glob("*.parquet"):
             p.unlink()
         t0 = time.perf_counter()
-        dump_shards(hp.row_spec(batch), runner, iter(part), len(part), shard_size, out, "0" * 64, pool)
+        dump_shards(hp.row_spec(batch), runner, hp.shard_chunks(part, shard_size), shard_size, out, pool)
         return time.perf_counter() - t0
 
     best = {"bare": float("inf"), "dump": float("inf")}

@@ -7,9 +7,10 @@
 Run by hand, never by the tests. On a GPU the teacher and the student are fast, so what sets the
 pace is everything around them; this measures that on any machine, with no model at all:
 
-- dump host path: `stages.teacher_dump.dump_shards` (masking, padding, splitting rows, the
-  Arrow table, zstd Parquet encoding, SHA-256, the atomic write), fed by a synthetic teacher that
-  returns outputs of the right shapes and dtypes at no cost, with 1..N writer workers.
+- dump host path: `stages.teacher_dump.dump_shards` (masking, padding, gathering the batches'
+  outputs into the shard's columns in their stored dtypes, the value checks, the Arrow table,
+  zstd Parquet encoding, SHA-256, the atomic write), fed by a synthetic teacher that returns
+  outputs of the right shapes and dtypes at no cost, with 1..N writer workers.
 - dump floor: zstd at the dump's level over the same shards' raw Arrow buffers, plus SHA-256 of
   what that produced: the work no dump avoids, on one core (and N cores in N processes).
 - loader: `loader.iter_batches` (hash check, Parquet decode, shuffle, collation) over the
@@ -155,8 +156,22 @@ def dump_path(seqs: list[np.ndarray], shard_size: int, batch: int, pool, out: Pa
     shutil.rmtree(out, ignore_errors=True)
     (out / "shards").mkdir(parents=True)
     t0 = time.perf_counter()
-    dump_shards(row_spec(batch), teacher, iter(seqs), len(seqs), shard_size, out, "0" * 64, pool)
+    dump_shards(row_spec(batch), teacher, shard_chunks(seqs, shard_size), shard_size, out, pool,
+                check=value_check(pool.schema, max(len(x) for x in seqs), shard_size))
     return time.perf_counter() - t0
+
+
+def value_check(schema: pa.Schema, seq_len: int, shard_size: int):
+    """The stage's check of a shard's values before it is stored (pipeline/values.py)."""
+    from kdpipe.pipeline import values
+
+    lim = values.Limits(V, seq_len, 1, "all", TEMPERATURES, None, values.float_limits(schema))
+    return lambda index, n, data: values.check(data, lim, index * shard_size, n)
+
+
+def shard_chunks(seqs: list[np.ndarray], shard_size: int):
+    """(index, sequences) of every shard, as the stage's tokenising thread hands them over."""
+    return ((i, seqs[lo:lo + shard_size]) for i, lo in enumerate(range(0, len(seqs), shard_size)))
 
 
 def manifest_of(out: Path, shard_size: int, dim: int, k: int, seq_len: int):

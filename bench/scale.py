@@ -15,8 +15,8 @@ counts the corpus, the dump, the manifest), on the same corpus and settings, int
 The configurations are interleaved and their order rotated each repeat, so a change of machine
 load hits all alike; the table gives the median wall time. The caches of the first repeat are
 compared: the N-process cache must hold the same shard bytes as the 1-process one. Separately,
-one tokenising pass over the corpus is timed: every rank makes two whole passes whatever the
-world size (the count in set-up, and reading up to its own shards), so that part is not split.
+one tokenising pass over the corpus is timed: rank 0 makes one whole pass (the count in set-up),
+then each rank tokenises only its own shards' texts (pipeline/corpus_index.py).
 Random weights: the speed is that of a trained teacher of the same shape.
 """
 
@@ -160,9 +160,9 @@ def main() -> None:
         f"median of {args.repeats} interleaved repeat(s).", "",
         *rows, "",
         f"Shards of the {args.procs}-process cache byte-identical to the 1-process ones: "
-        f"{'yes' if identical else 'NO'}. One tokenising pass over the corpus: {tok_s:.2f} s; each rank "
-        f"makes two whole passes whatever the world size ({2 * tok_s / base:.1%} of the 1-process wall time), "
-        "so that part is repeated, not split, on every rank.", "",
+        f"{'yes' if identical else 'NO'}. One tokenising pass over the corpus: {tok_s:.2f} s "
+        f"({tok_s / base:.1%} of the 1-process wall time): rank 0 makes it whole (the count), then each rank "
+        "tokenises only its own shards' texts.", "",
     ])
     print(text)
     if args.write_results:

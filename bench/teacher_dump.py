@@ -120,7 +120,7 @@ class Dump:
         vocab = Vocabulary(V, MASK, np.array([PAD, UNK, CLS, SEP, MASK], dtype=np.int64))
         self.setup = Setup(cfg=cfg, out=out, tokenizer=SimpleNamespace(pad_token_id=PAD), model=model,
                            model_config=model.config, corpus=None, vocab=vocab, pool=vocab.random_pool(),
-                           n_sequences=0, n_tokens=0, weights=None, fingerprint={}, hidden_dim=dim)
+                           n_sequences=0, n_tokens=0, weights=None, fingerprint={}, hidden_dim=dim, starts=[])
         self.runner = TeacherRunner(model, k, TEMPERATURES, proj.random_orthogonal(hidden, dim, 0),
                                     torch.device("cpu"))
         self.schema = shard_schema(V, k=k, n_temperatures=len(TEMPERATURES), hidden_dim=dim)
@@ -128,11 +128,11 @@ class Dump:
         (out / "shards").mkdir(parents=True, exist_ok=True)
 
     def __call__(self, seqs: list[np.ndarray], ids: torch.Tensor, att: torch.Tensor, index: int) -> dict:
-        from kdpipe.pipeline.shards import shard_path, to_table, write_shard
+        from kdpipe.pipeline.shards import shard_path, stored_dtypes, to_table, write_shard
         from kdpipe.pipeline.dump import dump_shard
 
         t0 = time.perf_counter()
-        data = dump_shard(self.setup.rows, self.runner, index * len(seqs), seqs)
+        data = dump_shard(self.setup.rows, self.runner, index * len(seqs), seqs, stored=stored_dtypes(self.schema))
         t1 = time.perf_counter()
         table = to_table(data, self.schema)
         t2 = time.perf_counter()

@@ -298,17 +298,24 @@ def _pieces(text: str) -> list[str]:
 
 def iter_token_docs(texts: Iterable[str], tokenizer: Any) -> Iterator[list[int]]:
     """Token ids of each document, without special tokens, tokenized in batches."""
-    batch: list[str] = []
-    for text in texts:
+    for _, ids in indexed_token_docs(enumerate(texts), tokenizer):
+        yield ids
+
+
+def indexed_token_docs(texts: Iterable[tuple[int, str]], tokenizer: Any) -> Iterator[tuple[int, list[int]]]:
+    """(index, token ids) of each (index, document) whose ids are not empty, tokenized in
+    batches of _TOKENIZE_BATCH documents (one fast-tokenizer call each)."""
+    batch: list[tuple[int, str]] = []
+    for i, text in texts:
         if len(text) > _LONG_TEXT:
             if batch:  # keep the corpus order
                 yield from _encode(tokenizer, batch)
                 batch = []
-            ids = [i for piece in _pieces(text) for doc in _encode(tokenizer, [piece]) for i in doc]
+            ids = [t for piece in _pieces(text) for _, doc in _encode(tokenizer, [(i, piece)]) for t in doc]
             if ids:
-                yield ids
+                yield i, ids
             continue
-        batch.append(text)
+        batch.append((i, text))
         if len(batch) == _TOKENIZE_BATCH:
             yield from _encode(tokenizer, batch)
             batch = []
@@ -316,12 +323,52 @@ def iter_token_docs(texts: Iterable[str], tokenizer: Any) -> Iterator[list[int]]
         yield from _encode(tokenizer, batch)
 
 
-def _encode(tokenizer: Any, batch: list[str]) -> Iterator[list[int]]:
-    enc = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
+def _encode(tokenizer: Any, batch: list[tuple[int, str]]) -> Iterator[tuple[int, list[int]]]:
+    enc = tokenizer([text for _, text in batch], add_special_tokens=False, return_attention_mask=False,
                     return_token_type_ids=False, verbose=False)
-    for ids in enc["input_ids"]:
+    for (i, _), ids in zip(batch, enc["input_ids"]):
         if ids:
-            yield ids
+            yield i, ids
+
+
+class Packer:
+    """`pack`'s state between documents: the tokens carried over to the next sequence (fewer than
+    seq_len - 2 of them; none in line mode). Packing restarted at any document with the carry it
+    had there cuts the same sequences (pipeline/corpus_index.py relies on it)."""
+
+    def __init__(self, seq_len: int, cls_id: int, sep_id: int, mode: Packing = "pack",
+                 carry: Iterable[int] = ()) -> None:
+        self.body = seq_len - 2
+        if self.body < 1:
+            raise KdpipeError(f"sequence length {seq_len} leaves no room between [CLS] and [SEP]")
+        self.cls_id, self.sep_id, self.mode = cls_id, sep_id, mode
+        self.buf: list[int] = list(carry)
+
+    @property
+    def carry(self) -> tuple[int, ...]:
+        return tuple(self.buf)
+
+    def feed(self, ids: list[int]) -> Iterator[np.ndarray]:
+        """The sequences completed by one more document (consume them before the next feed)."""
+        body, cls_id, sep_id = self.body, self.cls_id, self.sep_id
+        if self.mode == "line":
+            for i in range(0, len(ids), body):
+                yield np.array([cls_id, *ids[i:i + body], sep_id], dtype=np.int64)
+            return
+        buf = self.buf
+        if buf:
+            buf.append(sep_id)
+        buf.extend(ids)
+        start = 0  # cut by offset: one enormous document stays linear, not quadratic
+        while len(buf) - start >= body:
+            yield np.array([cls_id, *buf[start:start + body], sep_id], dtype=np.int64)
+            start += body
+        del buf[:start]
+
+    def finish(self) -> Iterator[np.ndarray]:
+        """The last, shorter sequence, if tokens are left over."""
+        if self.buf:
+            yield np.array([self.cls_id, *self.buf, self.sep_id], dtype=np.int64)
 
 
 def pack(docs: Iterable[list[int]], seq_len: int, cls_id: int, sep_id: int,
@@ -333,26 +380,10 @@ def pack(docs: Iterable[list[int]], seq_len: int, cls_id: int, sep_id: int,
     ones split), for corpora where a sequence must not span documents; batches are then
     bucketed by length.
     """
-    body = seq_len - 2
-    if body < 1:
-        raise KdpipeError(f"sequence length {seq_len} leaves no room between [CLS] and [SEP]")
-    if mode == "line":
-        for ids in docs:
-            for i in range(0, len(ids), body):
-                yield np.array([cls_id, *ids[i:i + body], sep_id], dtype=np.int64)
-        return
-    buf: list[int] = []
+    packer = Packer(seq_len, cls_id, sep_id, mode)
     for ids in docs:
-        if buf:
-            buf.append(sep_id)
-        buf.extend(ids)
-        start = 0  # cut by offset: one enormous document stays linear, not quadratic
-        while len(buf) - start >= body:
-            yield np.array([cls_id, *buf[start:start + body], sep_id], dtype=np.int64)
-            start += body
-        del buf[:start]
-    if buf:
-        yield np.array([cls_id, *buf, sep_id], dtype=np.int64)
+        yield from packer.feed(ids)
+    yield from packer.finish()
 
 
 def iter_sequences(corpus: Corpus, tokenizer: Any, seq_len: int, mode: Packing) -> Iterator[np.ndarray]:

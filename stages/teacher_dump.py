@@ -12,6 +12,7 @@ to an uninterrupted run (same machine, batch size and device).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -35,7 +36,7 @@ from kdpipe import __version__
 from kdpipe.pipeline import cache as cachedir
 from kdpipe.pipeline import cache_card
 from kdpipe.pipeline import corpus as corpus_mod
-from kdpipe.pipeline import distributed, layer_targets, relation_targets
+from kdpipe.pipeline import corpus_index, distributed, layer_targets, relation_targets
 from kdpipe.pipeline import projection as proj
 from kdpipe.pipeline import storage, values
 from kdpipe.pipeline.compiling import CompileSettings, compile_options
@@ -49,13 +50,15 @@ from kdpipe.pipeline.fsutil import (
     TMP_SUFFIX, atomic_dir, atomic_write_bytes, atomic_write_json, ensure_dir, exclusive_lock,
     remove_stale_tmp, sha256_file,
 )
+from kdpipe.pipeline.corpus_index import ShardStart
 from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows
+from kdpipe.pipeline.loader import Prefetcher
 from kdpipe.pipeline.masking import DRAWS, MaskingSpec, Vocabulary, token_weights
 from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES, MODES, TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.provenance import provenance
 from kdpipe.pipeline.shards import (
-    column_bytes, encode_shard, read_fingerprint, shard_path, to_table,
+    column_bytes, encode_shard, read_fingerprint, shard_path, stored_dtypes, to_table,
 )
 from kdpipe.pipeline.teacher import (
     TeacherRunner, decoder_of, load_model_config, load_teacher, load_tokenizer,
@@ -159,6 +162,7 @@ class Setup:
     weights: np.ndarray | None
     fingerprint: dict[str, Any]
     hidden_dim: int
+    starts: list[ShardStart]  # where each shard's sequences are cut from the corpus
 
     @property
     def rows(self) -> RowSpec:
@@ -174,24 +178,40 @@ def _sequences(s: Setup) -> "itertools.islice[np.ndarray]":
     return itertools.islice(it, s.cfg.max_sequences)
 
 
-def _count(cfg: DumpConfig, corpus: corpus_mod.Corpus, tokenizer: Any, vocab_size: int
-           ) -> tuple[int, int, np.ndarray | None]:
-    """One cheap pass (tokenizer only): sequences and tokens for progress/ETA, token counts for
-    frequency-smoothed masking."""
-    counts = np.zeros(vocab_size, dtype=np.int64) if cfg.mask_smoothing > 0 else None
+@dataclass(frozen=True)
+class Counted:
+    """What the counting pass learns: sequences and tokens (fingerprint, progress), the masking
+    weights from the token counts, where each shard starts (so the shard loop tokenises only the
+    shards it makes). Under torchrun one rank counts and tells the others."""
+
+    sequences: int
+    tokens: int
+    weights: np.ndarray | None
+    starts: list[ShardStart]
+
+
+def _count(cfg: DumpConfig, corpus: corpus_mod.Corpus, tokenizer: Any, vocab: Vocabulary) -> Counted:
+    """One cheap pass over the corpus (tokenizer only)."""
+    counts = np.zeros(vocab.size, dtype=np.int64) if cfg.mask_smoothing > 0 else None
     n = tokens = 0
-    it = itertools.islice(corpus_mod.iter_sequences(corpus, tokenizer, cfg.seq_len, cfg.packing),
+    starts: list[ShardStart] = []
+    it = itertools.islice(corpus_index.indexed_sequences(corpus, tokenizer, cfg.seq_len, cfg.packing),
                           cfg.max_sequences)
-    for seq in tqdm(it, desc="tokenizing", unit=" seq", leave=False, mininterval=1.0,
-                    disable=not distributed.world().is_main):
+    for seq, start in tqdm(corpus_index.shard_starts(it, cfg.shard_size), desc="tokenizing", unit=" seq",
+                           leave=False, mininterval=1.0, disable=not distributed.world().is_main):
         n += 1
         tokens += len(seq)
+        if start is not None:
+            starts.append(start)
         if counts is not None:
-            counts += np.bincount(seq, minlength=vocab_size)
-    return n, tokens, counts
+            counts += np.bincount(seq, minlength=vocab.size)
+    weights = token_weights(counts, cfg.mask_smoothing, vocab.special_ids) if counts is not None else None
+    return Counted(n, tokens, weights, starts)
 
 
-def set_up(cfg: DumpConfig) -> Setup:
+def set_up(cfg: DumpConfig, count: bool = True) -> Setup:
+    """Inputs resolved and checked, the corpus counted (unless `count` is False: then `counted`
+    fills it in, from a rank that counted)."""
     teacher_path = resolve_model_path(cfg.teacher)
     corpus = corpus_mod.resolve_corpus(cfg.data, cfg.text_column, cfg.data_split, cfg.format)  # fails fast
     tokenizer = load_tokenizer(teacher_path)
@@ -212,10 +232,6 @@ def set_up(cfg: DumpConfig) -> Setup:
         if cfg.mode.uses_teacher else 0
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     vocab = Vocabulary(vocab_size, tokenizer.mask_token_id, special)
-    n_seq, n_tok, counts = _count(cfg, corpus, tokenizer, vocab_size)
-    if n_seq == 0:
-        raise KdpipeError(f"corpus {', '.join(cfg.data)} holds no text")
-    weights = token_weights(counts, cfg.mask_smoothing, special) if counts is not None else None
     fingerprint = {
         "schema_version": SCHEMA_VERSION,
         "teacher": {"weights_sha256": weights_sha256(model) if model is not None else None,
@@ -224,7 +240,7 @@ def set_up(cfg: DumpConfig) -> Setup:
                     **_precision_fingerprint(cfg)},
         "tokenizer": {"sha256": tokenizer_sha256(tokenizer), "vocab_size": len(tokenizer)},
         "corpus": {**corpus.fingerprint, "max_sequences": cfg.max_sequences},
-        "sequences": {"seq_len": cfg.seq_len, "packing": cfg.packing, "count": n_seq, "tokens": n_tok},
+        "sequences": {"seq_len": cfg.seq_len, "packing": cfg.packing},  # + count, tokens (counted)
         "masking": {"draws": DRAWS, "mask_prob": cfg.mask_prob, "mask_token_prob": cfg.mask_token_prob,
                     "random_token_prob": cfg.random_token_prob, "smoothing": cfg.mask_smoothing,
                     "seed": cfg.seed, "views": cfg.mask_views},
@@ -237,8 +253,22 @@ def set_up(cfg: DumpConfig) -> Setup:
         "storage": {"shard_size": cfg.shard_size, "zstd_level": cfg.zstd_level},
         **relation_targets.fingerprint(cfg.relation_layer, cfg.relation_parts),
     }
-    return Setup(cfg, Path(cfg.out), tokenizer, model, mcfg, corpus, vocab, vocab.random_pool(), n_seq,
-                 n_tok, weights, fingerprint, hidden_dim)
+    s = Setup(cfg, Path(cfg.out), tokenizer, model, mcfg, corpus, vocab, vocab.random_pool(), 0, 0, None,
+              fingerprint, hidden_dim, [])
+    return counted(s, _count(cfg, corpus, tokenizer, vocab)) if count else s
+
+
+def counted(s: Setup, c: Counted) -> Setup:
+    """The setup with the counting pass's results (the fingerprint records the counts)."""
+    if c.sequences == 0:
+        raise KdpipeError(f"corpus {', '.join(s.cfg.data)} holds no text")
+    fp = {**s.fingerprint, "sequences": {**s.fingerprint["sequences"], "count": c.sequences, "tokens": c.tokens}}
+    return dataclasses.replace(s, n_sequences=c.sequences, n_tokens=c.tokens, weights=c.weights, fingerprint=fp,
+                               starts=c.starts)
+
+
+def _counted(s: Setup) -> Counted:
+    return Counted(s.n_sequences, s.n_tokens, s.weights, s.starts)
 
 
 def _precision_fingerprint(cfg: DumpConfig) -> dict[str, Any]:
@@ -325,46 +355,49 @@ def run(s: Setup, w: distributed.World | None = None) -> Manifest | None:
 
 def _dump_shards(s: Setup, runner: TeacherRunner | None, w: distributed.World, fp_sha: str,
                  schema: pa.Schema) -> dict[Path, str]:
-    """The shards rank w.rank owns that are not finished yet. Every rank reads (tokenises) the
-    whole corpus: sequences are numbered by their place in the stream (bench/scale.py measures
-    this repeated part). Returns the SHA-256 of each shard written."""
-    total = s.n_tokens * s.cfg.mask_views if not w.distributed else None  # a rank's share is unknown
+    """The shards rank w.rank owns that are not finished yet. Only their texts are tokenised
+    (`corpus_index.shard_sequences`: sequences are numbered by their place in the stream, and the
+    counting pass noted where each shard starts), in a thread, ahead of the teacher. Returns the
+    SHA-256 of each shard written."""
+    c = s.cfg
+    total = s.n_tokens * c.mask_views if not w.distributed else None  # a rank's share is unknown
+    n_shards = len(s.starts)
+    tokens = [b.tokens_before for b in s.starts[1:]] + [s.n_tokens]
     # the bar is closed on an error too, so the error message starts a line of its own
     with tqdm(total=total, desc="teacher-dump", unit=" tok", unit_scale=True, mininterval=1.0,
               smoothing=0.1, disable=not w.is_main) as bar:
-        with ShardWriters(s.cfg.writers, schema, fp_sha, s.cfg.zstd_level) as pool:
-            dump_shards(s.rows, runner, _sequences(s), s.n_sequences, s.cfg.shard_size, s.out, fp_sha, pool,
-                        owns=w.owns_shard, progress=bar.update,
-                        check=lambda index, n, data: _check_values(s, index, n, data, schema))
+        todo = []
+        for index in filter(w.owns_shard, range(n_shards)):
+            if _shard_done(s.out / shard_path(index), fp_sha):
+                bar.update((tokens[index] - s.starts[index].tokens_before) * c.mask_views)
+            else:
+                todo.append(index)
+        chunks = Prefetcher(corpus_index.shard_sequences(s.corpus, s.tokenizer, c.seq_len, c.packing, s.starts,
+                                                         c.shard_size, s.n_sequences, todo), depth=2)
+        try:
+            with ShardWriters(c.writers, schema, fp_sha, c.zstd_level) as pool:
+                dump_shards(s.rows, runner, iter(chunks), c.shard_size, s.out, pool, progress=bar.update,
+                            check=lambda index, n, data: _check_values(s, index, n, data, schema))
+        finally:
+            chunks.close()
         return pool.written
 
 
-def dump_shards(rows: RowSpec, runner: Any, seqs: Iterator[np.ndarray], n_sequences: int, shard_size: int,
-                out: Path, fp_sha: str, pool: ShardWriters, owns: Callable[[int], bool] = lambda i: True,
-                progress: Callable[[int], None] = lambda n: None,
+def dump_shards(rows: RowSpec, runner: Any, chunks: Iterator[tuple[int, list[np.ndarray]]], shard_size: int,
+                out: Path, pool: ShardWriters, progress: Callable[[int], None] = lambda n: None,
                 check: Callable[[int, int, Any], None] = lambda index, n, data: None) -> None:
-    """The shard loop: the teacher runs here, the pool masks the next shards ahead of it and
-    encodes the finished ones behind it; shards already finished with these settings are skipped."""
-
-    def todo() -> Iterator[tuple[int, list[np.ndarray]]]:
-        for index in range(-(-n_sequences // shard_size)):
-            chunk = list(itertools.islice(seqs, shard_size))
-            if not owns(index):
-                continue
-            if _shard_done(out / shard_path(index), fp_sha):
-                progress(sum(len(x) for x in chunk) * rows.views)
-                continue
-            yield index, chunk
-
+    """The shard loop over (index, sequences) of the shards to make: the teacher runs here, the
+    pool masks the next shards ahead of it and encodes the finished ones behind it."""
     ahead: deque[tuple[int, list[np.ndarray], Future | None]] = deque()
-    shards = todo()
+    stored = stored_dtypes(pool.schema)  # narrowed once, as the batches' outputs are gathered
     while True:
-        while len(ahead) <= pool.maskers and (nxt := next(shards, None)) is not None:
+        while len(ahead) <= pool.maskers and (nxt := next(chunks, None)) is not None:
             ahead.append((*nxt, pool.mask(rows, nxt[0] * shard_size, nxt[1])))
         if not ahead:
             break
         index, chunk, masked = ahead.popleft()
-        data = dump_shard(rows, runner, index * shard_size, chunk, None if masked is None else masked.result())
+        data = dump_shard(rows, runner, index * shard_size, chunk, None if masked is None else masked.result(),
+                          stored)
         check(index, len(chunk), data)  # refused before it is stored (pipeline/values.py)
         pool.submit(out / shard_path(index), data)
         progress(data.tokens)
@@ -577,7 +610,11 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
     if storage.is_url(cfg.out) and not cfg.dry_run:  # a dry run writes nothing
         distributed.agree(w, lambda: distributed.refuse_url(w, "--out", cfg.out))
         return storage.staged(cfg, main, writes={"out": "cache"})
-    s = distributed.agree(w, lambda: set_up(cfg))
+    # one rank tokenises the whole corpus to count it; under torchrun the others are told
+    s = distributed.agree(w, lambda: set_up(cfg, count=w.is_main))
+    if w.distributed:
+        told = distributed.broadcast(w, _counted(s) if w.is_main else None)
+        s = distributed.agree(w, lambda: s if w.is_main else counted(s, told))
     configure("fp32", cfg.tf32)  # the teacher runner names its own precision
     if cfg.dry_run:
         return {"dry_run": dry_run(s)} if w.is_main else None
