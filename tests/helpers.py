@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
@@ -77,7 +78,6 @@ def plain_rows(table) -> list[dict]:
 
 def tiny_task(path: Path, rows: int = 24, seed: int = 0) -> Path:
     """A two-class JSON-lines task of short random sentences (labels alternate pos/neg)."""
-    import json
     import random
 
     rnd = random.Random(seed)
@@ -86,3 +86,19 @@ def tiny_task(path: Path, rows: int = 24, seed: int = 0) -> Path:
             f.write(json.dumps({"text": " ".join(rnd.choice(["the", "a", "cat", "sat"]) for _ in range(6)),
                                 "label": "pos" if i % 2 else "neg"}) + "\n")
     return path
+
+
+# Settings of the small caches and runs the extra-target tests (layer-wise, relation) share.
+SMALL_DUMP = ("--seq-len", "32", "--shard-size", "4", "--top-k", "8", "--hidden-dim", "8", "--temperatures", "1,2",
+              "--batch-size", "4", "--writers", "1")
+SMALL_TRAIN = ("--batch-size", "4", "--temperature", "2", "--seed", "0", "--max-steps", "6", "--save-every", "3",
+               "--log-every", "1")
+
+
+def small_dump(kdpipe_inproc, teacher: Path, corpus: Path, out: Path, *extra: str):
+    """teacher-dump in process with SMALL_DUMP and `extra`."""
+    return kdpipe_inproc("teacher-dump", "--teacher", teacher, "--data", corpus, "--out", out, *SMALL_DUMP, *extra)
+
+
+def manifest_of(cache: Path) -> dict:
+    return json.loads((cache / "manifest.json").read_text())

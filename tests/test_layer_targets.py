@@ -19,21 +19,17 @@ from safetensors.torch import load_file
 
 from helpers import assert_refused as refused
 from helpers import plain_rows
+from helpers import SMALL_DUMP as DUMP
+from helpers import SMALL_TRAIN as TRAIN
+from helpers import manifest_of as manifest
+from helpers import small_dump as dump
 from helpers import student_train as train
 from kdpipe.pipeline import values
 from kdpipe.pipeline.cache import load_manifest
 from kdpipe.pipeline.cli import cli
 from kdpipe.pipeline.loader import read_shard
 
-DUMP = ("--seq-len", "32", "--shard-size", "4", "--top-k", "8", "--hidden-dim", "8", "--temperatures", "1,2",
-        "--batch-size", "4", "--writers", "1")
 LAYERS = ("--hidden-layers", "2,0")  # given unsorted: stored sorted, 0 (embeddings) and 2 of 4
-TRAIN = ("--batch-size", "4", "--temperature", "2", "--seed", "0", "--max-steps", "6", "--save-every", "3",
-         "--log-every", "1")
-
-
-def dump(kdpipe_inproc, teacher: Path, corpus: Path, out: Path, *extra: str):
-    return kdpipe_inproc("teacher-dump", "--teacher", teacher, "--data", corpus, "--out", out, *DUMP, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +38,6 @@ def layers_cache(tmp_path_factory, kdpipe_inproc, teacher4, small_corpus_file) -
     proc = dump(kdpipe_inproc, teacher4, small_corpus_file, out, *LAYERS)
     assert proc.returncode == 0, proc.stderr
     return out
-
-
-def manifest(cache: Path) -> dict:
-    return json.loads((cache / "manifest.json").read_text())
 
 
 # ------------------------------------------------------------------------------------ dump side

@@ -20,6 +20,10 @@ from transformers import BertConfig, BertForMaskedLM
 
 from helpers import assert_refused as refused
 from helpers import plain_rows, tiny_teacher
+from helpers import SMALL_DUMP as DUMP
+from helpers import SMALL_TRAIN as TRAIN
+from helpers import manifest_of as manifest
+from helpers import small_dump as dump
 from helpers import student_train as train
 from kdpipe.pipeline import values
 from kdpipe.pipeline.cache import load_manifest
@@ -27,15 +31,7 @@ from kdpipe.pipeline.cli import cli
 from kdpipe.pipeline.losses import relation_kl_loss
 from kdpipe.pipeline.relation_targets import LayerParts, encoder_layers
 
-DUMP = ("--seq-len", "32", "--shard-size", "4", "--top-k", "8", "--hidden-dim", "8", "--temperatures", "1,2",
-        "--batch-size", "4", "--writers", "1")
 RELATION = ("--relation-layer", "3")  # of 4: a 2-layer student copies it into its last layer (map 0, 2)
-TRAIN = ("--batch-size", "4", "--temperature", "2", "--seed", "0", "--max-steps", "6", "--save-every", "3",
-         "--log-every", "1")
-
-
-def dump(kdpipe_inproc, teacher: Path, corpus: Path, out: Path, *extra: str):
-    return kdpipe_inproc("teacher-dump", "--teacher", teacher, "--data", corpus, "--out", out, *DUMP, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +40,6 @@ def relation_cache(tmp_path_factory, kdpipe_inproc, teacher4, small_corpus_file)
     proc = dump(kdpipe_inproc, teacher4, small_corpus_file, out, *RELATION)
     assert proc.returncode == 0, proc.stderr
     return out
-
-
-def manifest(cache: Path) -> dict:
-    return json.loads((cache / "manifest.json").read_text())
 
 
 def hooked(model: torch.nn.Module, index: int, ids: torch.Tensor, mask: torch.Tensor | None = None
