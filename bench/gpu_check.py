@@ -7,7 +7,7 @@ dump: for a MiniLM-sized and a BERT-base-sized teacher (random weights, vocab 30
 full-length packed batches, interleaved and best of 2: bare = `model(ids, att).logits` under
 bf16 autocast, synchronised; dump = `stages.teacher_dump.dump_shards` with the CUDA
 `TeacherRunner` (split head, top-k, log Z, projection; pinned non-blocking copies) and the
-default pool of writer processes, every shard encoded, hashed and written. Target: dump / bare
+default pool of writer threads, every shard encoded, hashed and written. Target: dump / bare
 >= 0.9. Also the host path alone (synthetic teacher, bench/host_pipeline.py) on this machine.
 train: teacher-dump (CLI) of a small cache, then student-train on CUDA for a few hundred steps;
 target: data wait < 5% of the wall time (metrics.jsonl's data_wait_pct, after the first window).

@@ -11,6 +11,11 @@ pace is everything around them; this measures that on any machine, with no model
   outputs into the shard's columns in their stored dtypes, the value checks, the Arrow table,
   zstd Parquet encoding, SHA-256, the atomic write), fed by a synthetic teacher that returns
   outputs of the right shapes and dtypes at no cost, with 1..N writer workers.
+- where the dump's time goes: the same shard loop with a pool that encodes nothing (the main
+  thread's own work per shard, m) and the writer's `encode` alone on those shards (w). With one
+  writer the two overlap; N writers on C cores take at least max(m, w / N, (m + w) / C) per shard,
+  so the speed-up of N writers over one is bounded by max(m, w, (m + w) / C) over that: printed
+  next to the measured scaling (on 2 cores with m ~ w it is ~1: 0.8 N is out of reach there).
 - dump floor: zstd at the dump's level over the same shards' raw Arrow buffers, plus SHA-256 of
   what that produced: the work no dump avoids, on one core (and N cores in N processes).
 - loader: `loader.iter_batches` (hash check, Parquet decode, shuffle, collation) over the
@@ -161,6 +166,43 @@ def dump_path(seqs: list[np.ndarray], shard_size: int, batch: int, pool, out: Pa
     return time.perf_counter() - t0
 
 
+class NullWriters:
+    """`ShardWriters`' interface, encoding nothing: the shard loop with it times the main thread's
+    own work per shard; the shards it is handed are kept (the first `keep`) to time the writer."""
+
+    maskers = 0
+
+    def __init__(self, schema: pa.Schema, keep: int) -> None:
+        self.schema, self.keep, self.kept = schema, keep, []
+
+    def mask(self, *args) -> None:
+        return None  # the caller masks, as with one writer
+
+    def submit(self, path: Path, data) -> None:
+        if len(self.kept) < self.keep:
+            self.kept.append(data)
+
+    def drain(self) -> None:
+        pass
+
+
+def writer_alone(shards: list, schema: pa.Schema, level: int) -> float:
+    """Seconds for `writers.encode` of each shard in turn, on this thread: a writer's work."""
+    from kdpipe.pipeline.writers import encode
+
+    t0 = time.perf_counter()
+    for d in shards:
+        encode(d, schema, "0" * 64, level)
+    return time.perf_counter() - t0
+
+
+def bound(m: float, w: float, n: int, cores: int) -> float:
+    """The most N writers can gain over one on `cores` cores, from the main thread's work m and a
+    writer's w per shard (the caller's masking, when processes take it, counted as main work)."""
+    per_shard = lambda k: max(m, w / k, (m + w) / cores)  # noqa: E731
+    return per_shard(1) / per_shard(n)
+
+
 def value_check(schema: pa.Schema, seq_len: int, shard_size: int):
     """The stage's check of a shard's values before it is stored (pipeline/values.py)."""
     from kdpipe.pipeline import values
@@ -239,12 +281,16 @@ def main() -> None:
     load_s = {n: float("inf") for n in counts}
     floor_d = {n: float("inf") for n in counts}
     floor_l = {n: float("inf") for n in counts}
+    main_s = writer_s = float("inf")  # per shard
     pools = {n: writers(n, args.top_k, args.hidden_dim, args.zstd_level) for n in counts}
     with tempfile.TemporaryDirectory(prefix="kdpipe-host-") as tmp:
         out = Path(tmp) / "cache"
         for n in counts:  # warm-up
             dump_path(seqs[: args.shard_size * n], args.shard_size, args.batch_size, pools[n], out, teacher)
         for r in range(args.rounds):
+            null = NullWriters(pools[counts[0]].schema, keep=4)
+            main_s = min(main_s, dump_path(seqs, args.shard_size, args.batch_size, null, out, teacher) / args.shards)
+            writer_s = min(writer_s, writer_alone(null.kept, null.schema, args.zstd_level) / len(null.kept))
             for n in counts:
                 took = dump_path(seqs, args.shard_size, args.batch_size, pools[n], out, teacher)
                 dump_s[n] = min(dump_s[n], took)
@@ -262,7 +308,8 @@ def main() -> None:
         on_disk = sum(p.stat().st_size for p in (out / "shards").glob("*.parquet")) / tokens
         raw = sum(b.size for p in sorted((out / "shards").glob("shard-*.parquet")) for b in raw_buffers(p)) / tokens
     after = machine().split("load average ")[1]
-    text = report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk, started, before, after)
+    text = report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk, started, before, after,
+                  main_s, writer_s, cores)
     for p in pools.values():
         p.close()
     print(text)
@@ -280,7 +327,8 @@ def floor(paths: list[Path], kind: str, level: int, n: int) -> float:
         return max(pool.map(_floor_job, [(kind, p, level, 1) for p in parts]))
 
 
-def report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk, started, before, after) -> str:
+def report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk, started, before, after,
+           main_s, writer_s, cores) -> str:
     cmd = ("python bench/host_pipeline.py " + " ".join(sys.argv[1:])).strip()
     one_d, one_l = tokens / dump_s[counts[0]], tokens / load_s[counts[0]]
     lines = [SECTION, "", f"`{cmd}` — {started}.",
@@ -289,12 +337,16 @@ def report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk,
              f"k = {args.top_k}, 3 T, hidden {args.hidden_dim}, zstd level {args.zstd_level}; "
              f"{raw:.0f} B/token raw Arrow buffers, {on_disk:.0f} B/token on disk. Best of {args.rounds} "
              "interleaved rounds. Synthetic teacher (precomputed outputs, no cost).", "",
-             "| workers | dump host path tok/s | compress+hash floor tok/s | dump/floor | scaling vs 1 | "
+             f"Per shard, alone: the main thread's own work m = {main_s * 1e3:.1f} ms (the shard loop with a pool "
+             f"that encodes nothing), a writer's w = {writer_s * 1e3:.1f} ms (`writers.encode`); "
+             f"{cores} cores, so N writers can at most reach max(m, w, (m+w)/C) / max(m, w/N, (m+w)/C) "
+             "of one writer's speed (the bound column).", "",
+             "| workers | dump host path tok/s | compress+hash floor tok/s | dump/floor | scaling vs 1 | bound | "
              "loader tok/s | decompress+hash floor tok/s | loader/floor | scaling vs 1 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in counts:
         d, fd, lo, fl = tokens / dump_s[n], tokens / floor_d[n], tokens / load_s[n], tokens / floor_l[n]
-        lines.append(f"| {n} | {d:,.0f} | {fd:,.0f} | {d / fd:.2f} | {d / one_d:.2f}× | {lo:,.0f} | {fl:,.0f} | "
+        lines.append(f"| {n} | {d:,.0f} | {fd:,.0f} | {d / fd:.2f} | {d / one_d:.2f}× | {bound(main_s, writer_s, n, cores):.2f}× | {lo:,.0f} | {fl:,.0f} | "
                      f"{lo / fl:.2f} | {lo / one_l:.2f}× |")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """How many worker processes or threads to use: from the cores this process may run on.
 
-No torch here: the shard writers' worker processes import this and nothing heavy.
+No torch here: the dump's masking processes import this and nothing heavy.
 """
 
 from __future__ import annotations

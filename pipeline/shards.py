@@ -185,8 +185,8 @@ def stored_dtypes(schema: pa.Schema) -> dict[str, np.dtype]:
 
 
 def narrowed(data: ShardData, schema: pa.Schema) -> ShardData:
-    """`data` with every vector column in its stored dtype (float16 hidden states, uint16 ids): what
-    a writer process is handed, so it pickles half the bytes and converts nothing."""
+    """`data` with every vector column in its stored dtype (float16 hidden states, uint16 ids), as
+    `to_table` stores it."""
     out = {f.name: getattr(data, f.name) for f in fields(ShardData)}
     for f in schema:
         if (layout := vector_layout(f)) is not None and out.get(f.name) is not None:

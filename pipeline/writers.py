@@ -3,14 +3,18 @@
 Shard writers: Arrow table, zstd Parquet encoding and SHA-256 of shards, off the main thread.
 
 On an accelerator the teacher outruns one core's encoding, so shards are encoded by a pool of
-worker processes (`--writers N`); one writer is a thread, as cheap as it gets. A worker only turns
-`ShardData` into the file's bytes and their hash: the parent writes them (temporary name, fsync,
-rename), so a worker that outlives a killed parent can publish nothing, and a disk error is
-reported where every other write's is. At most N shards are in flight (queued or encoding), and
-one more is being made by the caller, so memory stays flat whatever the corpus size.
+writer threads (`--writers N`). Threads, not processes: Parquet encoding, zstd and SHA-256 release
+the GIL (a writer holds it ~4% of its time, bench/RESULTS.md, issue 17), so N threads use N cores
+with nothing pickled: a process pool copied each ~12 MB shard to its worker and the bytes back,
+on the main thread, and two writer processes ran at half the speed of one thread. A writer only
+turns `ShardData` into the file's bytes and their hash; one I/O thread writes them in order
+(temporary name, fsync, rename), so a killed process publishes nothing partial, and a disk error
+is reported where every other write's is. At most N shards are in flight (queued or encoding),
+and one more is being made by the caller, so memory stays flat whatever the corpus size.
 
-With N > 1 writers, max(1, N // 4) more processes mask the next shards while the teacher runs on
-this one (one masking process keeps up with about four writers); with one writer the caller masks.
+Masking holds the GIL (Python per row), so with N > 1 writers it runs in max(1, N // 4)
+processes, ahead of the teacher (one masking process keeps up with about four writers); with one
+writer the caller masks.
 
 Each shard's bytes are a function of its data alone: the same whatever the number of writers.
 """
@@ -34,7 +38,8 @@ from kdpipe.pipeline.cores import MAX_WORKERS
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.masking import mask_sequences
-from kdpipe.pipeline.shards import ShardData, narrowed, shard_bytes, to_table
+from kdpipe.pipeline.shards import ShardData, shard_bytes, to_table
+
 
 def check_writers(n: int) -> int:
     if not isinstance(n, int) or n < 1 or n > MAX_WORKERS:
@@ -43,8 +48,9 @@ def check_writers(n: int) -> int:
 
 
 def encode(data: ShardData, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> tuple[pa.Buffer, str]:
-    """A shard's file bytes and their SHA-256 (what a worker does). The bytes stay in Arrow's
-    buffer: a writer thread hands it on without a copy, a process pickles it."""
+    """A shard's file bytes and their SHA-256 (what a writer thread does; it narrows the vector
+    columns to their stored dtypes if the caller has not). The bytes stay in Arrow's buffer,
+    handed to the file without a copy."""
     buf = shard_bytes(to_table(data, schema), fingerprint_sha256, zstd_level)
     return buf, hashlib.sha256(buf).hexdigest()
 
@@ -54,8 +60,8 @@ def _ready(_: int) -> int:
 
 
 def _die_with(parent: int) -> None:
-    """Worker initializer: exit once the parent is gone. A killed parent closes no pipe a worker
-    would notice (the workers hold both ends of their queues), so each one watches for itself."""
+    """Masking process initializer: exit once the parent is gone. A killed parent closes no pipe
+    a worker would notice (the workers hold both ends of their queues), so each one watches."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.2)
@@ -65,7 +71,7 @@ def _die_with(parent: int) -> None:
 
 
 class ShardWriters:
-    """Encode shards in `n` workers, write each one atomically in order of submission.
+    """Encode shards in `n` writer threads, write each one atomically in order of submission.
 
     `submit` blocks while n shards are in flight; `close` waits for all and raises the first
     error. `written` maps each path written to its SHA-256 (the manifest needs it)."""
@@ -75,9 +81,7 @@ class ShardWriters:
         self.args = (schema, fingerprint_sha256, zstd_level)
         self.schema = schema
         self.written: dict[Path, str] = {}
-        self._pool: Executor = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-writer") if n == 1 else \
-            ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=_die_with, initargs=(os.getpid(),))
+        self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="kdpipe-writer")
         self.maskers = 0 if n == 1 else max(1, n // 4)
         self._maskers: Executor | None = None if n == 1 else ProcessPoolExecutor(
             self.maskers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with,
@@ -86,7 +90,6 @@ class ShardWriters:
         self._encoding: deque[tuple[Path, Future]] = deque()
         self._writing: Future | None = None
         if self._maskers is not None:  # start every process now (a fresh interpreter each)
-            list(self._pool.map(_ready, range(n)))
             list(self._maskers.map(_ready, range(self.maskers)))
 
     def mask(self, spec: Any, first_seq: int, seqs: list[np.ndarray]) -> Future | None:
@@ -100,7 +103,7 @@ class ShardWriters:
     def submit(self, path: Path, data: ShardData) -> None:
         while len(self._encoding) >= self.n:
             self._write_oldest()
-        self._encoding.append((path, self._pool.submit(encode, narrowed(data, self.args[0]), *self.args)))
+        self._encoding.append((path, self._pool.submit(encode, data, *self.args)))
 
     def _write_oldest(self) -> None:
         path, fut = self._encoding.popleft()

@@ -685,8 +685,8 @@ def main(cfg: DumpConfig) -> dict[str, Any] | None:
 @click.option("--shard-size", type=int, help="Sequences per shard (the unit of resumption). [1024]")
 @click.option("--batch-size", type=int, help="Sequences per teacher batch. [32]")
 @click.option("--zstd-level", type=int, help="zstd level of the shards. [3]")
-@click.option("--writers", type=int, help="Processes encoding and compressing shards (the bytes "
-              "are the same whatever the number). [cores - 1, at least 1]")
+@click.option("--writers", type=int, help="Threads encoding, compressing and hashing shards (the "
+              "bytes are the same whatever the number). [cores - 1, at least 1]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
 @click.option("--dry-run", is_flag=True, default=None, help="Estimate size and time; write nothing.")
 def command(config_file: Path | None, **flags: Any) -> None:

@@ -171,8 +171,9 @@ def alive(pid: int) -> bool:
 def test_kill_9_mid_dump_then_rerun_is_byte_identical(tmp_path: Path, reference_cache: Path, kdpipe_popen,
                                                       kdpipe_cli, teacher_dir, corpus_file, dump_args,
                                                       writers: str) -> None:
-    """Also with a pool of writer processes: the workers die with the parent and publish nothing,
-    and the rerun (with another number of writers) ends with the same bytes."""
+    """Also with several writers (threads, and a masking process): the masking process dies with
+    the parent, nothing is published half written, and the rerun (with another number of writers)
+    ends with the same bytes."""
     out = tmp_path / "cache"
     proc = kdpipe_popen("teacher-dump", "--teacher", teacher_dir, "--data", corpus_file, "--out", out,
                         *dump_args, "--writers", writers)
@@ -188,10 +189,10 @@ def test_kill_9_mid_dump_then_rerun_is_byte_identical(tmp_path: Path, reference_
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     if writers != "1":
-        assert len(workers) >= int(writers), workers
+        assert workers, "no masking process"
         deadline = time.monotonic() + 30
         while any(alive(p) for p in workers):
-            assert time.monotonic() < deadline, "writer processes outlived the killed dump"
+            assert time.monotonic() < deadline, "masking processes outlived the killed dump"
             time.sleep(0.05)
     assert not (out / "manifest.json").exists(), "killed mid-dump: no manifest yet"
     n_total = len(manifest(reference_cache)["shards"])
@@ -470,7 +471,7 @@ def test_disk_full_mid_dump_leaves_the_cache_intact(copy_cache, kdpipe_cli, one_
     """A real writer hitting a file-size limit (RLIMIT_FSIZE: write() fails with EFBIG, as it
     fails with ENOSPC on a full disk) while resuming: a one-line error naming the file, the
     finished shards untouched, no temporary left; the cache then resumes normally. The same
-    with a pool of writer processes."""
+    with several writer threads."""
     cache = copy_cache()
     for p in sorted((cache / "shards").glob("shard-*.parquet"))[-5:]:
         p.unlink()
