@@ -18,15 +18,14 @@ number of ranks without skipping or repeating a row. Each rank reads the windows
 decodes and trains on its own rows only.
 Only the current window is in memory (each shard's file read once by `cache.shard_source`, its
 hash checked before use, then parsed a row group at a time), so memory is flat in the cache size.
-A background thread decodes and pads the next batches while the model trains on this one; with
-`workers` > 1, the next window is decoded and batches collated in a pool of threads as well.
+A background thread (`prefetch.Prefetcher`, in student-train) decodes and pads the next batches
+while the model trains on this one; with `workers` > 1, the next window is decoded and batches
+collated in a pool of threads as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +43,7 @@ from kdpipe.pipeline.errors import CorruptShardError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.modes.base import float_tensor
 from kdpipe.pipeline.offsets import ranges
+from kdpipe.pipeline.prefetch import Prefetcher  # noqa: F401  (its old home: imports from here keep working)
 from kdpipe.pipeline.shards import LayoutError, ShardData, iter_row_groups
 from kdpipe.schemas.checkpoint import Position
 from kdpipe.schemas.manifest import Manifest, ShardEntry
@@ -425,50 +425,3 @@ def _lengths(cache_dir: Path, entry: ShardEntry) -> np.ndarray:
     """(rows,) lengths of a listed shard (hash-checked), from its `length` column only."""
     path = open_shard(cache_dir, entry)
     return pq.read_table(path, columns=["length"]).column("length").to_numpy().astype(np.int64)
-
-
-class Prefetcher:
-    """Runs a batch iterator in a background thread, `depth` batches ahead.
-
-    Iterating yields the batches in order; an exception in the thread is raised here.
-    """
-
-    _END = object()
-
-    def __init__(self, batches: Iterator[Batch], depth: int = 4) -> None:
-        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(batches,), name="kdpipe-prefetch",
-                                        daemon=True)
-        self._thread.start()
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _work(self, batches: Iterator[Batch]) -> None:
-        try:
-            for b in batches:
-                if not self._put(b):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # handed to the consumer, which raises it
-            self._put(e)
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            item = self._q.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)

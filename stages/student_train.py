@@ -59,12 +59,13 @@ from kdpipe.pipeline.fsutil import (
     exclusive_lock,
     read_json, remove_stale_tmp, safe_join, sha256_bytes,
 )
-from kdpipe.pipeline.loader import Batch, LoaderSpec, Prefetcher, batches_per_epoch, iter_batches
+from kdpipe.pipeline.loader import Batch, LoaderSpec, batches_per_epoch, iter_batches
 from kdpipe.pipeline.losses import (
     DEFAULT_ALPHA_LAYER_COS, DEFAULT_ALPHA_RELATION, REFERENCE_ALPHA_CE, REFERENCE_ALPHA_COS, REFERENCE_ALPHA_MLM, REFERENCE_TEMPERATURE,
     LossSpec,
 )
 from kdpipe.pipeline.modes import get_mode
+from kdpipe.pipeline.prefetch import Prefetcher
 from kdpipe.pipeline.projection import load_layer_projections, load_projection
 from kdpipe.pipeline.provenance import code_revision, package_versions
 from kdpipe.pipeline.schedule import lr_at, warmup_steps

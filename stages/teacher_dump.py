@@ -52,10 +52,10 @@ from kdpipe.pipeline.fsutil import (
 )
 from kdpipe.pipeline.corpus_index import ShardStart
 from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows
-from kdpipe.pipeline.loader import Prefetcher
 from kdpipe.pipeline.masking import DRAWS, MaskingSpec, Vocabulary, token_weights
 from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES, MODES, TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.padding import pad
+from kdpipe.pipeline.prefetch import Prefetcher
 from kdpipe.pipeline.provenance import provenance
 from kdpipe.pipeline.shards import (
     column_bytes, encode_shard, read_fingerprint, shard_path, stored_dtypes, to_table,
