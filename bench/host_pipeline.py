@@ -12,10 +12,12 @@ pace is everything around them; this measures that on any machine, with no model
   zstd Parquet encoding, SHA-256, the atomic write), fed by a synthetic teacher that returns
   outputs of the right shapes and dtypes at no cost, with 1..N writer workers.
 - where the dump's time goes: the same shard loop with a pool that encodes nothing (the main
-  thread's own work per shard, m) and the writer's `encode` alone on those shards (w). With one
-  writer the two overlap; N writers on C cores take at least max(m, w / N, (m + w) / C) per shard,
-  so the speed-up of N writers over one is bounded by max(m, w, (m + w) / C) over that: printed
-  next to the measured scaling (on 2 cores with m ~ w it is ~1: 0.8 N is out of reach there).
+  thread's own work per shard, m) and the writer's `encode` alone on those shards (w), as one
+  writer splits the work and as several do (they also gather and check). With one writer the two
+  threads overlap; N writers on C cores take at least max(m, w / N, (m + w) / C) per shard, so the
+  speed-up of N writers over one is bounded by one writer's max(m, w, (m + w) / C) over that:
+  printed next to the measured scaling (on 2 cores, with m ~ w for one writer, the bound is ~1:
+  0.8 N is out of reach there).
 - dump floor: zstd at the dump's level over the same shards' raw Arrow buffers, plus SHA-256 of
   what that produced: the work no dump avoids, on one core (and N cores in N processes).
 - loader: `loader.iter_batches` (hash check, Parquet decode, shuffle, collation) over the
@@ -168,12 +170,14 @@ def dump_path(seqs: list[np.ndarray], shard_size: int, batch: int, pool, out: Pa
 
 class NullWriters:
     """`ShardWriters`' interface, encoding nothing: the shard loop with it times the main thread's
-    own work per shard; the shards it is handed are kept (the first `keep`) to time the writer."""
+    own work per shard; the shards it is handed are kept (the first `keep`) to time the writer.
+    gathers: as several writers do (the writer gathers and checks; the caller masks here, which
+    masking processes do with several writers, so the main thread's figure is an upper bound)."""
 
     maskers = 0
 
-    def __init__(self, schema: pa.Schema, keep: int) -> None:
-        self.schema, self.keep, self.kept = schema, keep, []
+    def __init__(self, schema: pa.Schema, keep: int, gathers: bool) -> None:
+        self.schema, self.keep, self.gathers, self.kept = schema, keep, gathers, []
 
     def mask(self, *args) -> None:
         return None  # the caller masks, as with one writer
@@ -187,7 +191,8 @@ class NullWriters:
 
 
 def writer_alone(shards: list, schema: pa.Schema, level: int) -> float:
-    """Seconds for `writers.encode` of each shard in turn, on this thread: a writer's work."""
+    """Seconds for `writers.encode` of each shard (or of the function making it) in turn, on this
+    thread: a writer's work."""
     from kdpipe.pipeline.writers import encode
 
     t0 = time.perf_counter()
@@ -196,11 +201,11 @@ def writer_alone(shards: list, schema: pa.Schema, level: int) -> float:
     return time.perf_counter() - t0
 
 
-def bound(m: float, w: float, n: int, cores: int) -> float:
-    """The most N writers can gain over one on `cores` cores, from the main thread's work m and a
-    writer's w per shard (the caller's masking, when processes take it, counted as main work)."""
-    per_shard = lambda k: max(m, w / k, (m + w) / cores)  # noqa: E731
-    return per_shard(1) / per_shard(n)
+def bound(one: tuple[float, float], many: tuple[float, float], n: int, cores: int) -> float:
+    """The most n writers can gain over one on `cores` cores, from the main thread's work m and a
+    writer's w per shard, (m, w) with one writer and with several (who gather and check)."""
+    per_shard = lambda m, w, k: max(m, w / k, (m + w) / cores)  # noqa: E731
+    return per_shard(*one, 1) / per_shard(*(one if n == 1 else many), n)
 
 
 def value_check(schema: pa.Schema, seq_len: int, shard_size: int):
@@ -281,16 +286,19 @@ def main() -> None:
     load_s = {n: float("inf") for n in counts}
     floor_d = {n: float("inf") for n in counts}
     floor_l = {n: float("inf") for n in counts}
-    main_s = writer_s = float("inf")  # per shard
+    main_s = {g: float("inf") for g in (False, True)}  # per shard, the caller gathering or the writers
+    writer_s = {g: float("inf") for g in (False, True)}
     pools = {n: writers(n, args.top_k, args.hidden_dim, args.zstd_level) for n in counts}
     with tempfile.TemporaryDirectory(prefix="kdpipe-host-") as tmp:
         out = Path(tmp) / "cache"
         for n in counts:  # warm-up
             dump_path(seqs[: args.shard_size * n], args.shard_size, args.batch_size, pools[n], out, teacher)
         for r in range(args.rounds):
-            null = NullWriters(pools[counts[0]].schema, keep=4)
-            main_s = min(main_s, dump_path(seqs, args.shard_size, args.batch_size, null, out, teacher) / args.shards)
-            writer_s = min(writer_s, writer_alone(null.kept, null.schema, args.zstd_level) / len(null.kept))
+            for g in (False, True):
+                null = NullWriters(pools[counts[0]].schema, keep=4, gathers=g)
+                took = dump_path(seqs, args.shard_size, args.batch_size, null, out, teacher)
+                main_s[g] = min(main_s[g], took / args.shards)
+                writer_s[g] = min(writer_s[g], writer_alone(null.kept, null.schema, args.zstd_level) / len(null.kept))
             for n in counts:
                 took = dump_path(seqs, args.shard_size, args.batch_size, pools[n], out, teacher)
                 dump_s[n] = min(dump_s[n], took)
@@ -337,16 +345,19 @@ def report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk,
              f"k = {args.top_k}, 3 T, hidden {args.hidden_dim}, zstd level {args.zstd_level}; "
              f"{raw:.0f} B/token raw Arrow buffers, {on_disk:.0f} B/token on disk. Best of {args.rounds} "
              "interleaved rounds. Synthetic teacher (precomputed outputs, no cost).", "",
-             f"Per shard, alone: the main thread's own work m = {main_s * 1e3:.1f} ms (the shard loop with a pool "
-             f"that encodes nothing), a writer's w = {writer_s * 1e3:.1f} ms (`writers.encode`); "
-             f"{cores} cores, so N writers can at most reach max(m, w, (m+w)/C) / max(m, w/N, (m+w)/C) "
-             "of one writer's speed (the bound column).", "",
+             f"Per shard, alone: the main thread's own work m = {main_s[False] * 1e3:.1f} ms with one writer, "
+             f"{main_s[True] * 1e3:.1f} ms with several (the shard loop with a pool that encodes nothing; "
+             f"masking included), a writer's w = {writer_s[False] * 1e3:.1f} ms and {writer_s[True] * 1e3:.1f} ms "
+             f"(`writers.encode`; with several writers gathering and value checks too). On {cores} cores N "
+             "writers take at least max(m, w/N, (m+w)/C) per shard: the bound column is one writer's time over "
+             "that, the most N writers can gain here.", "",
              "| workers | dump host path tok/s | compress+hash floor tok/s | dump/floor | scaling vs 1 | bound | "
              "loader tok/s | decompress+hash floor tok/s | loader/floor | scaling vs 1 |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in counts:
         d, fd, lo, fl = tokens / dump_s[n], tokens / floor_d[n], tokens / load_s[n], tokens / floor_l[n]
-        lines.append(f"| {n} | {d:,.0f} | {fd:,.0f} | {d / fd:.2f} | {d / one_d:.2f}× | {bound(main_s, writer_s, n, cores):.2f}× | {lo:,.0f} | {fl:,.0f} | "
+        most = bound((main_s[False], writer_s[False]), (main_s[True], writer_s[True]), n, cores)
+        lines.append(f"| {n} | {d:,.0f} | {fd:,.0f} | {d / fd:.2f} | {d / one_d:.2f}× | {most:.2f}× | {lo:,.0f} | {fl:,.0f} | "
                      f"{lo / fl:.2f} | {lo / one_l:.2f}× |")
     return "\n".join(lines)
 

@@ -54,24 +54,31 @@ def length_batches(rows: list, batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray],
-               rows: list[MaskedSequence] | None = None, stored: dict[str, np.dtype] | None = None
-               ) -> ShardData:
-    """Mask (unless `rows` are the shard's masked rows already, from `mask_sequences` with these
-    settings), run the teacher (unless the mode is none), gather one shard's rows in row order.
+@dataclass
+class TeacherPass:
+    """One shard's masked rows and the teacher's outputs, batch after batch, before they are
+    gathered into columns (`shard_data`): what the teacher's thread makes; the gathering can then
+    run elsewhere (a writer thread, with several writers)."""
 
-    stored: the vector columns' stored dtypes (`shards.stored_dtypes`): each teacher column is
-    then narrowed as it is gathered, in one pass, where all its values fit the stored dtype; a
-    column holding a value that does not (a logit over float16's 65504, a NaN) stays as the
-    teacher made it, so the value checks quote that value. Without it, columns keep the teacher's
-    dtypes (the writer narrows them). The values are the same either way."""
+    first_seq: int
+    seqs: int  # sequences in the shard
+    rows: list[MaskedSequence]  # (R,) in row order
+    outs: list[TeacherOutputs]  # one per batch; empty when the mode runs no teacher
+    order: np.ndarray  # (R,) the rows of the batches, batch after batch
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r.input_ids) for r in self.rows)
+
+
+def run_teacher(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray],
+                rows: list[MaskedSequence] | None = None) -> TeacherPass:
+    """Mask (unless `rows` are the shard's masked rows already, from `mask_sequences` with these
+    settings) and run the teacher (unless the mode is none) over one shard's sequences."""
     if rows is None:
         rows = mask_sequences(seqs, first_seq, spec.views, spec.masking, spec.vocab, spec.pool, spec.weights)
-    meta = [(first_seq + j, v) for j in range(len(seqs)) for v in range(spec.views)]
     masked = spec.target_positions == "masked"
-    length = np.array([len(r.input_ids) for r in rows], dtype=np.int64)  # (R,)
-    mcount = np.array([len(r.positions) for r in rows], dtype=np.int64)  # (R,)
-    n_target = mcount if masked else length
+    meta = [(first_seq + j, v) for j in range(len(seqs)) for v in range(spec.views)]
     outs: list[TeacherOutputs] = []
     order: list[int] = []  # the rows of the batches, batch after batch
     for batch in length_batches(rows, spec.batch_size) if runner is not None else []:
@@ -85,14 +92,38 @@ def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs
             (*meta[i], len(rows[i].input_ids), rows[i].positions if masked else None) for i in batch])
         outs.append(runner.run(ids, att, target_mask, uniforms))
         order.extend(batch)
-    targets = gather_outputs(outs, np.array(order, dtype=np.int64), length, n_target, stored or {}) if outs else {}
+    return TeacherPass(first_seq, len(seqs), rows, outs, np.array(order, dtype=np.int64))
+
+
+def shard_data(spec: RowSpec, done: TeacherPass, stored: dict[str, np.dtype] | None = None) -> ShardData:
+    """One shard's rows in row order, the teacher's outputs gathered into their columns.
+
+    stored: the vector columns' stored dtypes (`shards.stored_dtypes`): each teacher column is
+    then narrowed as it is gathered, in one pass, where all its values fit the stored dtype; a
+    column holding a value that does not (a logit over float16's 65504, a NaN) stays as the
+    teacher made it, so the value checks quote that value. Without it, columns keep the teacher's
+    dtypes (the writer narrows them). The values are the same either way."""
+    rows = done.rows
+    length = np.array([len(r.input_ids) for r in rows], dtype=np.int64)  # (R,)
+    mcount = np.array([len(r.positions) for r in rows], dtype=np.int64)  # (R,)
+    n_target = mcount if spec.target_positions == "masked" else length
+    targets = gather_outputs(done.outs, done.order, length, n_target, stored or {}) if done.outs else {}
     cat = lambda xs: np.concatenate(xs)  # noqa: E731
+    seq_id = np.repeat(np.arange(done.first_seq, done.first_seq + done.seqs), spec.views)  # (R,)
+    view = np.tile(np.arange(spec.views), done.seqs)  # (R,)
     return ShardData(
-        seq_id=np.array([m[0] for m in meta]), view=np.array([m[1] for m in meta]), length=length,
+        seq_id=seq_id, view=view, length=length,
         input_ids=cat([r.input_ids for r in rows]), mlm_count=mcount,
         mlm_positions=cat([r.positions for r in rows]), mlm_labels=cat([r.labels for r in rows]),
         target_count=n_target.copy() if spec.mode.uses_teacher else None, **targets,
     )
+
+
+def dump_shard(spec: RowSpec, runner: TeacherRunner | None, first_seq: int, seqs: list[np.ndarray],
+               rows: list[MaskedSequence] | None = None, stored: dict[str, np.dtype] | None = None
+               ) -> ShardData:
+    """Mask, run the teacher, gather one shard's rows in row order (`run_teacher`, then `shard_data`)."""
+    return shard_data(spec, run_teacher(spec, runner, first_seq, seqs, rows), stored)
 
 
 _PER_TOKEN_OUT = tuple(n for n in PER_TOKEN if n != "input_ids")  # TeacherOutputs fields, an entry per token

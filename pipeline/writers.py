@@ -6,15 +6,19 @@ On an accelerator the teacher outruns one core's encoding, so shards are encoded
 writer threads (`--writers N`). Threads, not processes: Parquet encoding, zstd and SHA-256 release
 the GIL (a writer holds it ~4% of its time, bench/RESULTS.md, issue 17), so N threads use N cores
 with nothing pickled: a process pool copied each ~12 MB shard to its worker and the bytes back,
-on the main thread, and two writer processes ran at half the speed of one thread. A writer only
-turns `ShardData` into the file's bytes and their hash; one I/O thread writes them in order
-(temporary name, fsync, rename), so a killed process publishes nothing partial, and a disk error
-is reported where every other write's is. At most N shards are in flight (queued or encoding),
-and one more is being made by the caller, so memory stays flat whatever the corpus size.
+on the main thread, and two writer processes ran at half the speed of one thread. A writer
+writes no file: it turns a shard's data into the file's bytes and their hash; one I/O thread
+writes them in order (temporary name, fsync, rename), so a killed process publishes nothing
+partial, and a disk error is reported where every other write's is. At most N shards are in
+flight (queued or encoding), and one more is being made by the caller, so memory stays flat
+whatever the corpus size.
 
-Masking holds the GIL (Python per row), so with N > 1 writers it runs in max(1, N // 4)
-processes, ahead of the teacher (one masking process keeps up with about four writers); with one
-writer the caller masks.
+With N > 1 writers the teacher's thread hands on more: each writer also gathers the teacher's
+outputs into the shard's columns and checks their values (`dump.shard_data`), and masking, which
+holds the GIL (Python per row), runs in max(1, N // 4) processes ahead of the teacher (one masking
+process keeps up with about four writers). That thread then does little more than run the
+teacher, so it caps the speed-up of more writers late. With one writer the caller masks, gathers
+and checks: on 2 cores that splits the work about evenly between the two threads.
 
 Each shard's bytes are a function of its data alone: the same whatever the number of writers.
 """
@@ -27,6 +31,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,10 +52,14 @@ def check_writers(n: int) -> int:
     return n
 
 
-def encode(data: ShardData, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> tuple[pa.Buffer, str]:
+def encode(data: ShardData | Callable[[], ShardData], schema: pa.Schema, fingerprint_sha256: str,
+           zstd_level: int) -> tuple[pa.Buffer, str]:
     """A shard's file bytes and their SHA-256 (what a writer thread does; it narrows the vector
-    columns to their stored dtypes if the caller has not). The bytes stay in Arrow's buffer,
-    handed to the file without a copy."""
+    columns to their stored dtypes if the caller has not). `data` may be the function that makes
+    the shard's data (see `ShardWriters.gathers`); an error it raises is the shard's. The bytes
+    stay in Arrow's buffer, handed to the file without a copy."""
+    if callable(data):
+        data = data()
     buf = shard_bytes(to_table(data, schema), fingerprint_sha256, zstd_level)
     return buf, hashlib.sha256(buf).hexdigest()
 
@@ -74,7 +83,12 @@ class ShardWriters:
     """Encode shards in `n` writer threads, write each one atomically in order of submission.
 
     `submit` blocks while n shards are in flight; `close` waits for all and raises the first
-    error. `written` maps each path written to its SHA-256 (the manifest needs it)."""
+    error. `written` maps each path written to its SHA-256 (the manifest needs it).
+
+    gathers: with several writers the caller hands `submit` a function making each shard's data
+    (gathering the teacher's outputs, the value checks), run by the writer, so the teacher's
+    thread does only what must be done there; with one writer the caller makes the data itself
+    (the caller and the writer then have about equal work, each on its core)."""
 
     def __init__(self, n: int, schema: pa.Schema, fingerprint_sha256: str, zstd_level: int) -> None:
         self.n = check_writers(n)
@@ -83,6 +97,7 @@ class ShardWriters:
         self.written: dict[Path, str] = {}
         self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="kdpipe-writer")
         self.maskers = 0 if n == 1 else max(1, n // 4)
+        self.gathers = n > 1
         self._maskers: Executor | None = None if n == 1 else ProcessPoolExecutor(
             self.maskers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with,
             initargs=(os.getpid(),))
@@ -100,7 +115,7 @@ class ShardWriters:
         return self._maskers.submit(mask_sequences, seqs, first_seq, spec.views, spec.masking, spec.vocab,
                                     spec.pool, spec.weights)
 
-    def submit(self, path: Path, data: ShardData) -> None:
+    def submit(self, path: Path, data: ShardData | Callable[[], ShardData]) -> None:
         while len(self._encoding) >= self.n:
             self._write_oldest()
         self._encoding.append((path, self._pool.submit(encode, data, *self.args)))

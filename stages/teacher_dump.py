@@ -13,6 +13,7 @@ to an uninterrupted run (same machine, batch size and device).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -51,7 +52,7 @@ from kdpipe.pipeline.fsutil import (
     remove_stale_tmp, sha256_file,
 )
 from kdpipe.pipeline.corpus_index import ShardStart
-from kdpipe.pipeline.dump import RowSpec, dump_shard, length_batches, mask_rows
+from kdpipe.pipeline.dump import RowSpec, TeacherPass, dump_shard, length_batches, mask_rows, run_teacher, shard_data
 from kdpipe.pipeline.masking import DRAWS, MaskingSpec, Vocabulary, token_weights
 from kdpipe.pipeline.modes import DEFAULT_MODE, MODE_NAMES, MODES, TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.padding import pad
@@ -387,7 +388,8 @@ def dump_shards(rows: RowSpec, runner: Any, chunks: Iterator[tuple[int, list[np.
                 out: Path, pool: ShardWriters, progress: Callable[[int], None] = lambda n: None,
                 check: Callable[[int, int, Any], None] = lambda index, n, data: None) -> None:
     """The shard loop over (index, sequences) of the shards to make: the teacher runs here, the
-    pool masks the next shards ahead of it and encodes the finished ones behind it."""
+    pool masks the next shards ahead of it and encodes the finished ones behind it (with several
+    writers, the writers also gather each shard's columns and check its values)."""
     ahead: deque[tuple[int, list[np.ndarray], Future | None]] = deque()
     stored = stored_dtypes(pool.schema)  # narrowed once, as the batches' outputs are gathered
     while True:
@@ -396,12 +398,20 @@ def dump_shards(rows: RowSpec, runner: Any, chunks: Iterator[tuple[int, list[np.
         if not ahead:
             break
         index, chunk, masked = ahead.popleft()
-        data = dump_shard(rows, runner, index * shard_size, chunk, None if masked is None else masked.result(),
-                          stored)
-        check(index, len(chunk), data)  # refused before it is stored (pipeline/values.py)
-        pool.submit(out / shard_path(index), data)
-        progress(data.tokens)
+        done = run_teacher(rows, runner, index * shard_size, chunk, None if masked is None else masked.result())
+        make = functools.partial(_finished, rows, done, stored, check, index)
+        pool.submit(out / shard_path(index), make if pool.gathers else make())
+        progress(done.tokens)
     pool.drain()
+
+
+def _finished(rows: RowSpec, done: TeacherPass, stored: dict[str, np.dtype],
+              check: Callable[[int, int, Any], None], index: int) -> Any:
+    """A shard's data from the teacher's outputs, refused before it is stored (pipeline/values.py)
+    if its values are out of range."""
+    data = shard_data(rows, done, stored)
+    check(index, done.seqs, data)
+    return data
 
 
 def _check_values(s: Setup, index: int, n_seqs: int, data: Any, schema: pa.Schema) -> None:

@@ -78,8 +78,11 @@ def test_deep_verify_checks_log_z_against_the_top_k(copy_cache, kdpipe_inproc, o
     assert f"CORRUPT {m['shards'][3]['path']}: row 0 " in deep.stderr and "log_z at T=1.5" in deep.stderr
 
 
+@pytest.mark.parametrize("writers", ["1", "2"])
 def test_a_teacher_whose_logits_overflow_float16_is_refused_before_any_shard(
-        tmp_path, teacher_dir, small_corpus_file, kdpipe_inproc, one_line_error, dump_args):
+        tmp_path, teacher_dir, small_corpus_file, kdpipe_inproc, one_line_error, dump_args, writers):
+    """With several writers the check runs in a writer thread (it gathers the shard): the same
+    one-line refusal, nothing stored."""
     from transformers import BertForMaskedLM
 
     teacher = tmp_path / "teacher"
@@ -92,7 +95,7 @@ def test_a_teacher_whose_logits_overflow_float16_is_refused_before_any_shard(
             (teacher / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "cache"
     one_line_error(kdpipe_inproc("teacher-dump", "--teacher", teacher, "--data", small_corpus_file, "--out", out,
-                                 *dump_args),
+                                 *dump_args, "--writers", writers),
                    "shard 0", "not written", "sequence 0", "topk_logits holds 100000", "65504", "fix the teacher")
     assert not list((out / "shards").glob("*.parquet")) and not (out / "manifest.json").exists()
 
