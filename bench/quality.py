@@ -6,6 +6,8 @@ keep what DistilBERT's kept, and does the cache lose anything against online dis
     python bench/quality.py --workdir /tmp/kdq --preset full      # the issue's full scale, hours
     python bench/quality.py --workdir /tmp/kdq --write-results    # also write bench/RESULTS.md
     python bench/quality.py --workdir /tmp/kdq --students cached,layer-cos   # only these students
+    python bench/quality.py --workdir /tmp/kdq --preset whole-text --extra-text builtin:state-of-the-union
+                                                                  # 5x the distillation text
 
 Everything is real and built in: teacher = all-MiniLM-L6-v2 given a masked-LM head by
 `teacher-adapt`; corpus = the whole built-in Wikipedia text (every 20th paragraph held out);
@@ -29,6 +31,10 @@ positions that carry no MLM label, which is what makes this fit on 2 CPU cores):
 - epochs-3, views-3: what the cache is for (issue 16): 3x cached's updates at no teacher cost, at
             equal student compute: three epochs over the same masks, or one epoch over a cache of
             three mask draws per sequence (view 0 is topk's masks; the dump runs the teacher 3x).
+
+More text (issue 16): `--extra-text` adds corpora (builtin names or files) to what the students are
+distilled on; the teacher's adaptation and the held-out text stay the Wikipedia text's, so a run
+with `--teacher` of an earlier one changes the distillation text alone.
 
 Precision: teacher-adapt, student-train and eval autocast as `kdpipe demo` does (--precision auto:
 bf16 where it runs in hardware); the dumps and the online baseline's teacher stay fp32.
@@ -157,8 +163,9 @@ MODES = {  # cache name -> DumpConfig overrides; same seed, so the same masks in
 
 class Bench:
     def __init__(self, workdir: Path, preset: Preset, device: str, students: tuple[str, ...] = tuple(STUDENTS),
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", extra_text: tuple[str, ...] = ()) -> None:
         self.w, self.p, self.device, self.names, self.precision = workdir, preset, device, students, precision
+        self.extra_text = extra_text  # more distillation text (builtin names or files), dumps only
         self.summary_path = workdir / "summary.json"
         self.summary: dict[str, Any] = json.loads(self.summary_path.read_text()) \
             if self.summary_path.exists() else {"seconds": {}}
@@ -201,11 +208,12 @@ class Bench:
 
     def caches(self, teacher: str, train: Path) -> dict[str, Path]:
         caches = {}
+        text = [str(train), *(builtin.resolve(t, "data") if t.startswith("builtin:") else t for t in self.extra_text)]
         wanted = {STUDENTS[n]["cache"] for n in self.names}
         for mode, extra in ((m, e) for m, e in MODES.items() if m in wanted):
             out = self.w / f"cache-{mode}"
             res = self.timed(f"teacher-dump {mode}", lambda: teacher_dump.main(teacher_dump.DumpConfig(
-                teacher=teacher, data=[str(train)], out=str(out), target_positions="masked",
+                teacher=teacher, data=text, out=str(out), target_positions="masked",
                 max_sequences=self.p.dump_sequences, shard_size=512, device=self.device, **extra)))
             if "bytes_per_token" in res:
                 self.summary.setdefault("caches", {})[mode] = {k: res.get(k) for k in (
@@ -342,7 +350,9 @@ def markdown(summary: dict[str, Any], command: str) -> str:
     t, c, s = summary.get("table", {}), summary.get("curves", {}), summary.get("seconds", {})
     lines = ["## Distillation quality (issues 5 and 8)", "",
              f"`{command}` — {summary.get('finished_at', '?')}, preset `{summary['preset']}` "
-             f"({summary.get('preset_sizes')}), precision {summary.get('precision', 'fp32')}. "
+             f"({summary.get('preset_sizes')}), precision {summary.get('precision', 'fp32')}"
+             + (f", distillation text the Wikipedia training text + {', '.join(summary['extra_text'])}"
+                if summary.get("extra_text") else "") + ". "
              f"Machine: {summary.get('machine')}.", ""]
     acc, macro = t.get("accuracy", {}), t.get("macro", {})
     if macro:
@@ -427,6 +437,9 @@ def main() -> None:
                     "(by default they are compared by their loss curves only)")
     ap.add_argument("--students", default=",".join(STUDENTS), help="students to train and compare, "
                     f"comma-separated (cached is the baseline of every Δ) [{','.join(STUDENTS)}]")
+    ap.add_argument("--extra-text", action="append", default=[], metavar="TEXT", help="more distillation text "
+                    "for the dumps (a builtin name or a file; repeatable); the teacher's adaptation and the "
+                    "held-out text stay the Wikipedia text's")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--summarize", action="store_true", help="only rebuild the table of a finished WORKDIR "
                     "(from its summary.json and report); runs nothing")
@@ -455,8 +468,12 @@ def run_all(a: argparse.Namespace) -> None:
         sys.exit(f"error: --students names {', '.join(STUDENTS)} and includes cached (got {a.students})")
     a.workdir.mkdir(parents=True, exist_ok=True)
     precision = demo_precision(a.precision, a.device)
-    b = Bench(a.workdir, PRESETS[a.preset], a.device, names, precision)
-    b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine(), precision=precision)
+    for t in a.extra_text:
+        if not (t.startswith("builtin:") or Path(t).is_file()):
+            sys.exit(f"error: --extra-text {t}: neither a builtin name nor a file")
+    b = Bench(a.workdir, PRESETS[a.preset], a.device, names, precision, tuple(a.extra_text))
+    b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine(), precision=precision,
+                     extra_text=list(a.extra_text))
     train, heldout = b.data()
     teacher = b.teacher(train, heldout, a.teacher)
     caches = b.caches(teacher, train)
