@@ -2,7 +2,7 @@
 keep what DistilBERT's kept, and does the cache lose anything against online distillation?
 
     python bench/quality.py --workdir /tmp/kdq                    # the session preset (see PRESETS)
-    python bench/quality.py --workdir /tmp/kdq --preset whole-text  # the whole text, one epoch: ~80 min (bf16, 5 students)
+    python bench/quality.py --workdir /tmp/kdq --preset whole-text  # the whole text, one epoch: ~95 min (bf16, 6 students)
     python bench/quality.py --workdir /tmp/kdq --preset full      # the full scale, hours
     python bench/quality.py --workdir /tmp/kdq --write-results    # also write bench/RESULTS.md
     python bench/quality.py --workdir /tmp/kdq --students cached,layer-cos   # only these students
