@@ -172,7 +172,7 @@ class Bench:
     def __init__(self, workdir: Path, preset: Preset, device: str, students: tuple[str, ...] = tuple(STUDENTS),
                  precision: str = "fp32", extra_text: tuple[str, ...] = ()) -> None:
         self.w, self.p, self.device, self.names, self.precision = workdir, preset, device, students, precision
-        self.extra_text = extra_text  # more distillation text (builtin names or files), dumps only
+        self.extra_text = extra_text  # more distillation text (files, builtins resolved), dumps only
         self.summary_path = workdir / "summary.json"
         self.summary: dict[str, Any] = json.loads(self.summary_path.read_text()) \
             if self.summary_path.exists() else {"seconds": {}}
@@ -215,7 +215,7 @@ class Bench:
 
     def caches(self, teacher: str, train: Path) -> dict[str, Path]:
         caches = {}
-        text = [str(train), *(builtin.resolve(t, "data") if t.startswith("builtin:") else t for t in self.extra_text)]
+        text = [str(train), *self.extra_text]
         wanted = {STUDENTS[n]["cache"] for n in self.names}
         for mode, extra in ((m, e) for m, e in MODES.items() if m in wanted):
             out = self.w / f"cache-{mode}"
@@ -473,12 +473,17 @@ def run_all(a: argparse.Namespace) -> None:
     unknown = [n for n in names if n not in STUDENTS]
     if unknown or "cached" not in names:
         sys.exit(f"error: --students names {', '.join(STUDENTS)} and includes cached (got {a.students})")
+    extra = []  # resolved before any phase runs, so a wrong name costs no adaptation
+    for t in a.extra_text:
+        try:
+            extra.append(str(builtin.resolve(t, "data")) if t.startswith("builtin:") else t)
+        except builtin.BuiltinError as e:
+            sys.exit(f"error: --extra-text: {e}")
+        if not Path(extra[-1]).is_file():
+            sys.exit(f"error: --extra-text {t}: neither a builtin name nor a file")
     a.workdir.mkdir(parents=True, exist_ok=True)
     precision = demo_precision(a.precision, a.device)
-    for t in a.extra_text:
-        if not (t.startswith("builtin:") or Path(t).is_file()):
-            sys.exit(f"error: --extra-text {t}: neither a builtin name nor a file")
-    b = Bench(a.workdir, PRESETS[a.preset], a.device, names, precision, tuple(a.extra_text))
+    b = Bench(a.workdir, PRESETS[a.preset], a.device, names, precision, tuple(extra))
     b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine(), precision=precision,
                      extra_text=list(a.extra_text))
     train, heldout = b.data()
