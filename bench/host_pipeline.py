@@ -14,10 +14,12 @@ pace is everything around them; this measures that on any machine, with no model
 - where the dump's time goes: the same shard loop with a pool that encodes nothing (the main
   thread's own work per shard, m) and the writer's `encode` alone on those shards (w), as one
   writer splits the work and as several do (they also gather and check). With one writer the two
-  threads overlap; N writers on C cores take at least max(m, w / N, (m + w) / C) per shard, so the
-  speed-up of N writers over one is bounded by one writer's max(m, w, (m + w) / C) over that:
-  printed next to the measured scaling (on 2 cores, with m ~ w for one writer, the bound is ~1:
-  0.8 N is out of reach there).
+  threads overlap; N writers on C cores take at least max(m, w / N, (m + w) / C, io) per shard,
+  where io is writing the shard's file (`fsutil.atomic_write_bytes` of its bytes: one I/O thread
+  writes the files in order), so the speed-up of N writers over one is bounded by one writer's
+  max(m, w, (m + w) / C, io) over that: printed next to the measured scaling.
+- disk floor: io alone, as tokens/s: the dump's ceiling on this disk whatever the cores (on the
+  2-core VM, about 430 MB/s with fsync: close to what one writer already reaches).
 - dump floor: zstd at the dump's level over the same shards' raw Arrow buffers, plus SHA-256 of
   what that produced: the work no dump avoids, on one core (and N cores in N processes).
 - loader: `loader.iter_batches` (hash check, Parquet decode, shuffle, collation) over the
@@ -128,6 +130,21 @@ def loader_floor(path: Path, compressed: list[pa.Buffer], sizes: list[int]) -> N
         codec.decompress(c, decompressed_size=n)
 
 
+def write_alone(paths: list[Path], out: Path) -> float:
+    """Seconds to write the shards' bytes afresh, one file at a time as the dump's I/O thread does
+    (temporary name, fsync, rename): the disk's floor, which no number of writers raises."""
+    from kdpipe.pipeline.fsutil import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    bufs = [pa.py_buffer(p.read_bytes()) for p in paths]
+    t0 = time.perf_counter()
+    for i, b in enumerate(bufs):
+        atomic_write_bytes(out / f"copy-{i}.parquet", b)
+    took = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return took
+
+
 def _floor_job(args: tuple) -> float:
     """One process's share of the floor: `reps` passes over the shards, seconds taken."""
     kind, paths, level, reps = args
@@ -201,10 +218,11 @@ def writer_alone(shards: list, schema: pa.Schema, level: int) -> float:
     return time.perf_counter() - t0
 
 
-def bound(one: tuple[float, float], many: tuple[float, float], n: int, cores: int) -> float:
+def bound(one: tuple[float, float], many: tuple[float, float], n: int, cores: int, io: float) -> float:
     """The most n writers can gain over one on `cores` cores, from the main thread's work m and a
-    writer's w per shard, (m, w) with one writer and with several (who gather and check)."""
-    per_shard = lambda m, w, k: max(m, w / k, (m + w) / cores)  # noqa: E731
+    writer's w per shard, (m, w) with one writer and with several (who gather and check), and the
+    seconds `io` the one I/O thread takes to write a shard's file."""
+    per_shard = lambda m, w, k: max(m, w / k, (m + w) / cores, io)  # noqa: E731
     return per_shard(*one, 1) / per_shard(*(one if n == 1 else many), n)
 
 
@@ -288,6 +306,7 @@ def main() -> None:
     floor_l = {n: float("inf") for n in counts}
     main_s = {g: float("inf") for g in (False, True)}  # per shard, the caller gathering or the writers
     writer_s = {g: float("inf") for g in (False, True)}
+    write_s = float("inf")  # per shard, writing its file (the disk's floor)
     pools = {n: writers(n, args.top_k, args.hidden_dim, args.zstd_level) for n in counts}
     with tempfile.TemporaryDirectory(prefix="kdpipe-host-") as tmp:
         out = Path(tmp) / "cache"
@@ -303,6 +322,8 @@ def main() -> None:
                 took = dump_path(seqs, args.shard_size, args.batch_size, pools[n], out, teacher)
                 dump_s[n] = min(dump_s[n], took)
                 paths = sorted((out / "shards").glob("shard-*.parquet"))
+                if n == counts[0]:
+                    write_s = min(write_s, write_alone(paths, Path(tmp) / "io") / len(paths))
                 floor_d[n] = min(floor_d[n], floor(paths, "dump", args.zstd_level, n))
                 manifest = manifest_of(out, args.shard_size, args.hidden_dim, args.top_k, args.seq_len)
                 took, loaded = loader_path(out, manifest, args.batch_size, n)
@@ -317,7 +338,7 @@ def main() -> None:
         raw = sum(b.size for p in sorted((out / "shards").glob("shard-*.parquet")) for b in raw_buffers(p)) / tokens
     after = machine().split("load average ")[1]
     text = report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk, started, before, after,
-                  main_s, writer_s, cores)
+                  main_s, writer_s, write_s, cores)
     for p in pools.values():
         p.close()
     print(text)
@@ -336,7 +357,7 @@ def floor(paths: list[Path], kind: str, level: int, n: int) -> float:
 
 
 def report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk, started, before, after,
-           main_s, writer_s, cores) -> str:
+           main_s, writer_s, write_s, cores) -> str:
     cmd = ("python bench/host_pipeline.py " + " ".join(sys.argv[1:])).strip()
     one_d, one_l = tokens / dump_s[counts[0]], tokens / load_s[counts[0]]
     lines = [SECTION, "", f"`{cmd}` — {started}.",
@@ -349,15 +370,18 @@ def report(args, counts, tokens, dump_s, floor_d, load_s, floor_l, raw, on_disk,
              f"{main_s[True] * 1e3:.1f} ms with several (the shard loop with a pool that encodes nothing; "
              f"masking included), a writer's w = {writer_s[False] * 1e3:.1f} ms and {writer_s[True] * 1e3:.1f} ms "
              f"(`writers.encode`; with several writers gathering and value checks too). On {cores} cores N "
-             "writers take at least max(m, w/N, (m+w)/C) per shard: the bound column is one writer's time over "
-             "that, the most N writers can gain here.", "",
-             "| workers | dump host path tok/s | compress+hash floor tok/s | dump/floor | scaling vs 1 | bound | "
+             f"writers take at least max(m, w/N, (m+w)/C, io) per shard, where io = {write_s * 1e3:.1f} ms is "
+             "writing the shard's file (temporary name, fsync, rename; one I/O thread writes them in order): "
+             "the bound column is one writer's time over that, the most N writers can gain here; the disk "
+             "column is the file writes' own rate, the dump's ceiling on this disk whatever the cores.", "",
+             "| workers | dump host path tok/s | compress+hash floor tok/s | dump/floor | disk tok/s | scaling vs 1 | bound | "
              "loader tok/s | decompress+hash floor tok/s | loader/floor | scaling vs 1 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in counts:
         d, fd, lo, fl = tokens / dump_s[n], tokens / floor_d[n], tokens / load_s[n], tokens / floor_l[n]
-        most = bound((main_s[False], writer_s[False]), (main_s[True], writer_s[True]), n, cores)
-        lines.append(f"| {n} | {d:,.0f} | {fd:,.0f} | {d / fd:.2f} | {d / one_d:.2f}× | {most:.2f}× | {lo:,.0f} | {fl:,.0f} | "
+        most = bound((main_s[False], writer_s[False]), (main_s[True], writer_s[True]), n, cores, write_s)
+        disk = tokens / (write_s * args.shards)
+        lines.append(f"| {n} | {d:,.0f} | {fd:,.0f} | {d / fd:.2f} | {disk:,.0f} | {d / one_d:.2f}× | {most:.2f}× | {lo:,.0f} | {fl:,.0f} | "
                      f"{lo / fl:.2f} | {lo / one_l:.2f}× |")
     return "\n".join(lines)
 
