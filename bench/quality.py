@@ -28,6 +28,10 @@ positions that carry no MLM label, which is what makes this fit on 2 CPU cores):
 - layer-cos: `cached` plus kdpipe's layer-wise hidden cosine loss (issue 16: --alpha-layer-cos 1,
             from a top-32 cache that also stores the teacher's states after layers 2 and 4, the
             ones the 3-layer student's layers 1 and 2 are matched to; same masks).
+- bottom-layers, odd-layers: `cached` started from other teacher layers than DistilBERT's every
+            other one from the first ([0, 2, 4] of 6): the bottom three [0, 1, 2] (dropping the top
+            layers kept the most of BERT's fine-tuned accuracy in Sajjad et al. 2020) or [1, 3, 5],
+            which ends on the layer the MLM head was trained on.
 - epochs-3, views-3: what the cache is for (issue 16): 3x cached's updates at no teacher cost, at
             equal student compute: three epochs over the same masks, or one epoch over a cache of
             three mask draws per sequence (view 0 is topk's masks; the dump runs the teacher 3x).
@@ -145,6 +149,9 @@ STUDENTS: dict[str, dict[str, Any]] = {
     # cached plus MiniLMv2's Q-Q, K-K, V-V relation KL of the teacher's last layer against the
     # student's last (issue 16: --alpha-relation 1, 12 relation heads: the teacher's attention heads)
     "relation": {"cache": "topk-relation", "alpha_relation": 1.0},
+    # which teacher layers the student starts from (issue 16; the default is [0, 2, 4])
+    "bottom-layers": {"cache": "topk", "layer_map": [0, 1, 2]},
+    "odd-layers": {"cache": "topk", "layer_map": [1, 3, 5]},
     # what the cache is for (issue 16): more student updates at no teacher cost, at equal student
     # compute (3x cached's updates each): the same masks three times, or three mask draws
     "epochs-3": {"cache": "topk", "length": 3},
