@@ -19,7 +19,7 @@ pace is everything around them; this measures that on any machine, with no model
   writes the files in order), so the speed-up of N writers over one is bounded by one writer's
   max(m, w, (m + w) / C, io) over that: printed next to the measured scaling.
 - disk floor: io alone, as tokens/s: the dump's ceiling on this disk whatever the cores (on the
-  2-core VM, about 430 MB/s with fsync: close to what one writer already reaches).
+  2-core VM, 4-5.5M tokens/s, 3-4x what one writer reaches: not what holds two writers back).
 - dump floor: zstd at the dump's level over the same shards' raw Arrow buffers, plus SHA-256 of
   what that produced: the work no dump avoids, on one core (and N cores in N processes).
 - loader: `loader.iter_batches` (hash check, Parquet decode, shuffle, collation) over the
