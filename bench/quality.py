@@ -73,7 +73,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from results import machine, write_section  # noqa: E402  (bench/results.py; bench/ is on sys.path)
 
 from kdpipe.pipeline import builtin  # noqa: E402
+from kdpipe.pipeline.corpus import resolve_corpus  # noqa: E402
 from kdpipe.pipeline.device import pick_device  # noqa: E402
+from kdpipe.pipeline.errors import KdpipeError  # noqa: E402
 from kdpipe.pipeline.online import online_targets  # noqa: E402
 from kdpipe.pipeline.teacher import load_teacher  # noqa: E402
 from kdpipe.stages import evaluate, student_train, teacher_adapt, teacher_dump  # noqa: E402
@@ -179,7 +181,7 @@ class Bench:
     def __init__(self, workdir: Path, preset: Preset, device: str, students: tuple[str, ...] = tuple(STUDENTS),
                  precision: str = "fp32", extra_text: tuple[str, ...] = ()) -> None:
         self.w, self.p, self.device, self.names, self.precision = workdir, preset, device, students, precision
-        self.extra_text = extra_text  # more distillation text (files, builtins resolved), dumps only
+        self.extra_text = extra_text  # more distillation text (files or builtin names), dumps only
         self.summary_path = workdir / "summary.json"
         self.summary: dict[str, Any] = json.loads(self.summary_path.read_text()) \
             if self.summary_path.exists() else {"seconds": {}}
@@ -480,17 +482,14 @@ def run_all(a: argparse.Namespace) -> None:
     unknown = [n for n in names if n not in STUDENTS]
     if unknown or "cached" not in names:
         sys.exit(f"error: --students names {', '.join(STUDENTS)} and includes cached (got {a.students})")
-    extra = []  # resolved before any phase runs, so a wrong name costs no adaptation
-    for t in a.extra_text:
+    if a.extra_text:  # read as the dumps will read it, before any phase runs: a wrong name costs no adaptation
         try:
-            extra.append(str(builtin.resolve(t, "data")) if t.startswith("builtin:") else t)
-        except builtin.BuiltinError as e:
+            resolve_corpus(["builtin:wikipedia", *a.extra_text])
+        except KdpipeError as e:
             sys.exit(f"error: --extra-text: {e}")
-        if not Path(extra[-1]).is_file():
-            sys.exit(f"error: --extra-text {t}: neither a builtin name nor a file")
     a.workdir.mkdir(parents=True, exist_ok=True)
     precision = demo_precision(a.precision, a.device)
-    b = Bench(a.workdir, PRESETS[a.preset], a.device, names, precision, tuple(extra))
+    b = Bench(a.workdir, PRESETS[a.preset], a.device, names, precision, tuple(a.extra_text))
     b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine(), precision=precision,
                      extra_text=list(a.extra_text))
     train, heldout = b.data()
