@@ -130,7 +130,7 @@ def loader_floor(path: Path, compressed: list[pa.Buffer], sizes: list[int]) -> N
         codec.decompress(c, decompressed_size=n)
 
 
-def write_alone(paths: list[Path], out: Path) -> float:
+def time_file_writes(paths: list[Path], out: Path) -> float:
     """Seconds to write the shards' bytes afresh, one file at a time as the dump's I/O thread does
     (temporary name, fsync, rename): the disk's floor, which no number of writers raises."""
     from kdpipe.pipeline.fsutil import atomic_write_bytes
@@ -323,7 +323,7 @@ def main() -> None:
                 dump_s[n] = min(dump_s[n], took)
                 paths = sorted((out / "shards").glob("shard-*.parquet"))
                 if n == counts[0]:
-                    write_s = min(write_s, write_alone(paths, Path(tmp) / "io") / len(paths))
+                    write_s = min(write_s, time_file_writes(paths, Path(tmp) / "io") / len(paths))
                 floor_d[n] = min(floor_d[n], floor(paths, "dump", args.zstd_level, n))
                 manifest = manifest_of(out, args.shard_size, args.hidden_dim, args.top_k, args.seq_len)
                 took, loaded = loader_path(out, manifest, args.batch_size, n)
