@@ -274,24 +274,45 @@ def loader_path(out: Path, manifest, batch: int, workers: int) -> tuple[float, i
 
 # ------------------------------------------------------------------------------------- measuring
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def zstd_level(text: str) -> int:
+    """An argparse type: a zstd level the dump accepts (1..22)."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 22:
+        raise argparse.ArgumentTypeError(f"a zstd level from 1 to 22, not {text!r}")
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--shard-size", type=int, default=256, help="sequences per shard [256]")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=32, help="teacher batch and student batch [32]")
-    ap.add_argument("--top-k", type=int, default=32)
-    ap.add_argument("--hidden-dim", type=int, default=128)
-    ap.add_argument("--zstd-level", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is kept [3]")
+    ap.add_argument("--shards", type=positive, default=8)
+    ap.add_argument("--shard-size", type=positive, default=256, help="sequences per shard [256]")
+    ap.add_argument("--seq-len", type=positive, default=128)
+    ap.add_argument("--batch-size", type=positive, default=32, help="teacher batch and student batch [32]")
+    ap.add_argument("--top-k", type=positive, default=32)
+    ap.add_argument("--hidden-dim", type=positive, default=128)
+    ap.add_argument("--zstd-level", type=zstd_level, default=3)
+    ap.add_argument("--rounds", type=positive, default=3, help="interleaved rounds; the best is kept [3]")
     ap.add_argument("--workers", default=None, help="worker counts to try, e.g. 1,2 [1..cores]")
     ap.add_argument("--write-results", action="store_true", help=f"write the tables into {RESULTS}")
     args = ap.parse_args()
     if args.quick:
         args.shards, args.shard_size, args.rounds = 2, 64, 1
     cores = len(os.sched_getaffinity(0))
-    counts = [int(x) for x in args.workers.split(",")] if args.workers else list(range(1, cores + 1))
+    from kdpipe.pipeline.cores import MAX_WORKERS
+
+    try:
+        counts = [int(x) for x in args.workers.split(",")] if args.workers else list(range(1, cores + 1))
+    except ValueError:
+        ap.error(f"--workers takes whole numbers separated by commas, e.g. 1,2 (got {args.workers})")
+    if min(counts) < 1 or max(counts) > MAX_WORKERS:
+        ap.error(f"--workers: each count must be from 1 to {MAX_WORKERS} (got {args.workers})")
     import torch
 
     torch.set_num_threads(1)
