@@ -26,6 +26,9 @@ decay spans the largest count and that stops after fewer epochs is the same run 
 one run per rate scores every count). The best point (`choose`) is then fine-tuned on all the
 training examples with each reporting seed: the chosen rate, stopped after the chosen epochs of
 a schedule spanning the grid's largest count.
+
+A student may also be distilled on the task (`SoftLabels`): fine-tuned against a fine-tuned
+teacher's class logits on the same training examples as well as their labels.
 """
 
 from __future__ import annotations
@@ -39,11 +42,10 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kdpipe.pipeline import metrics
@@ -52,6 +54,7 @@ from kdpipe.pipeline.compiling import Compile, compiled
 from kdpipe.pipeline.device import MIN_LOSS_SCALE, autocast, grad_scaler
 from kdpipe.pipeline.errors import KdpipeError, first_line, tensor_file_errors
 from kdpipe.pipeline.fsutil import sha256_file
+from kdpipe.pipeline.losses import task_distill_loss
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.schedule import lr_at
 from kdpipe.pipeline.teacher import quiet_transformers
@@ -266,13 +269,18 @@ class Split:
     dev_pool: int
     seed: int
     dev_fraction: float
+    # the transfer set: training-pool examples after `train`, whose labels are never used; the
+    # task-distilled students are fine-tuned on the teacher's logits of them
+    transfer: list[int] = field(default_factory=list)
 
     def record(self, examples: int, file: str) -> dict[str, Any]:
+        transfer = {"transfer": len(self.transfer),
+                    "transfer_indices_sha256": indices_sha(self.transfer)} if self.transfer else {}
         return {"method": SPLIT_METHOD, "seed": self.seed, "dev_fraction": self.dev_fraction,
                 "examples": examples, "train": len(self.train), "dev": len(self.dev),
                 "train_pool": self.train_pool, "dev_pool": self.dev_pool,
                 "train_indices_sha256": indices_sha(self.train),
-                "dev_indices_sha256": indices_sha(self.dev), "file": file}
+                "dev_indices_sha256": indices_sha(self.dev), "file": file, **transfer}
 
 
 def indices_sha(ix: list[int]) -> str:
@@ -284,8 +292,10 @@ def split_rank(seed: int, index: int) -> bytes:
 
 
 def split_indices(n: int, dev_fraction: float, seed: int, max_train: int | None = None,
-                  max_dev: int | None = None) -> Split:
-    """A deterministic, disjoint train/dev split of n examples (see the module docstring)."""
+                  max_dev: int | None = None, transfer: int = 0) -> Split:
+    """A deterministic, disjoint train/dev split of n examples (see the module docstring), and up
+    to `transfer` examples of the training pool after the `max_train` fine-tuned on (fewer where
+    the pool has fewer left; none without a cap)."""
     if not 0 < dev_fraction < 1:
         raise KdpipeError(f"dev fraction must be between 0 and 1, got {dev_fraction}")
     if n < 2:
@@ -295,7 +305,8 @@ def split_indices(n: int, dev_fraction: float, seed: int, max_train: int | None 
     dev_pool, train_pool = order[:n_dev], order[n_dev:]
     dev = sorted(dev_pool[:max_dev] if max_dev else dev_pool)
     train = train_pool[:max_train] if max_train else train_pool
-    return Split(train, dev, len(train_pool), len(dev_pool), seed, dev_fraction)
+    extra = train_pool[len(train):len(train) + transfer]
+    return Split(train, dev, len(train_pool), len(dev_pool), seed, dev_fraction, extra)
 
 
 def tune_split(train: list[int], fraction: float, seed: int) -> list[int]:
@@ -332,6 +343,17 @@ class Recipe:
         return self.schedule_epochs or self.epochs
 
 
+@dataclass(frozen=True)
+class SoftLabels:
+    """What a student is fine-tuned against besides the labels (task distillation, DistilBERT's
+    section 4.2): the fine-tuned teacher's class logits on the examples fine-tuned on, and the
+    loss (1 - alpha) * CE(labels) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))."""
+
+    logits: torch.Tensor  # (N + M, C) float32: the Encoded's train_ids, then its M transfer_ids
+    alpha: float
+    temperature: float
+
+
 def choose(points: list[SweepPoint]) -> SweepPoint:
     """The best point: highest tuning accuracy, then macro-F1; ties go to fewer epochs, then the
     lower rate (the cheaper, more conservative setting)."""
@@ -348,6 +370,7 @@ class Encoded:
     train_y: list[int]
     dev_ids: list[list[int]]
     dev_y: list[int]
+    transfer_ids: list[list[int]] = field(default_factory=list)  # unlabelled: soft labels only
 
 
 def class_indices(task: Task, examples: list[int]) -> list[int]:
@@ -365,19 +388,21 @@ def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> En
         return [list(x) for x in out["input_ids"]]
 
     return Encoded(enc(split.train), class_indices(task, split.train),
-                   enc(split.dev), class_indices(task, split.dev))
+                   enc(split.dev), class_indices(task, split.dev), enc(split.transfer))
 
 
 def carve(data: Encoded, train: list[int], tune: list[int]) -> Encoded:
     """The sweep's data from a task's encoding: `data`'s training examples (indices `train`, in
-    that order) outside `tune` to fine-tune on, those in `tune` to score."""
+    that order) outside `tune` to fine-tune on, those in `tune` to score; the same transfer set."""
     pos = {ix: p for p, ix in enumerate(train)}
     held = set(tune)
     fit = [pos[i] for i in train if i not in held]
     scored = [pos[i] for i in tune]
     return Encoded([data.train_ids[p] for p in fit], [data.train_y[p] for p in fit],
-                   [data.train_ids[p] for p in scored], [data.train_y[p] for p in scored])
+                   [data.train_ids[p] for p in scored], [data.train_y[p] for p in scored], data.transfer_ids)
 
+
+UNLABELLED = -100  # the class index of a transfer example: no cross-entropy term (F.cross_entropy's default)
 
 GROUP_POOL = 16  # batches per pool that `train_batches` sorts by length
 
@@ -432,42 +457,52 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str], recipe: Recipe,
              seed: int, device: torch.device,
              after_epoch: Callable[[int, torch.nn.Module], None] | None = None,
-             compile_spec: Compile | None = None) -> tuple[torch.nn.Module, int, float]:
+             compile_spec: Compile | None = None, soft: SoftLabels | None = None
+             ) -> tuple[torch.nn.Module, int, float]:
     """A fresh classifier from `model_path` fine-tuned on `data`'s training examples for
-    `recipe.epochs` epochs of a schedule spanning `recipe.horizon`; `after_epoch(epochs done,
-    model)` is called after each epoch (scoring there uses no random numbers, so it does not change
-    the run). Returns the model (torch.compile's wrapper of it with `compile_spec`), its optimizer
+    `recipe.epochs` epochs of a schedule spanning `recipe.horizon`, against their labels and, with
+    `soft`, a teacher's logits on them too; `after_epoch(epochs done, model)` is called after each
+    epoch (scoring there uses no random numbers, so it does not change the run). Returns the model (torch.compile's wrapper of it with `compile_spec`), its optimizer
     steps and the seconds spent training (compiling included).
 
     In fp16 the loss is scaled (torch.amp.GradScaler): an update whose gradients overflow is
     skipped and the scale halved, as in transformers' Trainer (the schedule still advances); one
     that overflows at a scale of 1, which no smaller scale undoes, stops the fine-tuning."""
+    seqs, labels = data.train_ids, data.train_y
+    if soft is not None:  # the transfer set too, without labels
+        seqs, labels = seqs + data.transfer_ids, labels + [UNLABELLED] * len(data.transfer_ids)
+        if soft.logits.shape != (len(seqs), len(label_names)):
+            raise ValueError(f"soft labels of shape {tuple(soft.logits.shape)} for {len(seqs)} "
+                             f"examples of {len(label_names)} classes")
     torch.manual_seed(seed)
     model = compiled(load_classifier(model_path, label_names).to(device), compile_spec)
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
     scaler = grad_scaler(device)
-    n = len(data.train_ids)
+    n = len(seqs)
     per_epoch = math.ceil(n / recipe.batch_size)
     total = per_epoch * recipe.horizon
     warmup = int(recipe.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, warmup, total))
     order_rng = torch.Generator().manual_seed(seed)
-    y_all = torch.tensor(data.train_y, dtype=torch.long)
-    lengths = [len(x) for x in data.train_ids]
+    y_all = torch.tensor(labels, dtype=torch.long)
+    lengths = [len(x) for x in seqs]
     seconds = 0.0
     for epoch in range(recipe.epochs):
         t0 = time.perf_counter()
         model.train()
         for ix in train_batches(lengths, recipe.batch_size, order_rng, recipe.group_by_length):
-            ids, att = pad([data.train_ids[i] for i in ix], pad_id)
-            with autocast(device):
+            ids, att = pad([seqs[i] for i in ix], pad_id)
+            y = y_all[ix].to(device)
+            with autocast(device):  # with soft labels the loss is ours (a batch may hold no label)
                 out = model(input_ids=ids.to(device), attention_mask=att.to(device),
-                            labels=y_all[ix].to(device))
-            (out.loss if scaler is None else scaler.scale(out.loss)).backward()
+                            labels=y if soft is None else None)
+            objective = out.loss if soft is None else task_distill_loss(
+                out.logits, y, soft.logits[ix].to(device), soft.alpha, soft.temperature)
+            (objective if scaler is None else scaler.scale(objective)).backward()
             if scaler is not None:
                 scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            loss = out.loss.item()
+            loss = objective.item()
             # fp16: an overflowing gradient is skipped while the scale can still fall; otherwise a
             # non-finite loss or gradient stops here, before the step, so nothing is kept
             skippable = scaler is not None and scaler.get_scale() > MIN_LOSS_SCALE
@@ -491,23 +526,32 @@ def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str]
 
 def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names: list[str],
                        recipe: Recipe, seed: int, device: torch.device,
-                       compile_spec: Compile | None = None) -> dict[str, Any]:
-    """Fine-tune a fresh classifier from `model_path` with `seed`; accuracy and macro-F1 on dev,
-    and the dev predictions themselves (kept in the eval part for paired comparisons)."""
+                       compile_spec: Compile | None = None, soft: SoftLabels | None = None,
+                       train_logits: bool = False) -> dict[str, Any]:
+    """Fine-tune a fresh classifier from `model_path` with `seed` (against `soft` too, if given);
+    accuracy and macro-F1 on dev, the dev predictions themselves (kept in the eval part for paired
+    comparisons) and, with `train_logits`, the model's logits on the examples it was fine-tuned on
+    (a teacher's, for students distilled on the task)."""
     model, steps, train_seconds = finetune(model_path, pad_id, data, label_names, recipe, seed, device,
-                                           compile_spec=compile_spec)
+                                           compile_spec=compile_spec, soft=soft)
     preds = predict(model, data.dev_ids, pad_id, recipe.eval_batch_size, device)
     gold = data.dev_y
-    return {"seed": seed, "accuracy": metrics.accuracy(preds, gold),
-            "macro_f1": metrics.macro_f1(preds, gold), "steps": steps,
-            "train_seconds": round(train_seconds, 3), "lr": recipe.lr, "epochs": recipe.epochs,
-            "schedule_epochs": recipe.horizon,
-            "dev_predictions": preds}  # class indices in dev order: paired comparisons between models
+    out = {"seed": seed, "accuracy": metrics.accuracy(preds, gold),
+           "macro_f1": metrics.macro_f1(preds, gold), "steps": steps,
+           "train_seconds": round(train_seconds, 3), "lr": recipe.lr, "epochs": recipe.epochs,
+           "schedule_epochs": recipe.horizon,
+           "dev_predictions": preds}  # class indices in dev order: paired comparisons between models
+    if soft is not None:
+        out["task_distill"] = {"alpha": soft.alpha, "temperature": soft.temperature}
+    if train_logits:  # the transfer set's after the training examples'
+        out["train_logits"] = class_logits(model, data.train_ids + data.transfer_ids, pad_id,
+                                           recipe.eval_batch_size, device).tolist()
+    return out
 
 
 def sweep_rate(model_path: str, pad_id: int, data: Encoded, label_names: list[str], recipe: Recipe,
                epochs: list[int], seed: int, device: torch.device,
-               compile_spec: Compile | None = None) -> dict[str, Any]:
+               compile_spec: Compile | None = None, soft: SoftLabels | None = None) -> dict[str, Any]:
     """One learning rate of a sweep: fine-tune on `data`'s training side (the training examples
     outside the tuning split) for max(epochs) epochs at `recipe.lr` and score `data`'s dev side
     (the tuning split) after each epoch count in `epochs`."""
@@ -522,23 +566,36 @@ def sweep_rate(model_path: str, pad_id: int, data: Encoded, label_names: list[st
 
     longest = max(epochs)
     run = Recipe(**{**recipe.__dict__, "epochs": longest, "schedule_epochs": longest})
-    _, steps, seconds = finetune(model_path, pad_id, data, label_names, run, seed, device, score, compile_spec)
-    return {"lr": recipe.lr, "seed": seed, "scores": scores, "steps": steps,
-            "train_seconds": round(seconds, 3), "fit_examples": len(data.train_ids),
-            "tune_examples": len(data.dev_ids)}
+    _, steps, seconds = finetune(model_path, pad_id, data, label_names, run, seed, device, score, compile_spec,
+                                 soft)
+    out = {"lr": recipe.lr, "seed": seed, "scores": scores, "steps": steps,
+           "train_seconds": round(seconds, 3), "fit_examples": len(data.train_ids),
+           "tune_examples": len(data.dev_ids)}
+    if soft is not None:
+        out["task_distill"] = {"alpha": soft.alpha, "temperature": soft.temperature}
+    return out
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int,
-            device: torch.device) -> list[int]:
-    """Class index of each sequence; batches of similar length so little is spent on padding."""
+def class_logits(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """(N, C) float32 class logits of each sequence, on the CPU; batches of similar length so
+    little is spent on padding."""
     model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    preds = np.zeros(len(seqs), dtype=np.int64)
+    out: torch.Tensor | None = None
     for b in range(0, len(order), batch_size):
         ix = order[b:b + batch_size]
         ids, att = pad([seqs[i] for i in ix], pad_id)
         with autocast(device):
             logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits  # (B, C)
-        preds[ix] = logits.argmax(-1).cpu().numpy()
-    return preds.tolist()
+        if out is None:
+            out = torch.empty(len(seqs), logits.shape[-1])
+        out[ix] = logits.float().cpu()
+    return out if out is not None else torch.empty(0, 0)
+
+
+def predict(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int,
+            device: torch.device) -> list[int]:
+    """Class index of each sequence."""
+    return class_logits(model, seqs, pad_id, batch_size, device).argmax(-1).tolist()

@@ -145,6 +145,55 @@ def test_finetune_is_deterministic_per_seed(tmp_path: Path, teacher_dir: Path, t
     assert a["steps"] == 2 * 3 and 0 <= a["accuracy"] <= 1 and 0 <= a["macro_f1"] <= 1
 
 
+def test_the_transfer_set_is_the_training_pool_after_the_examples_fine_tuned_on() -> None:
+    full = downstream.split_indices(100, 0.2, seed=3)
+    split = downstream.split_indices(100, 0.2, seed=3, max_train=30, transfer=20)
+    assert split.train == full.train[:30] and split.transfer == full.train[30:50] and split.dev == full.dev
+    assert split.record(100, "f")["transfer"] == 20
+    assert downstream.split_indices(100, 0.2, seed=3, max_train=70, transfer=20).transfer == full.train[70:]
+    assert downstream.split_indices(100, 0.2, seed=3, transfer=20).transfer == []  # no cap: nothing left
+    assert "transfer" not in full.record(100, "f")
+
+
+def test_task_distillation_fine_tunes_toward_the_teachers_logits(tmp_path: Path, teacher_dir: Path,
+                                                                 tokenizer) -> None:
+    """With alpha = 1 the labels carry no weight: a student distilled from a 'teacher' that calls
+    every example the minority class learns to say so, where plain fine-tuning does not; with
+    alpha < 1 both count. The logits a fine-tune keeps of its training examples are its own."""
+    task = downstream.load_task(str(write(tmp_path / "t.jsonl",
+                                          [{"text": r["sentence"], "label": r["y"]} for r in ROWS])))
+    split = downstream.split_indices(len(task.texts), 0.3, seed=0)
+    enc = downstream.encode_task(tokenizer, task, split, max_length=16)
+    recipe = downstream.Recipe(lr=3e-3, epochs=4, batch_size=8, max_length=16, eval_batch_size=4)
+    cpu = torch.device("cpu")
+    neg = task.label_names.index("neg")
+    contrary = torch.full((len(enc.train_ids), 2), -4.0)
+    contrary[:, neg] = 4.0  # (N, C): "neg" everywhere; the labels say pos for 2 in 3
+    run = lambda soft=None, keep=False: downstream.finetune_and_score(  # noqa: E731
+        str(teacher_dir), tokenizer.pad_token_id, enc, task.label_names, recipe, 0, cpu, soft=soft,
+        train_logits=keep)
+    plain = run(keep=True)
+    logits = torch.tensor(plain["train_logits"])
+    assert logits.shape == (21, 2) and torch.isfinite(logits).all() and "task_distill" not in plain
+    assert neg not in set(plain["dev_predictions"])  # plain fine-tuning: the majority class
+    distilled = run(downstream.SoftLabels(contrary, alpha=1.0, temperature=2.0))
+    assert set(distilled["dev_predictions"]) == {neg}
+    assert distilled["task_distill"] == {"alpha": 1.0, "temperature": 2.0} and "train_logits" not in distilled
+    mixed = run(downstream.SoftLabels(contrary, alpha=0.5, temperature=2.0))
+    assert mixed == run(downstream.SoftLabels(contrary, alpha=0.5, temperature=2.0)) | {
+        "train_seconds": mixed["train_seconds"]}  # deterministic
+    with pytest.raises(ValueError, match="soft labels of shape"):
+        run(downstream.SoftLabels(contrary[:5], alpha=0.5, temperature=2.0))
+    # a transfer set: unlabelled examples the teacher labels; a plain fine-tune ignores them
+    pool = downstream.split_indices(len(task.texts), 0.3, seed=0, max_train=12, transfer=9)
+    enc = downstream.encode_task(tokenizer, task, pool, max_length=16)
+    assert (len(enc.train_ids), len(enc.transfer_ids)) == (12, 9)
+    plain = run()
+    assert plain["steps"] == 4 * 2 and len(run(keep=True)["train_logits"]) == 12 + 9
+    transfer = run(downstream.SoftLabels(torch.zeros(12 + 9, 2), alpha=0.5, temperature=2.0))
+    assert transfer["steps"] == 4 * 3  # ceil(21 / 8) per epoch: the transfer examples are trained on
+
+
 # -------------------------------------------------------------------------------------- sweep
 
 def test_tune_split_is_a_fixed_part_of_the_training_examples() -> None:

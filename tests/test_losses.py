@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdpipe.pipeline.layer_targets import with_layer_maps
-from kdpipe.pipeline.losses import LossSpec, cosine_loss, distillation_loss, layer_cosine_loss, mlm_loss, topk_kl
+from kdpipe.pipeline.losses import (
+    LossSpec, cosine_loss, distillation_loss, layer_cosine_loss, mlm_loss, task_distill_loss, topk_kl,
+)
 from kdpipe.pipeline.schedule import lr_at, warmup_steps
 
 torch.set_num_threads(1)
@@ -149,6 +151,39 @@ def test_mlm_is_the_float64_cross_entropy():
     ref = float(np.mean(logsumexp(z) - z[np.arange(9), labels]))
     got = mlm_loss(torch.from_numpy(z).float(), torch.from_numpy(labels)).item()
     assert got == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("alpha,t", [(0.5, 2.0), (0.9, 1.0), (1.0, 4.0)])
+def test_task_distillation_is_the_float64_mix_of_cross_entropy_and_softened_kl(alpha, t):
+    """Fine-tuning against a teacher: (1 - alpha) * CE + alpha * T^2 * KL(p_T || q_T), per batch."""
+    rng = np.random.default_rng(4)
+    s, z = rng.normal(0, 2, (13, 6)), rng.normal(0, 3, (13, 6))  # student, teacher class logits
+    labels = rng.integers(0, 6, 13)
+    ce = float(np.mean(logsumexp(s) - s[np.arange(13), labels]))
+    ref = (1 - alpha) * ce + alpha * ref_full_kl(z, s, t)
+    student = torch.from_numpy(s).float().requires_grad_()
+    got = task_distill_loss(student.bfloat16(), torch.from_numpy(labels), torch.from_numpy(z).float(), alpha, t)
+    assert got.dtype == torch.float32  # bf16 autocast's logits are scored in float32
+    assert got.item() == pytest.approx(ref, rel=1e-2)  # the bf16 rounding of the logits
+    got = task_distill_loss(student, torch.from_numpy(labels), torch.from_numpy(z).float(), alpha, t)
+    assert got.item() == pytest.approx(ref, rel=1e-6)
+    got.backward()  # d/ds: (1 - alpha)(q_1 - y) / B + alpha * T * (q_T - p_T) / B
+    y = np.eye(6)[labels]
+    grad = ((1 - alpha) * (softmax(s) - y) + alpha * t * (softmax(s / t) - softmax(z / t))) / 13
+    np.testing.assert_allclose(student.grad.numpy(), grad, rtol=1e-4, atol=1e-7)
+    # a student equal to its teacher has nothing left to learn from it but the labels
+    same = task_distill_loss(torch.from_numpy(z).float(), torch.from_numpy(labels), torch.from_numpy(z).float(),
+                             alpha, t).item()
+    assert same == pytest.approx((1 - alpha) * float(np.mean(logsumexp(z) - z[np.arange(13), labels])), abs=1e-6)
+    # transfer examples (label -100) carry the KL only: the CE is the labelled rows' mean
+    part = labels.copy()
+    part[5:] = -100
+    ce5 = float(np.mean(logsumexp(s[:5]) - s[np.arange(5), labels[:5]]))
+    got = task_distill_loss(torch.from_numpy(s).float(), torch.from_numpy(part), torch.from_numpy(z).float(), alpha, t)
+    assert got.item() == pytest.approx((1 - alpha) * ce5 + alpha * ref_full_kl(z, s, t), rel=1e-6)
+    none = torch.full((13,), -100)
+    got = task_distill_loss(torch.from_numpy(s).float(), none, torch.from_numpy(z).float(), alpha, t)
+    assert got.item() == pytest.approx(alpha * ref_full_kl(z, s, t), rel=1e-6)  # finite with no label
 
 
 def test_cos_is_the_float64_mean_of_one_minus_cosine():
