@@ -161,8 +161,13 @@ def render_markdown(report: Report) -> str:
                    "standard error paired over the same dev examples (per-example correctness "
                    "averaged over seeds): a change within about 2 s.e. of zero is not resolved.")
         out.append("")
+        distilled = {r.model for t in report.tasks for r in t.results if r.task_distill}
+        if distilled:
+            out.append("† Distilled on the tasks as well: fine-tuned against the fine-tuned teacher too "
+                       "(each task's section says how).")
+            out.append("")
         out.append(table(["model", "macro accuracy %", f"Δ vs {base} (points)", "± s.e.", "% of teacher"],
-                         [[a.model, pct(a.macro_accuracy, 2),
+                         [[a.model + (" †" if a.model in distilled else ""), pct(a.macro_accuracy, 2),
                            "–" if a.delta_points is None else f"{a.delta_points:+.2f}",
                            "–" if a.delta_se_points is None else f"{a.delta_se_points:.2f}",
                            num(a.retention, 1)] for a in report.ablation]))
@@ -218,8 +223,18 @@ def render_markdown(report: Report) -> str:
                        f"its chosen epochs of a schedule spanning {max(sw['epochs'])}; " + rest)
         else:
             out.append(f"Recipe: lr {r['lr']}, {r['epochs']} epoch(s), " + rest)
+        distilled = [x for x in t.results if x.task_distill]
+        if distilled:
+            d = distilled[0].task_distill
+            out.append(f"Distilled on the task (marked †): {', '.join(x.model for x in distilled)}, fine-tuned "
+                       f"against (1 − {d['alpha']:g}) · CE(labels) + {d['alpha']:g} · T² · KL(teacher ‖ student) at "
+                       f"T = {d['temperature']:g}, the teacher being the one fine-tuned with the same seed on the "
+                       "same examples (in the sweep: on its fit examples alone)"
+                       + (f", and on the teacher's logits alone of {sp.transfer} more examples of the training "
+                          "pool whose labels are never used (the transfer set)" if sp.transfer else "") + ".")
         out.append("")
-        rows = [[x.model, spread_pct(x.accuracy), num(x.accuracy_retention, 1), spread_pct(x.macro_f1),
+        rows = [[x.model + (" †" if x.task_distill else ""), spread_pct(x.accuracy), num(x.accuracy_retention, 1),
+                 spread_pct(x.macro_f1),
                  num(x.macro_f1_retention, 1)] + ([f"{x.lr:g}", str(x.epochs)] if sw else [])
                 for x in t.results]
         out.append(table(["model", "accuracy % median (min–max)", "% of teacher",

@@ -42,7 +42,7 @@ LATER_KEYS = {"group_by_length": False}  # downstream settings and their value w
 
 def settings(config: dict[str, Any], device: torch.device, models: list[Model],
              tasks: list[downstream.Task], heldout: Corpus | None, speed: bool,
-             recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+             recorded: dict[str, Any] | None = None, distilled: list[str] | None = None) -> dict[str, Any]:
     """What every part's result depends on; eval.json holds it and a rerun must match it.
 
     Only the settings of the sections asked for are included, and `--seeds` is not: each seed is
@@ -60,6 +60,10 @@ def settings(config: dict[str, Any], device: torch.device, models: list[Model],
                 for section, keys in SECTION_KEYS.items() if asked[section]})
     if asked["downstream"]:  # settings added later: present only when used, so older reports resume
         out["downstream"].update({k: config[k] for k, off in LATER_KEYS.items() if config[k] != off})
+        if distilled:  # the students fine-tuned against the teacher too, and how
+            out["downstream"]["task_distill"] = {"students": distilled, "alpha": config["task_distill_alpha"],
+                                                 "temperature": config["task_distill_temperature"],
+                                                 "transfer": config["task_distill_transfer"]}
     inputs = {
         "models": {m.name: {"role": m.role, "weights_sha256": m.entry["weights_sha256"],
                             "tokenizer_sha256": m.tokenizer_sha} for m in models},
@@ -119,10 +123,16 @@ def sweep_key(task: str, model: str, lr: float, seed: int) -> str:
     return f"sweep/{task}/{model}/lr{lr:g}/seed{seed}"
 
 
+def soft_key(task: str, seed: int) -> str:
+    """The teacher fine-tuned on a sweep's fit examples alone (its chosen recipe, sweep seed k):
+    its logits on them are the soft labels of the distilled students' sweep."""
+    return f"soft/{task}/seed{seed}"
+
+
 @dataclass(frozen=True)
 class Parts:
     """parts/speed.json, parts/mlm/<model>.json, parts/task/<task>/<model>/seed<k>.json,
-    parts/sweep/<task>/<model>/lr<lr>/seed<k>.json."""
+    parts/sweep/<task>/<model>/lr<lr>/seed<k>.json, parts/soft/<task>/seed<k>.json."""
 
     out: Path  # the report directory
     settings_sha: str  # of eval.json's content
@@ -172,11 +182,14 @@ def split_file(task: str) -> str:
 
 def write_splits(out: Path, tasks: list[downstream.Task], splits: dict[str, downstream.Split],
                  tunes: dict[str, list[int]]) -> None:
-    """Each task's indices; `tune` (a sweep's tuning split, part of `train`) when there is one."""
+    """Each task's indices; `tune` (a sweep's tuning split, part of `train`) and `transfer` (the
+    task-distilled students' unlabelled examples) when there are."""
     ensure_dir(out / SPLITS_DIR, "report directory")
     for t in tasks:
         sp = splits[t.name]
         tune = {"tune": tunes[t.name]} if t.name in tunes else {}
+        if sp.transfer:
+            tune["transfer"] = sp.transfer
         atomic_write_json(out / split_file(t.name), {
             "task": t.name, "spec": t.spec, "method": downstream.SPLIT_METHOD, "seed": sp.seed,
             "dev_fraction": sp.dev_fraction, "examples": len(t.texts), "train": sp.train, "dev": sp.dev,

@@ -87,7 +87,8 @@ def task_section(task: downstream.Task, split: downstream.Split, split_file: str
     def used(n: str) -> dict[str, Any]:  # what the model's parts were fine-tuned with
         d = scores[n][0]
         return {"lr": d.get("lr", recipe.lr), "epochs": d.get("epochs", recipe.epochs),
-                "schedule_epochs": d.get("schedule_epochs", recipe.horizon)}
+                "schedule_epochs": d.get("schedule_epochs", recipe.horizon),
+                "task_distill": d.get("task_distill")}
 
     results = [TaskModelResult(model=n, seeds=v, accuracy=acc[n], macro_f1=f1[n],
                                accuracy_retention=kept(acc, n), macro_f1_retention=kept(f1, n),

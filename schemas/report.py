@@ -143,6 +143,8 @@ class TaskModelResult(_Frozen):
     epochs: int | None = None
     schedule_epochs: int | None = None
     sweep: list[SweepPoint] = []  # every point of its sweep, when there was one
+    # fine-tuned against the fine-tuned teacher's logits too: {"alpha": a, "temperature": T}
+    task_distill: dict[str, float] | None = None
 
 
 class TaskSplit(_Frozen):
@@ -159,6 +161,8 @@ class TaskSplit(_Frozen):
     file: str  # splits/<task>.json, relative to the report directory
     tune: int | None = None  # a sweep's tuning split: this many of the `train` examples
     tune_indices_sha256: str | None = None
+    transfer: int | None = None  # the task-distilled students' transfer set: examples after `train`
+    transfer_indices_sha256: str | None = None
 
 
 class TaskSection(_Frozen):
@@ -212,7 +216,7 @@ class Part(_Frozen):
 
     format: Literal["kdpipe-eval-part"] = PART_FORMAT
     format_version: Literal[1] = REPORT_VERSION
-    kind: Literal["mlm", "speed", "task", "sweep"]
+    kind: Literal["mlm", "speed", "task", "sweep", "soft"]
     key: str  # the file name without .json
     settings_sha256: str  # of eval.json's content: a part from other settings is never used
     data: dict[str, Any]

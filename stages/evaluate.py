@@ -13,7 +13,8 @@ REPORT_DIR/eval.json: a directory made with other settings is refused, naming wh
 Run: speed (all models interleaved), masked LM on held-out text (one pass, the teacher's logits
 shared by every student), with a sweep (`--sweep-lr`, `--sweep-epochs`) each model's sweep runs,
 one per learning rate, then the fine-tunes seed by seed, task by task, model by model, each with
-its model's recipe (the sweep's choice, see `pipeline/downstream.py`, or the fixed one). Each
+its model's recipe (the sweep's choice, see `pipeline/downstream.py`, or the fixed one), a student
+named by `--task-distill` against the teacher's logits of the same seed as well. Each
 finished unit is written atomically under parts/ and never redone: an interrupted eval, `kill -9`
 included, resumes where it stopped. `--seeds` may be raised on a rerun; the seeds already done
 are reused. Finish: assemble report.json, report.md and the plots, each written atomically.
@@ -46,7 +47,7 @@ from kdpipe.pipeline.fsutil import (
 from kdpipe.pipeline.masking import MaskingSpec
 from kdpipe.pipeline.models import Model, load_model, read_curves, resolve_models, split_name
 from kdpipe.pipeline.provenance import provenance
-from kdpipe.pipeline.report_dir import Parts, sweep_key, task_key
+from kdpipe.pipeline.report_dir import Parts, soft_key, sweep_key, task_key
 from kdpipe.schemas.report import MARKDOWN_NAME, REPORT_NAME, ModelEntry, Report
 
 
@@ -90,6 +91,11 @@ class EvalConfig(CompileSettings):
     sweep_epochs: list[int] = []
     tune_fraction: float = Field(0.2, gt=0, lt=1)
     sweep_seeds: int = Field(1, ge=1, le=100)
+    # students fine-tuned against the fine-tuned teacher's logits as well as the labels
+    task_distill: list[str] = []  # student names, or ["all"]
+    task_distill_alpha: float = Field(0.5, gt=0, le=1)
+    task_distill_temperature: float = Field(2.0, gt=0)
+    task_distill_transfer: int = Field(0, ge=0)  # unlabelled training-pool examples per task
     # size and speed
     speed: bool = True
     speed_batch_size: int = Field(32, ge=1)
@@ -101,7 +107,7 @@ class EvalConfig(CompileSettings):
     tf32: bool = False
     model_cards: bool = True  # fill in the evaluation section of each kdpipe student's model card
 
-    @field_validator("students", "tasks", "heldout")
+    @field_validator("students", "tasks", "heldout", "task_distill")
     @classmethod
     def _no_blank(cls, v: list[str]) -> list[str]:
         if any(not s.strip() for s in v):
@@ -126,6 +132,10 @@ class EvalConfig(CompileSettings):
     def grid(self) -> tuple[list[float], list[int]]:
         """The sweep's learning rates and epoch counts; an axis not given is the fixed value."""
         return self.sweep_lr or [self.lr], self.sweep_epochs or [self.epochs]
+
+    def soft_labels(self, logits: list[list[float]]) -> downstream.SoftLabels:
+        return downstream.SoftLabels(torch.tensor(logits, dtype=torch.float32), self.task_distill_alpha,
+                                     self.task_distill_temperature)
 
     def heldout_spec(self) -> mlm_eval.Heldout:
         masking = MaskingSpec(self.mask_prob, self.mask_token_prob, self.random_token_prob, 0.0,
@@ -154,6 +164,7 @@ class Setup:
     tasks: list[downstream.Task]
     splits: dict[str, downstream.Split]
     tunes: dict[str, list[int]]  # task -> its tuning split (training examples), when sweeping
+    distilled: set[str]  # the students fine-tuned against the teacher's logits too
     settings: dict[str, Any]  # eval.json content
     parts: Parts
     warnings: list[str]
@@ -181,10 +192,20 @@ def set_up(cfg: EvalConfig) -> Setup:
         if t.dropped:
             say(f"note: task {t.name}: {t.dropped} of {t.dropped + len(t.texts)} rows have no text or no label "
                 "and are skipped")
+    if cfg.task_distill_transfer and not cfg.task_distill:
+        raise KdpipeError("--task-distill-transfer is the transfer set of the students --task-distill names; "
+                          "name them")
     splits = {t.name: downstream.split_indices(len(t.texts), cfg.dev_fraction, cfg.split_seed,
-                                               cfg.max_train_examples, cfg.max_dev_examples) for t in tasks}
+                                               cfg.max_train_examples, cfg.max_dev_examples,
+                                               cfg.task_distill_transfer) for t in tasks}
+    for name, sp in splits.items():
+        if len(sp.transfer) < cfg.task_distill_transfer:
+            say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
+                f"{len(sp.train)} fine-tuned on, so the transfer set has {len(sp.transfer)}, not "
+                f"{cfg.task_distill_transfer}" + ("" if cfg.max_train_examples else " (set --max-train-examples)"))
     tunes = {name: downstream.tune_split(sp.train, cfg.tune_fraction, cfg.split_seed)
              for name, sp in splits.items()} if cfg.sweeping else {}
+    distilled = task_distilled(cfg.task_distill, [m.name for m in students], bool(tasks))
     load_model(teacher)
     for s in students:
         load_model(s, teacher.tokenizer)
@@ -195,10 +216,22 @@ def set_up(cfg: EvalConfig) -> Setup:
         warnings += mlm_eval.overlap_warnings(students, heldout)
     device = pick_device(cfg.device)
     settings = report_dir.settings(cfg.model_dump(mode="json"), device, models, tasks, heldout, cfg.speed,
-                                   cfg.compile_record())
+                                   cfg.compile_record(), sorted(distilled))
     out = Path(cfg.out)
-    return Setup(cfg, out, device, models, heldout, tasks, splits, tunes, settings,
+    return Setup(cfg, out, device, models, heldout, tasks, splits, tunes, distilled, settings,
                  Parts(out, sha256_bytes(dumps_json(settings))), warnings)
+
+
+def task_distilled(asked: list[str], students: list[str], tasks: bool) -> set[str]:
+    """The students `--task-distill` names (`all`: every one); each must be a student."""
+    if asked and not tasks:
+        raise KdpipeError("--task-distill needs a downstream task (--task)")
+    if "all" in asked:
+        return set(students)
+    unknown = [n for n in asked if n not in students]
+    if unknown:
+        raise KdpipeError(f"--task-distill {unknown[0]!r} is not a student (students: {', '.join(students)})")
+    return set(asked)
 
 
 def sweep_points(s: Setup, task: str, model: str) -> list[downstream.SweepPoint]:
@@ -254,6 +287,24 @@ def run(s: Setup) -> dict[str, int]:
         m.module.cpu()  # fine-tuning loads its own copy; free the accelerator
         return encoded[ek]
 
+    def sweep_soft(task: downstream.Task, k: int) -> downstream.SoftLabels:
+        """The teacher's logits on the sweep's fit examples, from the teacher fine-tuned on them
+        alone with its own chosen recipe and sweep seed k: the tuning split stays unseen."""
+        nonlocal done
+        key = soft_key(task.name, k)
+        part = s.parts.read(key)
+        if part is None:
+            t = s.teacher
+            fit = downstream.carve(data(task, t), s.splits[task.name].train, s.tunes[task.name])
+            part = downstream.finetune_and_score(str(t.path), t.tokenizer.pad_token_id, fit, task.label_names,
+                                                 model_recipe(s, task.name, t.name), k, s.device,
+                                                 s.cfg.compile_spec(), train_logits=True)
+            s.parts.write("soft", key, {**part, "model": t.name, "task": task.name})
+            done += 1
+            say(f"{task.name} | {t.name} | soft labels of the sweep's fit examples, seed {k} "
+                f"(tuning accuracy {part['accuracy']:.4f})")
+        return s.cfg.soft_labels(part["train_logits"])
+
     if s.cfg.sweeping:
         lrs, epochs = s.cfg.grid()
         base = s.cfg.recipe()
@@ -267,9 +318,10 @@ def run(s: Setup) -> dict[str, int]:
                             continue
                         sweep_data = downstream.carve(data(task, m), s.splits[task.name].train,
                                                       s.tunes[task.name])
+                        soft = sweep_soft(task, k) if m.name in s.distilled else None
                         result = downstream.sweep_rate(str(m.path), m.tokenizer.pad_token_id, sweep_data,
                                                        task.label_names, replace(base, lr=lr), epochs, k,
-                                                       s.device, s.cfg.compile_spec())
+                                                       s.device, s.cfg.compile_spec(), soft)
                         s.parts.write("sweep", key, {**result, "model": m.name, "task": task.name})
                         done += 1
                         say(f"{task.name} | {m.name} | sweep lr {lr:g} seed {k}: tuning accuracy "
@@ -281,13 +333,16 @@ def run(s: Setup) -> dict[str, int]:
             for m in s.models:
                 key = task_key(task.name, m.name, seed)
                 recipe = recipes[task.name, m.name]
-                if fits(s.parts.read(key), recipe):
+                soft = s.cfg.soft_labels(s.parts.done(task_key(task.name, s.teacher.name, seed))["train_logits"]) \
+                    if m.name in s.distilled else None
+                keep_logits = m is s.teacher and bool(s.distilled)  # the distilled students' soft labels
+                if fits(s.parts.read(key), recipe, soft, keep_logits):
                     reused += 1
                     continue
                 try:
                     result = downstream.finetune_and_score(str(m.path), m.tokenizer.pad_token_id, data(task, m),
                                                            task.label_names, recipe, seed, s.device,
-                                                           s.cfg.compile_spec())
+                                                           s.cfg.compile_spec(), soft, keep_logits)
                 except KdpipeError as e:
                     raise KdpipeError(f"task {task.name}: {e}") from None
                 s.parts.write("task", key, {**result, "model": m.name, "task": task.name})
@@ -298,13 +353,17 @@ def run(s: Setup) -> dict[str, int]:
     return {"computed": done, "reused": reused}
 
 
-def fits(part: dict[str, Any] | None, recipe: downstream.Recipe) -> bool:
+def fits(part: dict[str, Any] | None, recipe: downstream.Recipe, soft: downstream.SoftLabels | None = None,
+         train_logits: bool = False) -> bool:
     """Whether a fine-tuning part was made with `recipe`'s rate and epochs (a part from before
-    they were recorded was made with the fixed recipe of the same settings)."""
+    they were recorded was made with the fixed recipe of the same settings), against the same
+    soft labels' weight and temperature, and keeps its training logits if they are needed."""
     if part is None:
         return False
+    distill = {"alpha": soft.alpha, "temperature": soft.temperature} if soft is not None else None
     return (part.get("lr", recipe.lr), part.get("epochs", recipe.epochs),
-            part.get("schedule_epochs", recipe.horizon)) == (recipe.lr, recipe.epochs, recipe.horizon)
+            part.get("schedule_epochs", recipe.horizon)) == (recipe.lr, recipe.epochs, recipe.horizon) \
+        and part.get("task_distill") == distill and (not train_logits or "train_logits" in part)
 
 
 def finish(s: Setup) -> Report:
@@ -432,6 +491,17 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 @click.option("--tune-fraction", type=float, help="Share of the training examples the sweep "
               "scores on (never the dev split). [0.2]")
 @click.option("--sweep-seeds", type=int, help="Seeds per sweep point; their mean decides. [1]")
+@click.option("--task-distill", "task_distill", multiple=True, help="A student fine-tuned against the "
+              "fine-tuned teacher's class logits on the training examples as well as their labels "
+              "(DistilBERT's distillation during fine-tuning; the teacher of the same seed, and in a "
+              "sweep the teacher fine-tuned on the sweep's fit examples alone). Repeatable; 'all' for "
+              "every student. [none]")
+@click.option("--task-distill-alpha", type=float, help="Weight of the soft labels' KL in that loss, "
+              "(1 - alpha) * CE + alpha * T^2 * KL. [0.5]")
+@click.option("--task-distill-temperature", type=float, help="Temperature T of that KL. [2.0]")
+@click.option("--task-distill-transfer", type=int, help="A transfer set for those students: up to N more "
+              "examples of each task's training pool (after the --max-train-examples fine-tuned on; never "
+              "dev), their labels never used, fine-tuned on with the teacher's logits only. [0]")
 @click.option("--speed/--no-speed", default=None, help="Measure latency and throughput. [on]")
 @click.option("--speed-batch-size", type=int, help="Batch size of the throughput test. [32]")
 @click.option("--speed-seq-len", type=int, help="Tokens per sequence of the speed test. [128]")

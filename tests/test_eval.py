@@ -437,6 +437,69 @@ def test_settings_added_later_are_recorded_only_when_used(sweep_dir: Path, repor
     assert "group_by_length" not in plain["downstream"] and "sweep" not in plain
 
 
+def test_a_student_distilled_on_the_task_is_fine_tuned_against_the_teacher(
+        tmp_path: Path, work: Path, teacher_dir: Path, sweep_dir: Path) -> None:
+    """`--task-distill NAME`: that student's sweep and fine-tunes use the teacher's logits (its sweep
+    the teacher's fine-tuned on the fit examples alone), on the training examples and a transfer
+    set of unlabelled ones; every other fine-tune is what it is without the option, bit for bit."""
+    out = tmp_path / "td"
+    args = [*sweep_args(work, teacher_dir, out), "--student", f"full-td={work / 'full'}",
+            "--task-distill-transfer", "10", "--task-distill", "full-td", "--task-distill-alpha", "0.7"]
+    summary = ok(kdpipe(*args))
+    assert summary["computed"] == 4 * 2 + 1 + 4 * 2  # 4 models x 2 rates, the soft labels, 4 models x 2 seeds
+    report = Report.model_validate_json((out / "report.json").read_text())
+    (task,) = report.tasks
+    by = {r.model: r for r in task.results}
+    assert by["full-td"].task_distill == {"alpha": 0.7, "temperature": 2.0}
+    assert all(by[n].task_distill is None for n in (report.teacher, "full", "no-ce"))
+    part = lambda root, *key: json.loads((root / "parts" / Path(*key)).with_suffix(".json").read_text())["data"]  # noqa: E731
+    for n in (report.teacher, "full", "no-ce"):
+        for seed in (0, 1):
+            a, b = part(out, "task", task.name, n, f"seed{seed}"), part(sweep_dir, "task", task.name, n, f"seed{seed}")
+            assert {k: v for k, v in a.items() if k not in ("train_seconds", "train_logits")} == \
+                {k: v for k, v in b.items() if k != "train_seconds"}
+            assert ("train_logits" in a) == (n == report.teacher)
+        assert by[n].sweep == next(r for r in Report.model_validate_json(
+            (sweep_dir / "report.json").read_text()).tasks[0].results if r.model == n).sweep
+    # the transfer set: 10 training-pool examples after the 40 fine-tuned on, never dev
+    split = json.loads((out / task.split.file).read_text())
+    transfer = split["transfer"]
+    assert len(transfer) == task.split.transfer == 10 and not set(transfer) & (set(split["train"]) | set(split["dev"]))
+    assert task.split.transfer_indices_sha256 == downstream.indices_sha(transfer)
+    teacher = part(out, "task", task.name, report.teacher, "seed0")
+    assert torch.tensor(teacher["train_logits"]).shape == (40 + 10, 2)
+    # the sweep's soft labels: the teacher at its chosen point, fine-tuned on the 30 fit examples
+    soft = part(out, "soft", task.name, "seed0")
+    best = downstream.choose(list(by[report.teacher].sweep))
+    assert (soft["lr"], soft["epochs"], len(soft["train_logits"])) == (best.lr, best.epochs, 30 + 10)
+    assert soft["accuracy"] == best.accuracy  # the same run as the sweep's, scored on the tuning split
+    for lr in (3e-4, 3e-3):
+        assert part(out, "sweep", task.name, "full-td", f"lr{lr:g}", "seed0")["task_distill"] == \
+            {"alpha": 0.7, "temperature": 2.0}
+    td = part(out, "task", task.name, "full-td", "seed1")
+    assert td["task_distill"]["alpha"] == 0.7 and td["steps"] == 7 * td["epochs"]  # ceil(50 / 8) per epoch
+    md = (out / "report.md").read_text()
+    assert "| full-td † |" in md and "Distilled on the task (marked †): full-td" in md
+    assert "logits alone of 10 more examples of the training pool" in md
+    assert "† Distilled on the tasks as well" in md and md.count("| full-td † |") == 2  # task and ablation tables
+    settings = json.loads((out / "eval.json").read_text())["settings"]["downstream"]["task_distill"]
+    assert settings == {"students": ["full-td"], "alpha": 0.7, "temperature": 2.0, "transfer": 10}
+    assert ok(kdpipe(*args))["computed"] == 0  # resumes
+    one_line_error(kdpipe(*args[:-2]), "other settings",
+                   "task_distill.alpha: 0.7 → 0.5")
+
+
+def test_task_distill_names_students_of_a_run_with_a_task(work: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    args = sweep_args(work, teacher_dir, tmp_path / "r")
+    one_line_error(kdpipe(*args, "--task-distill", "nobody"), "'nobody' is not a student", "full, no-ce")
+    no_task = [a for a in args if a != work / "task.jsonl" and a != "--task"]
+    one_line_error(kdpipe(*no_task, "--task-distill", "full"), "--task-distill needs a downstream task")
+    one_line_error(kdpipe(*args, "--task-distill", "full", "--task-distill-alpha", "0"), "task_distill_alpha")
+    one_line_error(kdpipe(*args, "--task-distill-transfer", "5"), "--task-distill-transfer", "name them")
+    one_line_error(kdpipe(*args, "--task-distill", "full", "--task-distill-transfer", "-1"), "task_distill_transfer")
+    assert not (tmp_path / "r").exists()
+
+
 def test_sweep_grid_must_be_positive_and_distinct(work: Path, teacher_dir: Path, tmp_path: Path) -> None:
     args = sweep_args(work, teacher_dir, tmp_path / "r")[:-6]
     one_line_error(kdpipe(*args, "--sweep-lr", "1e-4,1e-4"), "sweep_lr", "distinct")
