@@ -106,6 +106,9 @@ class Preset:
     # the share of each task's examples held out as its dev split (eval's --dev-fraction); the
     # 1,000 training examples come from the rest, so a larger share only shrinks the s.e.
     task_dev_fraction: float = 0.1
+    # the task-distilled students' transfer set: up to this many more examples of each task's
+    # training pool, labels never used (eval's --task-distill-transfer)
+    task_distill_transfer: int = 0
 
 
 PRESETS = {
@@ -123,7 +126,7 @@ PRESETS = {
     "whole-text": Preset(adapt_steps=461, train_steps=None, epochs=1, batch=32, task_train=1000,
                          task_dev=None, seeds=3, task_epochs=3, heldout_sequences=256, task_lr=1e-4,
                          task_batch=16, task_sweep_lr=(5e-5, 1e-4, 2e-4, 4e-4), task_sweep_epochs=(2, 3, 4),
-                         task_dev_fraction=0.5),
+                         task_dev_fraction=0.5, task_distill_transfer=3000),
     # what fits beside other work in one session on 2 shared CPU cores: the demo's amount of text
     # (1,024 sequences, 131k tokens), one epoch of it; one seed of 500 task examples, 3 epochs at
     # lr 1e-4 (2 epochs at 5e-5 left even the teacher at chance on movie sentiment)
@@ -133,7 +136,7 @@ PRESETS = {
     # a smoke run of every phase
     "tiny": Preset(adapt_steps=2, train_steps=3, epochs=None, batch=4, task_train=32, task_dev=32,
                    seeds=1, task_epochs=1, heldout_sequences=4, dump_sequences=48,
-                   task_sweep_lr=(1e-4, 2e-4), task_sweep_epochs=(1,)),
+                   task_sweep_lr=(1e-4, 2e-4), task_sweep_epochs=(1,), task_distill_transfer=16),
 }
 
 # run name -> cache, StudentConfig overrides, and `length`: the preset's updates times that (an
@@ -158,6 +161,10 @@ STUDENTS: dict[str, dict[str, Any]] = {
     # compute (3x cached's updates each): the same masks three times, or three mask draws
     "epochs-3": {"cache": "topk", "length": 3},
     "views-3": {"cache": "topk-views3", "length": 3},
+    # the cached student itself, distilled on each task as well (DistilBERT's section 4.2; issue 16):
+    # fine-tuned against the fine-tuned teacher's logits on the training examples and on the preset's
+    # transfer set of unlabelled ones (eval's --task-distill)
+    "task-distilled": {"cache": "topk", "same_run_as": "cached", "task_distill": True},
 }
 MODES = {  # cache name -> DumpConfig overrides; same seed, so the same masks in every cache
     "topk": dict(targets="topk", top_k=32, temperatures=[1.0, 2.0, 4.0], hidden_proj="pca", hidden_dim=128),
@@ -242,6 +249,11 @@ class Bench:
         runs = {}
         for name in self.names:
             spec = dict(STUDENTS[name])
+            spec.pop("task_distill", None)  # eval's, not student-train's
+            if base := spec.pop("same_run_as", None):
+                assert base in runs, f"{name} is {base}'s run: list {base} before it"
+                runs[name] = runs[base]
+                continue
             mode, online = spec.pop("cache"), spec.pop("online", False)
             cache, times, p = caches[mode], spec.pop("length", 1), self.p
             epochs, views = (None, 1) if p.epochs is None else (times * p.epochs, MODES[mode].get("mask_views", 1))
@@ -260,6 +272,7 @@ class Bench:
 
     def evaluate(self, teacher: str, runs: dict[str, Path], heldout: Path) -> dict[str, Any]:
         p = self.p
+        distilled = [n for n in runs if STUDENTS[n].get("task_distill")]
         self.timed("eval", lambda: evaluate.main(evaluate.EvalConfig(
             teacher=f"teacher={teacher}", students=[f"{n}={r}" for n, r in runs.items()],
             baseline="cached", out=str(self.w / "report"), heldout=[str(heldout)],
@@ -267,6 +280,7 @@ class Bench:
             max_dev_examples=p.task_dev, dev_fraction=p.task_dev_fraction, seeds=p.seeds, epochs=p.task_epochs, lr=p.task_lr,
             sweep_lr=list(p.task_sweep_lr), sweep_epochs=list(p.task_sweep_epochs),
             batch_size=p.task_batch, max_length=64, group_by_length=True,
+            task_distill=distilled, task_distill_transfer=p.task_distill_transfer if distilled else 0,
             speed_repeats=5, device=self.device, precision=self.precision)))
         return json.loads((self.w / "report" / "report.json").read_text())
 
@@ -394,6 +408,11 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         order = t.get("ablation_order", {})
         lines += ["", f"- Retention of the cached student: **{ret:.1f}% ± {ret_se:.1f}** (s.e.) of the teacher's "
                   f"macro accuracy; target ≥ 97%: {verdict(ret, ret_se, 97.0, math.inf)}."]
+        for n in (n for n in names if STUDENTS.get(n, {}).get("task_distill")):
+            r, r_se = t["retention_pct"][n], t.get("retention_se_pct", {}).get(n, 0.0)
+            lines.append(f"- Retention of {n} (the cached student, distilled on each task too, with a transfer set "
+                         f"of up to {summary.get('preset_sizes', {}).get('task_distill_transfer')} unlabelled "
+                         f"examples): **{r:.1f}% ± {r_se:.1f}**; target ≥ 97%: {verdict(r, r_se, 97.0, math.inf)}.")
         if gap is not None:
             lines.append(f"- Cached minus online: **{gap:+.2f} ± {gap_se:.2f} points** (s.e.); target within "
                          f"0.3: {verdict(gap, gap_se, -0.3, 0.3)}.")
