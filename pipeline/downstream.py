@@ -28,7 +28,8 @@ training examples with each reporting seed: the chosen rate, stopped after the c
 a schedule spanning the grid's largest count.
 
 A student may also be distilled on the task (`SoftLabels`): fine-tuned against a fine-tuned
-teacher's class logits on the same training examples as well as their labels.
+teacher's class logits on the same training examples as well as their labels, and on its logits
+alone of a transfer set (training-pool examples after those fine-tuned on, labels never read).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from kdpipe.pipeline.compiling import Compile, compiled
 from kdpipe.pipeline.device import MIN_LOSS_SCALE, autocast, grad_scaler
 from kdpipe.pipeline.errors import KdpipeError, first_line, tensor_file_errors
 from kdpipe.pipeline.fsutil import sha256_file
-from kdpipe.pipeline.losses import task_distill_loss
+from kdpipe.pipeline.losses import UNLABELLED, task_distill_loss
 from kdpipe.pipeline.padding import pad
 from kdpipe.pipeline.schedule import lr_at
 from kdpipe.pipeline.teacher import quiet_transformers
@@ -402,8 +403,6 @@ def carve(data: Encoded, train: list[int], tune: list[int]) -> Encoded:
                    [data.train_ids[p] for p in scored], [data.train_y[p] for p in scored], data.transfer_ids)
 
 
-UNLABELLED = -100  # the class index of a transfer example: no cross-entropy term (F.cross_entropy's default)
-
 GROUP_POOL = 16  # batches per pool that `train_batches` sorts by length
 
 
@@ -462,8 +461,9 @@ def finetune(model_path: str, pad_id: int, data: Encoded, label_names: list[str]
     """A fresh classifier from `model_path` fine-tuned on `data`'s training examples for
     `recipe.epochs` epochs of a schedule spanning `recipe.horizon`, against their labels and, with
     `soft`, a teacher's logits on them too; `after_epoch(epochs done, model)` is called after each
-    epoch (scoring there uses no random numbers, so it does not change the run). Returns the model (torch.compile's wrapper of it with `compile_spec`), its optimizer
-    steps and the seconds spent training (compiling included).
+    epoch (scoring there uses no random numbers, so it does not change the run). Returns the model
+    (torch.compile's wrapper of it with `compile_spec`), its optimizer steps and the seconds spent
+    training (compiling included).
 
     In fp16 the loss is scaled (torch.amp.GradScaler): an update whose gradients overflow is
     skipped and the scale halved, as in transformers' Trainer (the schedule still advances); one

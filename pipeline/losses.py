@@ -142,15 +142,18 @@ def exact_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+UNLABELLED = -100  # the class of a transfer example: no cross-entropy term (F.cross_entropy's ignore_index)
+
+
 def task_distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
                       alpha: float, temperature: float) -> torch.Tensor:
     """Fine-tuning against a fine-tuned teacher as well as the labels (DistilBERT's section 4.2,
     after Hinton et al.): (1 - alpha) * CE(logits, labels) + alpha * T^2 * mean KL(p_T || q_T).
-    The CE is the mean over the labelled rows (label -100: a transfer example, soft label only;
+    The CE is the mean over the labelled rows (UNLABELLED: a transfer example, soft label only;
     0 where the batch has none), the KL over all. logits and teacher_logits (B, C), labels (B,);
     float32 whatever the autocast."""
-    labelled = (labels != -100).sum().clamp(min=1)
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum") / labelled
+    labelled = (labels != UNLABELLED).sum().clamp(min=1)
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=UNLABELLED, reduction="sum") / labelled
     kl = exact_kl(logits, teacher_logits, temperature).mean()
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
