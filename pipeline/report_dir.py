@@ -187,10 +187,10 @@ def write_splits(out: Path, tasks: list[downstream.Task], splits: dict[str, down
     ensure_dir(out / SPLITS_DIR, "report directory")
     for t in tasks:
         sp = splits[t.name]
-        tune = {"tune": tunes[t.name]} if t.name in tunes else {}
+        extra = {"tune": tunes[t.name]} if t.name in tunes else {}
         if sp.transfer:
-            tune["transfer"] = sp.transfer
+            extra["transfer"] = sp.transfer
         atomic_write_json(out / split_file(t.name), {
             "task": t.name, "spec": t.spec, "method": downstream.SPLIT_METHOD, "seed": sp.seed,
             "dev_fraction": sp.dev_fraction, "examples": len(t.texts), "train": sp.train, "dev": sp.dev,
-            **tune})
+            **extra})

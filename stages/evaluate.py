@@ -423,9 +423,13 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
 def fill_model_cards(s: Setup, report: Report) -> list[str]:
     """The evaluation section of the model card (README.md) of every student that has a kdpipe
-    card, from this report; the cards written. A card that cannot be written is named, not fatal."""
-    written = []
+    card, from this report; the cards written. A card that cannot be written is named, not fatal.
+    A run named twice (plain and `--task-distill`, say) gets its first name's section."""
+    written, seen = [], set()
     for m in s.students:
+        if m.path.resolve() in seen:
+            continue
+        seen.add(m.path.resolve())
         section = model_card.eval_section(report, m.name, storage.display(s.out))
         try:
             if model_card.fill_eval(m.path, section):

@@ -489,6 +489,20 @@ def test_a_student_distilled_on_the_task_is_fine_tuned_against_the_teacher(
                    "task_distill.alpha: 0.7 → 0.5")
 
 
+def test_a_run_named_twice_gets_its_first_names_model_card(tmp_path: Path, work: Path, teacher_dir: Path) -> None:
+    run = Path(shutil.copytree(work / "full", tmp_path / "run"))
+    card = run / "final" / "README.md"
+    card.write_text("# student\n<!-- kdpipe:eval -->\n<!-- /kdpipe:eval -->\n")
+    out = ok(kdpipe("--teacher", teacher_dir, "--student", f"plain={run}", "--student", f"td={run}",
+                    "--task-distill", "td", "--task", work / "task.jsonl", "--out", tmp_path / "r", "--no-speed",
+                    "--seeds", "1", "--epochs", "1", "--batch-size", "8", "--max-train-examples", "20"))
+    assert out["model_cards"] == [str(card)]  # once, not overwritten by the second name
+    from kdpipe.pipeline import model_card
+
+    report = Report.model_validate_json((tmp_path / "r" / "report.json").read_text())
+    assert model_card.eval_section(report, "plain", str(tmp_path / "r")) in card.read_text()
+
+
 def test_task_distill_names_students_of_a_run_with_a_task(work: Path, teacher_dir: Path, tmp_path: Path) -> None:
     args = sweep_args(work, teacher_dir, tmp_path / "r")
     one_line_error(kdpipe(*args, "--task-distill", "nobody"), "'nobody' is not a student", "full, no-ce")
