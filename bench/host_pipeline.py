@@ -19,7 +19,7 @@ pace is everything around them; this measures that on any machine, with no model
   writes the files in order), so the speed-up of N writers over one is bounded by one writer's
   max(m, w, (m + w) / C, io) over that: printed next to the measured scaling.
 - disk floor: io alone, as tokens/s: the dump's ceiling on this disk whatever the cores (on the
-  2-core VM, 4-5.5M tokens/s, 3-4x what one writer reaches: not what holds two writers back).
+  2-core VMs seen, 2.8-5.5M tokens/s, 3-4x what one writer reaches: not what holds two writers back).
 - dump floor: zstd at the dump's level over the same shards' raw Arrow buffers, plus SHA-256 of
   what that produced: the work no dump avoids, on one core (and N cores in N processes).
 - loader: `loader.iter_batches` (hash check, Parquet decode, shuffle, collation) over the
@@ -274,18 +274,18 @@ def loader_path(out: Path, manifest, batch: int, workers: int) -> tuple[float, i
 
 # ------------------------------------------------------------------------------------- measuring
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
-    return int(text)
+def whole(low: int, high: int | None = None, what: str = "a whole number"):
+    """An argparse type: a whole number from `low` (to `high`)."""
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < low or (high is not None and int(text) > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"{what} {span}, not {text!r}")
+        return int(text)
+    return parse
 
 
-def zstd_level(text: str) -> int:
-    """An argparse type: a zstd level the dump accepts (1..22)."""
-    if not text.strip().isdigit() or not 1 <= int(text) <= 22:
-        raise argparse.ArgumentTypeError(f"a zstd level from 1 to 22, not {text!r}")
-    return int(text)
+positive = whole(1)
+zstd_level = whole(1, 22, "a zstd level")  # what the dump accepts
 
 
 def main() -> None:

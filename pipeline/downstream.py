@@ -354,6 +354,14 @@ class SoftLabels:
     alpha: float
     temperature: float
 
+    def record(self) -> dict[str, float]:
+        """How a fine-tune was distilled, as its part records it."""
+        return distill_record(self.alpha, self.temperature)
+
+
+def distill_record(alpha: float, temperature: float) -> dict[str, float]:
+    return {"alpha": alpha, "temperature": temperature}
+
 
 def choose(points: list[SweepPoint]) -> SweepPoint:
     """The best point: highest tuning accuracy, then macro-F1; ties go to fewer epochs, then the
@@ -542,7 +550,7 @@ def finetune_and_score(model_path: str, pad_id: int, data: Encoded, label_names:
            "schedule_epochs": recipe.horizon,
            "dev_predictions": preds}  # class indices in dev order: paired comparisons between models
     if soft is not None:
-        out["task_distill"] = {"alpha": soft.alpha, "temperature": soft.temperature}
+        out["task_distill"] = soft.record()
     if train_logits:  # the transfer set's after the training examples'
         out["train_logits"] = class_logits(model, data.train_ids + data.transfer_ids, pad_id,
                                            recipe.eval_batch_size, device).tolist()
@@ -572,7 +580,7 @@ def sweep_rate(model_path: str, pad_id: int, data: Encoded, label_names: list[st
            "train_seconds": round(seconds, 3), "fit_examples": len(data.train_ids),
            "tune_examples": len(data.dev_ids)}
     if soft is not None:
-        out["task_distill"] = {"alpha": soft.alpha, "temperature": soft.temperature}
+        out["task_distill"] = soft.record()
     return out
 
 

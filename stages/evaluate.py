@@ -133,6 +133,9 @@ class EvalConfig(CompileSettings):
         """The sweep's learning rates and epoch counts; an axis not given is the fixed value."""
         return self.sweep_lr or [self.lr], self.sweep_epochs or [self.epochs]
 
+    def distill_record(self) -> dict[str, float]:
+        return downstream.distill_record(self.task_distill_alpha, self.task_distill_temperature)
+
     def soft_labels(self, logits: list[list[float]]) -> downstream.SoftLabels:
         return downstream.SoftLabels(torch.tensor(logits, dtype=torch.float32), self.task_distill_alpha,
                                      self.task_distill_temperature)
@@ -333,12 +336,13 @@ def run(s: Setup) -> dict[str, int]:
             for m in s.models:
                 key = task_key(task.name, m.name, seed)
                 recipe = recipes[task.name, m.name]
-                soft = s.cfg.soft_labels(s.parts.done(task_key(task.name, s.teacher.name, seed))["train_logits"]) \
-                    if m.name in s.distilled else None
+                distill = s.cfg.distill_record() if m.name in s.distilled else None
                 keep_logits = m is s.teacher and bool(s.distilled)  # the distilled students' soft labels
-                if fits(s.parts.read(key), recipe, soft, keep_logits):
+                if fits(s.parts.read(key), recipe, distill, keep_logits):
                     reused += 1
                     continue
+                soft = None if distill is None else \
+                    s.cfg.soft_labels(s.parts.done(task_key(task.name, s.teacher.name, seed))["train_logits"])
                 try:
                     result = downstream.finetune_and_score(str(m.path), m.tokenizer.pad_token_id, data(task, m),
                                                            task.label_names, recipe, seed, s.device,
@@ -353,14 +357,14 @@ def run(s: Setup) -> dict[str, int]:
     return {"computed": done, "reused": reused}
 
 
-def fits(part: dict[str, Any] | None, recipe: downstream.Recipe, soft: downstream.SoftLabels | None = None,
+def fits(part: dict[str, Any] | None, recipe: downstream.Recipe, distill: dict[str, float] | None = None,
          train_logits: bool = False) -> bool:
     """Whether a fine-tuning part was made with `recipe`'s rate and epochs (a part from before
     they were recorded was made with the fixed recipe of the same settings), against the same
-    soft labels' weight and temperature, and keeps its training logits if they are needed."""
+    soft labels' weight and temperature (`distill`: None for a plain fine-tune), and keeps its
+    training logits if they are needed."""
     if part is None:
         return False
-    distill = {"alpha": soft.alpha, "temperature": soft.temperature} if soft is not None else None
     return (part.get("lr", recipe.lr), part.get("epochs", recipe.epochs),
             part.get("schedule_epochs", recipe.horizon)) == (recipe.lr, recipe.epochs, recipe.horizon) \
         and part.get("task_distill") == distill and (not train_logits or "train_logits" in part)
