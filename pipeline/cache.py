@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from kdpipe.pipeline.errors import CacheMismatchError, CorruptCacheError, KdpipeError, validate_record
-from kdpipe.pipeline.fsutil import dumps_json, read_json, safe_join, sha256_bytes, sha256_file
+from kdpipe.pipeline.fsutil import dumps_json, read_hashed, read_json, safe_join, sha256_bytes, sha256_file
 from kdpipe.pipeline.shards import read_fingerprint
 from kdpipe.schemas.manifest import (  # noqa: F401  (the layout's names, used as cachedir.NAME)
     FINGERPRINT_NAME, HEAD_NAME, MANIFEST_NAME, MANIFEST_VERSION, PROJECTION_NAME, RUN_INFO_NAME,
@@ -176,10 +176,13 @@ def _fetcher(cache_dir: Path) -> Any | None:
     return _remote.get(Path(cache_dir).resolve()) if _remote else None
 
 
-def check_file(cache_dir: Path, entry: ShardEntry | FileEntry, data: bytes | None = None) -> Problem | None:
+def check_file(cache_dir: Path, entry: ShardEntry | FileEntry, data: bytes | memoryview | None = None,
+               path: Path | None = None, digest: str | None = None) -> Problem | None:
     """Size (for shards) and SHA-256 of one listed file against the manifest; `data`: the file's
-    bytes, read already (they are what is hashed and whose footer is read, not the file again)."""
-    path = safe_join(cache_dir, entry.path)
+    bytes, read already (they are what is hashed and whose footer is read, not the file again),
+    `digest` their SHA-256 where the reader hashed them as it read; `path`: its path as
+    `safe_join` resolved it already."""
+    path = path or safe_join(cache_dir, entry.path)
     if data is None and isinstance(entry, ShardEntry) and (fetcher := _fetcher(cache_dir)) is not None:
         fetcher.fetch(entry.path)
     if data is None and not path.is_file():
@@ -187,7 +190,7 @@ def check_file(cache_dir: Path, entry: ShardEntry | FileEntry, data: bytes | Non
     size = len(data) if data is not None else path.stat().st_size
     if isinstance(entry, ShardEntry) and size != entry.bytes:
         return Problem(entry.path, f"size {size} bytes, manifest says {entry.bytes}")
-    digest = sha256_bytes(data) if data is not None else sha256_file(path)
+    digest = digest or (sha256_bytes(data) if data is not None else sha256_file(path))
     if digest != entry.sha256:
         return Problem(entry.path, f"SHA-256 {digest[:12]}..., manifest says {entry.sha256[:12]}...")
     want = _expected_fingerprint.get(Path(cache_dir).resolve()) if isinstance(entry, ShardEntry) else None
@@ -244,11 +247,14 @@ def open_shard(cache_dir: Path, entry: ShardEntry) -> Path:
     return path
 
 
-def shard_source(cache_dir: Path, entry: ShardEntry, keep: bool = True) -> tuple[Path, bytes | None]:
+def shard_source(cache_dir: Path, entry: ShardEntry, keep: bool = True, buffer: bytearray | None = None
+                 ) -> tuple[Path, bytes | memoryview | None]:
     """A listed shard's path and, with `keep`, its bytes: read once, hashed and checked against the
     manifest before any of it is used, so the reader parses what was hashed (no second read of the
     file, no window for it to change in between). None instead of the bytes where this process
-    checked this very file before (same path, hash, size, mtime and inode): read it from the path."""
+    checked this very file before (same path, hash, size, mtime and inode): read it from the path.
+    `buffer` (at least the shard's size): read into it and hashed as read (`fsutil.read_hashed`);
+    the view returned is valid until the caller reuses the buffer."""
     path = safe_join(cache_dir, entry.path)
     if (fetcher := _fetcher(cache_dir)) is not None:
         fetcher.fetch(entry.path)  # a cache on a store: bring the shard here first
@@ -259,11 +265,14 @@ def shard_source(cache_dir: Path, entry: ShardEntry, keep: bool = True) -> tuple
         key = None
     if key is not None and key in _verified:
         return path, None
-    data = None
+    data, digest = None, None
     if keep and key is not None and key[2] == entry.bytes:  # the size the manifest says: worth reading
-        with open(path, "rb") as f:
-            data = f.read()
-    problem = check_file(cache_dir, entry, data)
+        if buffer is not None:
+            data, digest = read_hashed(path, entry.bytes, buffer)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    problem = check_file(cache_dir, entry, data, path, digest)
     if problem:
         raise CorruptCacheError(f"corrupt cache: {Path(cache_dir) / problem.path}: {problem.what}; "
                                 "run `kdpipe cache verify` and re-dump the shard")

@@ -16,8 +16,11 @@ With several ranks (DDP) every rank forms the same global batches and keeps a co
 of each one's rows (`part`): the data position stays global, so a checkpoint resumes on any
 number of ranks without skipping or repeating a row. Each rank reads the windows' shards, but
 decodes and trains on its own rows only.
-Only the current window is in memory (each shard's file read once by `cache.shard_source`, its
-hash checked before use, then parsed a row group at a time), so memory is flat in the cache size.
+Only the current window is in memory (each shard's file read once by `cache.shard_source` into
+its thread's reused buffer, hashed as it is read and checked before use, then parsed a row group
+at a time), so memory is flat in the cache size. The window's row groups are kept apart: a batch
+is gathered from them straight into its arrays (rows grouped by row group inside the batch), and
+its float targets stay in their stored float16 until `Batch.to` widens them on the device.
 A background thread (`prefetch.Prefetcher`, in student-train) decodes and pads the next batches
 while the model trains on this one; with `workers` > 1, the next window is decoded and batches
 collated in a pool of threads as well.
@@ -26,6 +29,7 @@ collated in a pool of threads as well.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,8 +45,8 @@ from kdpipe.pipeline.cache import open_shard, shard_source
 from kdpipe.pipeline import values
 from kdpipe.pipeline.errors import CorruptShardError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
-from kdpipe.pipeline.modes.base import float_tensor
-from kdpipe.pipeline.offsets import ranges
+from kdpipe.pipeline.modes.base import stored_tensor
+from kdpipe.pipeline.offsets import ranges, starts
 from kdpipe.pipeline.prefetch import Prefetcher  # noqa: F401  (its old home: imports from here keep working)
 from kdpipe.pipeline.shards import LayoutError, ShardData, iter_row_groups
 from kdpipe.schemas.checkpoint import Position
@@ -69,7 +73,9 @@ class BatchPart:
 @dataclass
 class Batch:
     """A padded batch, with the cache's targets at its P target positions (the N non-padding
-    positions row-major, or the M masked ones in mlm_index order); fields of other modes are None."""
+    positions row-major, or the M masked ones in mlm_index order); fields of other modes are None.
+    Float targets come in the dtype the shard stores (float16, log_z float32); `to` widens them
+    to the float32 below on the device that trains on them."""
 
     input_ids: torch.Tensor  # (B, T) int64, padded with pad_id
     attention_mask: torch.Tensor  # (B, T) int64
@@ -97,10 +103,13 @@ class Batch:
                                             if getattr(self, f) is not None})
 
     def to(self, device: torch.device) -> "Batch":
-        if device.type == "cpu":
-            return self
-        moved = {f: getattr(self, f).to(device, non_blocking=True) for f in _TENSORS
-                 if getattr(self, f) is not None}
+        """The batch on `device` (a non-blocking copy from pinned memory), its float targets widened
+        to float32 there: they travel in the dtypes the shards store them in."""
+        moved = {}
+        for f in _TENSORS:
+            if (t := getattr(self, f)) is not None:
+                t = t if device.type == "cpu" else t.to(device, non_blocking=True)
+                moved[f] = t.float() if t.is_floating_point() else t
         return dataclasses.replace(self, **moved)
 
 
@@ -142,42 +151,82 @@ class EpochPlan:
         return np.random.default_rng([self.seed, self.epoch, _WINDOW_SALT, w]).permutation(n)
 
 
-def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardData:
-    """One listed shard, hash-checked, read a row group at a time, checked against the manifest.
-    Its file is read once: the bytes hashed are the bytes parsed."""
-    path, raw = shard_source(cache_dir, entry)
+def read_parts(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> list[ShardData]:
+    """One listed shard, hash-checked, its row groups decoded and checked against the manifest,
+    kept apart (the loader gathers from them as they are; joining them would copy every column).
+    Its file is read once, into this thread's read buffer: the bytes hashed are the bytes parsed."""
+    buffer = _read_buffer(entry.bytes)
+    path, raw = shard_source(cache_dir, entry, buffer=buffer)
     try:
-        data = concat(list(iter_row_groups(path if raw is None else raw)))
+        parts = list(iter_row_groups(path if raw is None else raw))
     except LayoutError as e:
         raise CorruptShardError(path, str(e)) from None
-    mode = get_mode(manifest.targets)
-    what = None
-    if data.rows != entry.rows:
-        what = f"{data.rows} rows, manifest says {entry.rows}"
-    elif missing := [c for c in mode.columns if getattr(data, c) is None]:
-        what = f"no {', '.join(missing)} column for the manifest's {manifest.targets} targets"
-    elif data.hidden is not None and data.hidden.shape[1] != manifest.hidden_dim:
-        what = "its hidden width differs from the manifest's"
-    elif (data.hidden_layers is None) != (not manifest.hidden_layers):
-        what = ("no hidden_layers column for the manifest's hidden layers" if data.hidden_layers is None
-                else "a hidden_layers column the manifest does not list")
-    elif data.hidden_layers is not None and data.hidden_layers.shape[1] != len(manifest.hidden_layers) * manifest.hidden_dim:
-        what = "its hidden_layers width differs from the manifest's layers x hidden width"
-    elif (data.relation is None) != (manifest.relation is None):
-        what = ("no relation column for the manifest's relation targets" if data.relation is None
-                else "a relation column the manifest does not list")
-    elif data.relation is not None and data.relation.shape[1] != manifest.relation.width:
-        what = "its relation width differs from the manifest's parts x width"
-    else:
-        what = mode.shard_problem(data, TargetSettings.of_manifest(manifest))
-    if what:
+    finally:
+        del raw  # the buffer is this thread's again
+    _own(parts, buffer)
+    rows = sum(p.rows for p in parts)
+    if rows != entry.rows or not parts:
+        raise CorruptShardError(path, f"{rows} rows, manifest says {entry.rows}")
+    if what := _layout_problem(parts[0], manifest):  # the row groups share the file's schema
         raise CorruptShardError(path, what)
-    try:  # ranges and finiteness, vectorised over the shard (see pipeline/values.py)
-        values.check(data, values.limits_of(manifest), entry.first_seq, entry.num_seqs)
-    except values.ValueProblem as e:
-        raise CorruptShardError(path, str(e), "nothing was trained on it: run `kdpipe cache verify --deep` "
-                                "and re-dump the shard") from None
-    return data
+    lim, start = values.limits_of(manifest), 0
+    for data in parts:  # ranges and finiteness, vectorised over a row group (see pipeline/values.py)
+        try:
+            values.check(data, lim, entry.first_seq, entry.num_seqs)
+        except values.ValueProblem as e:
+            raise CorruptShardError(path, str(e.shifted(start)), "nothing was trained on it: run `kdpipe cache "
+                                    "verify --deep` and re-dump the shard") from None
+        start += data.rows
+    return parts
+
+
+_buffers = threading.local()
+
+
+def _read_buffer(size: int) -> bytearray:
+    """This thread's buffer for shard files, grown to `size` bytes: one per loader thread, reused
+    from shard to shard, so reading a shard faults in and zeroes no fresh memory."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        _buffers.buf = buf = bytearray(size)
+    return buf
+
+
+def _own(parts: list[ShardData], buffer: bytearray) -> None:
+    """Copy out any decoded column that still points into the read buffer (pyarrow decodes every
+    compressed page into memory of its own, so none does today; this keeps a reused buffer safe
+    whatever pyarrow does with pages it need not decode)."""
+    lo = np.frombuffer(buffer, dtype=np.uint8).ctypes.data
+    for data in parts:
+        for name in ShardData.__dataclass_fields__:
+            a = getattr(data, name)
+            if isinstance(a, np.ndarray) and a.size and lo <= a.ctypes.data < lo + len(buffer):
+                setattr(data, name, a.copy())
+
+
+def read_shard(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> ShardData:
+    """One listed shard as `read_parts` reads and checks it, its row groups joined."""
+    return concat(read_parts(cache_dir, entry, manifest))
+
+
+def _layout_problem(data: ShardData, manifest: Manifest) -> str | None:
+    """What in a decoded shard's columns contradicts the manifest (missing, extra or of another width)."""
+    mode = get_mode(manifest.targets)
+    if missing := [c for c in mode.columns if getattr(data, c) is None]:
+        return f"no {', '.join(missing)} column for the manifest's {manifest.targets} targets"
+    if data.hidden is not None and data.hidden.shape[1] != manifest.hidden_dim:
+        return "its hidden width differs from the manifest's"
+    if (data.hidden_layers is None) != (not manifest.hidden_layers):
+        return ("no hidden_layers column for the manifest's hidden layers" if data.hidden_layers is None
+                else "a hidden_layers column the manifest does not list")
+    if data.hidden_layers is not None and data.hidden_layers.shape[1] != len(manifest.hidden_layers) * manifest.hidden_dim:
+        return "its hidden_layers width differs from the manifest's layers x hidden width"
+    if (data.relation is None) != (manifest.relation is None):
+        return ("no relation column for the manifest's relation targets" if data.relation is None
+                else "a relation column the manifest does not list")
+    if data.relation is not None and data.relation.shape[1] != manifest.relation.width:
+        return "its relation width differs from the manifest's parts x width"
+    return mode.shard_problem(data, TargetSettings.of_manifest(manifest))
 
 
 def concat(parts: list[ShardData]) -> ShardData:
@@ -188,31 +237,48 @@ def concat(parts: list[ShardData]) -> ShardData:
                         for n in names})
 
 
+class _Part:
+    """One decoded row group of a window's shards, with its rows' offsets into its flat arrays."""
+
+    def __init__(self, data: ShardData) -> None:
+        self.data = data
+        self.off = data.offsets()  # (R + 1,) per token
+        self.moff = data.mlm_offsets()  # (R + 1,) per masked position
+        self.toff = data.target_offsets()  # (R + 1,) per target position, or None
+        self.soff = data.sample_offsets()  # (P + 1,) per draw, or None
+
+
 class _Window:
-    """The decoded rows of one window, with per-row offsets into the per-token arrays, and the
-    cache's target mode (which gathers its own columns)."""
+    """The decoded row groups of one window's shards, kept apart, with the per-row fields batching
+    reads row by row joined (R,), and the cache's target mode (which names the columns it gathers)."""
 
-    def __init__(self, data: ShardData, mode: TargetMode) -> None:
-        self.data, self.mode = data, mode
-        self.off = data.offsets()  # (R + 1,)
-        self.moff = data.mlm_offsets()  # (R + 1,)
-        self.toff = data.target_offsets()  # (R + 1,) or None
-        self.soff = data.sample_offsets()  # (P + 1,) or None
+    def __init__(self, parts: list[ShardData], mode: TargetMode) -> None:
+        self.parts, self.mode = [_Part(p) for p in parts], mode
+        self.bases = starts(np.array([p.rows for p in parts], dtype=np.int64))  # (G + 1,) first row of each
+        self.length = np.concatenate([p.length for p in parts]).astype(np.int64)  # (R,)
+        self.mlm_count = np.concatenate([p.mlm_count for p in parts]).astype(np.int64)  # (R,)
+        self.seq_id = np.concatenate([p.seq_id for p in parts])  # (R,)
+        self.view = np.concatenate([p.view for p in parts])  # (R,)
 
 
-def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Position, progress: float
-            ) -> Batch:
-    """Pad a list of (window, row) into a Batch; per-position arrays keep row-major order."""
-    pieces: dict[str, list[np.ndarray]] = {}
-    targets: dict[str, list[np.ndarray]] = {}  # the mode's columns
-    lengths, mcounts, seq, view = [], [], [], []
-    mode = rows[0][0].mode
+def _gather_order(rows: list[tuple[_Window, int]]) -> list[tuple[_Window, int]]:
+    """A batch's rows (a run of the epoch's order) grouped by the row group each lies in, stably
+    (a batch that spans two windows keeps the first one's rows first): every column of the batch
+    is then gathered with one take per row group, straight into the batch. The batch holds the
+    same rows as the epoch's order, in this order for one rank or several (whose shares are
+    contiguous runs of it)."""
+    keys, run, prev = [], -1, None
+    for win, r in rows:
+        if win is not prev:
+            run, prev = run + 1, win
+        keys.append((run, int(np.searchsorted(win.bases, r, side="right")) - 1))
+    return [rows[i] for i in sorted(range(len(rows)), key=keys.__getitem__)]
 
-    def add(name: str, values: np.ndarray | None) -> None:
-        if values is not None:
-            pieces.setdefault(name, []).append(values)
 
-    # group consecutive rows of the same window so slicing is vectorised per window
+def _groups(rows: list[tuple[_Window, int]]) -> list[tuple[_Part, np.ndarray]]:
+    """A batch's (window, row) as (row group, its rows there), in batch order: within each run of
+    one window's rows, grouped by row group (stable: a no-op on rows in `_gather_order`)."""
+    out = []
     i = 0
     while i < len(rows):
         win = rows[i][0]
@@ -220,53 +286,77 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
         while j < len(rows) and rows[j][0] is win:
             j += 1
         r = np.array([x[1] for x in rows[i:j]], dtype=np.int64)
-        d = win.data
-        ln, mc = d.length[r].astype(np.int64), d.mlm_count[r].astype(np.int64)
-        tok = ranges(win.off[r], ln)
-        msk = ranges(win.moff[r], mc)
-        add("ids", d.input_ids[tok])
-        add("mpos", d.mlm_positions[msk])
-        add("mlab", d.mlm_labels[msk])
-        add("hidden", None if d.hidden is None else d.hidden[tok])
-        add("hidden_layers", None if d.hidden_layers is None else d.hidden_layers[tok])
-        add("relation", None if d.relation is None else d.relation[tok])
-        if win.toff is not None:
-            tgt = ranges(win.toff[r], d.target_count[r].astype(np.int64))
-            for name, v in mode.gather(d, tgt, win.soff, spec.temperature_index).items():
-                targets.setdefault(name, []).append(v)
-        lengths.append(ln)
-        mcounts.append(mc)
-        seq.append(d.seq_id[r])
-        view.append(d.view[r])
+        g = np.searchsorted(win.bases, r, side="right") - 1  # (rows,) row group of each
+        order = np.argsort(g, kind="stable")
+        r, g = r[order], g[order]
+        for k in np.unique(g):
+            sel = r[g == k]
+            out.append((win.parts[k], sel - win.bases[k]))
         i = j
-    cat = _joined
-    length, mcount = cat(lengths), cat(mcounts)
+    return out
+
+
+def _take(sources: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The rows `index` of each `array`, one source after the other, in one array: each source is
+    taken straight into its slice of the result (np.take: a row copy, no temporary; the indices
+    come from the shard's own offsets, so they are in range)."""
+    if len(sources) == 1:
+        array, index = sources[0]
+        return np.take(array, index, axis=0)
+    first = sources[0][0]
+    out = np.empty((sum(len(ix) for _, ix in sources), *first.shape[1:]), dtype=first.dtype)
+    at = 0
+    for array, index in sources:  # mode "clip": with "raise", numpy buffers `out` (a second copy)
+        np.take(array, index, axis=0, out=out[at:at + len(index)], mode="clip")
+        at += len(index)
+    return out
+
+
+def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Position, progress: float
+            ) -> Batch:
+    """Pad a list of (window, row) into a Batch; per-position arrays keep row-major order."""
+    mode = rows[0][0].mode
+    sources: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # column -> (array, rows of it) per row group
+    targets: list[str] = []  # the mode's columns
+    for part, r in _groups(rows):
+        d = part.data
+        tok = ranges(part.off[r], d.length[r].astype(np.int64))
+        msk = ranges(part.moff[r], d.mlm_count[r].astype(np.int64))
+        cols = {"length": (d.length, r), "mlm_count": (d.mlm_count, r), "seq_id": (d.seq_id, r),
+                "view": (d.view, r), "input_ids": (d.input_ids, tok), "mlm_positions": (d.mlm_positions, msk),
+                "mlm_labels": (d.mlm_labels, msk)}
+        for name in ("hidden", "hidden_layers", "relation"):
+            if getattr(d, name) is not None:
+                cols[name] = (getattr(d, name), tok)
+        if part.toff is not None:
+            tgt = ranges(part.toff[r], d.target_count[r].astype(np.int64))
+            mine = mode.takes(d, tgt, part.soff, spec.temperature_index)
+            targets = list(mine)
+            cols.update(mine)
+        for name, src in cols.items():
+            sources.setdefault(name, []).append(src)
+    got = {name: _take(src) for name, src in sources.items()}
+    length, mcount = got["length"].astype(np.int64), got["mlm_count"].astype(np.int64)
     bsz, width = len(length), int(length.max())
     ids = np.full((bsz, width), spec.pad_id, dtype=np.int64)  # (B, T)
     att = (np.arange(width)[None, :] < length[:, None])  # (B, T)
-    ids[att] = cat(pieces["ids"])
+    ids[att] = got["input_ids"]
     row_start = np.concatenate([[0], np.cumsum(length)[:-1]])  # (B,) first position of each row
-    mlm_index = np.repeat(row_start, mcount) + cat(pieces["mpos"]).astype(np.int64)  # (M,)
+    mlm_index = np.repeat(row_start, mcount) + got["mlm_positions"].astype(np.int64)  # (M,)
     t = torch.from_numpy
-    hidden = float_tensor(cat(pieces["hidden"])) if "hidden" in pieces else None  # (N, d)
+    hidden = stored_tensor(got["hidden"]) if "hidden" in got else None  # (N, d)
     layers = None
-    if "hidden_layers" in pieces:  # (N, n * d) -> (N, n, d): d is the hidden column's width
-        flat = float_tensor(cat(pieces["hidden_layers"]))
+    if "hidden_layers" in got:  # (N, n * d) -> (N, n, d): d is the hidden column's width
+        flat = stored_tensor(got["hidden_layers"])
         layers = flat.reshape(len(flat), -1, hidden.shape[1])
     return Batch(
         input_ids=t(ids), attention_mask=t(att.astype(np.int64)),
-        mlm_index=t(mlm_index), mlm_labels=t(cat(pieces["mlab"]).astype(np.int64)),
-        seq_id=cat(seq), view=cat(view), tokens=int(length.sum()), position=position,
+        mlm_index=t(mlm_index), mlm_labels=t(got["mlm_labels"].astype(np.int64)),
+        seq_id=got["seq_id"], view=got["view"], tokens=int(length.sum()), position=position,
         epoch_progress=progress, hidden=hidden, hidden_layers=layers,
-        relation=float_tensor(cat(pieces["relation"])) if "relation" in pieces else None,  # (N, n * D)
-        **mode.batch_tensors({name: cat(v) for name, v in targets.items()}),
+        relation=stored_tensor(got["relation"]) if "relation" in got else None,  # (N, n * D)
+        **mode.batch_tensors({name: got[name] for name in targets}),
     )
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    """The parts one after the other; a batch's rows usually come from one window, so one part,
-    used as it is (concatenating it would copy it once more)."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _read_window(cache_dir: Path, manifest: Manifest, window: list[ShardEntry], mode: TargetMode,
@@ -274,9 +364,9 @@ def _read_window(cache_dir: Path, manifest: Manifest, window: list[ShardEntry], 
     """A window's shards decoded (hash check, Parquet decode) in the pool, one shard a thread,
     or here and now without one."""
     if pool is None:
-        return _Window(concat([read_shard(cache_dir, e, manifest) for e in window]), mode)
-    parts = [pool.submit(read_shard, cache_dir, e, manifest) for e in window]
-    return pool.submit(lambda: _Window(concat([f.result() for f in parts]), mode))
+        return _Window([p for e in window for p in read_parts(cache_dir, e, manifest)], mode)
+    parts = [pool.submit(read_parts, cache_dir, e, manifest) for e in window]
+    return pool.submit(lambda: _Window([p for f in parts for p in f.result()], mode))
 
 
 def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position,
@@ -357,7 +447,7 @@ def _batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Posit
     def emit() -> Any:
         ep, idx = cur
         pos = Position(ep + 1, 0) if idx >= plan_rows else Position(ep, idx)
-        taken, progress = rows, ep + idx / plan_rows
+        taken, progress = _gather_order(rows), ep + idx / plan_rows
 
         def make() -> Batch:
             if world == 1:
@@ -369,7 +459,7 @@ def _batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Posit
         return make if pool is not None else make()
 
     for win, r, epoch, index, plan in _row_stream(Path(cache_dir), manifest, spec, start, epochs, pool):
-        length = int(win.data.length[r])
+        length = int(win.length[r])
         if rows and (cur[0] != epoch or _full_before(len(rows), longest, length, spec)):
             yield emit()  # full, or the epoch ended (a batch never crosses an epoch's end)
             rows, longest = [], 0
@@ -393,9 +483,9 @@ def _share(rows: list[tuple[_Window, int]], rank: int, world: int, spec: LoaderS
     batch = collate(rows[lo:hi] or rows[:1], spec, position, progress)
     batch.part = BatchPart(
         rows=hi - lo, global_rows=n,
-        global_tokens=sum(int(w.data.length[r]) for w, r in rows),
-        global_masked=sum(int(w.data.mlm_count[r]) for w, r in rows),
-        seq_id=np.array([w.data.seq_id[r] for w, r in rows]), view=np.array([w.data.view[r] for w, r in rows]))
+        global_tokens=sum(int(w.length[r]) for w, r in rows),
+        global_masked=sum(int(w.mlm_count[r]) for w, r in rows),
+        seq_id=np.array([w.seq_id[r] for w, r in rows]), view=np.array([w.view[r] for w, r in rows]))
     return batch
 
 

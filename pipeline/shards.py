@@ -375,10 +375,10 @@ def from_table(table: pa.Table | pa.RecordBatch) -> ShardData:
 _VECTOR_COLUMNS = ("hidden", "hidden_layers", "relation", *PER_TARGET)  # stored as vector columns (schemas.shard)
 
 
-def iter_row_groups(source: Path | bytes) -> Iterator[ShardData]:
+def iter_row_groups(source: Path | bytes | memoryview) -> Iterator[ShardData]:
     """Stream a shard (its path, or its bytes read already) a row group at a time: memory is
     bounded by one row group."""
-    pf = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source)
+    pf = pq.ParquetFile(source if isinstance(source, (str, Path)) else pa.BufferReader(source))
     start = 0
     for i in range(pf.metadata.num_row_groups):
         try:

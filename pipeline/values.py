@@ -78,12 +78,16 @@ def limits_of(manifest: Any, schema: pa.Schema | None = None) -> Limits:
 class ValueProblem(ValueError):
     """The first value of a shard that breaks a check: where it is and what it is."""
 
-    def __init__(self, row: int, data: ShardData, column: str, what: str) -> None:
-        self.row, self.column = row, column
-        where = f"row {row}"
-        if 0 <= row < data.rows:
-            where += f" (sequence {int(data.seq_id[row])}, view {int(data.view[row])})"
-        super().__init__(f"{where}: {column} {what}")
+    def __init__(self, row: int, data: ShardData | None, column: str, what: str, seq: str = "") -> None:
+        self.row, self.column, self.what = row, column, what
+        if data is not None and 0 <= row < data.rows:
+            seq = f" (sequence {int(data.seq_id[row])}, view {int(data.view[row])})"
+        self.seq = seq
+        super().__init__(f"row {row}{seq}: {column} {what}")
+
+    def shifted(self, start: int) -> "ValueProblem":
+        """The same problem in a shard whose row group starts at row `start`."""
+        return ValueProblem(self.row + start, None, self.column, self.what, self.seq)
 
 
 def _row_of(offsets: np.ndarray, flat_index: int) -> int:

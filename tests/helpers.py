@@ -102,3 +102,21 @@ def small_dump(kdpipe_inproc, teacher: Path, corpus: Path, out: Path, *extra: st
 
 def manifest_of(cache: Path) -> dict:
     return json.loads((cache / "manifest.json").read_text())
+
+
+def split_row_groups(cache: Path, rows: int) -> None:
+    """Rewrite every shard of `cache` (in place) with row groups of `rows` rows, values, schema and
+    footer unchanged, and re-hash the manifest: a reader must give the same rows whatever the
+    row groups."""
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for e in manifest["shards"]:
+        p = cache / e["path"]
+        pq.write_table(pq.read_table(p), p, row_group_size=rows, compression="zstd")
+        e["sha256"], e["bytes"] = hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size
+    manifest["bytes"] = sum(e["bytes"] for e in manifest["shards"])
+    (cache / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import plain_rows
+from helpers import plain_rows, split_row_groups
 from kdpipe.pipeline.cache import load_manifest
 from kdpipe.pipeline.errors import CorruptCacheError
 from kdpipe.pipeline.loader import (
@@ -79,26 +79,108 @@ def test_batch_tokens_bounds_the_padded_batch(reference_cache, manifest):
         assert b.input_ids.numel() <= 100 or b.input_ids.shape[0] == 1
 
 
-def test_batches_hold_the_cached_rows_token_for_token(reference_cache, manifest):
-    t = plain_rows(pq.read_table([reference_cache / e.path for e in manifest.shards]))
-    by_key = {(r["seq_id"], r["view"]): r for r in t}
-    batch = next(iter_batches(reference_cache, manifest, spec(temperature_index=2), DataPosition(0, 0)))
+def assert_rows_match(batch, by_key: dict, temperature_index: int) -> None:
+    """Every row of `batch` holds its cached row's values, token for token, at its place."""
     pos = 0
     mlm = set(batch.mlm_index.tolist())
+    labels = dict(zip(batch.mlm_index.tolist(), batch.mlm_labels.tolist()))
+    hidden, logits, log_z = (batch.hidden.float(), batch.topk_logits.float(), batch.log_z.float())
     for b, key in enumerate(zip(batch.seq_id.tolist(), batch.view.tolist())):
         r = by_key[key]
         n = r["length"]
         assert batch.input_ids[b, :n].tolist() == r["input_ids"] and batch.attention_mask[b].sum() == n
         assert batch.topk_ids[pos:pos + n].tolist() == r["topk_ids"].tolist()
-        assert np.allclose(batch.topk_logits[pos:pos + n].numpy(), np.array(r["topk_logits"], dtype=np.float32))
-        assert np.allclose(batch.log_z[pos:pos + n].numpy(), np.array(r["log_z"], dtype=np.float32)[:, 2])
-        assert np.allclose(batch.hidden[pos:pos + n].numpy(), np.array(r["hidden"], dtype=np.float32))
+        assert np.allclose(logits[pos:pos + n].numpy(), np.array(r["topk_logits"], dtype=np.float32))
+        assert np.allclose(log_z[pos:pos + n].numpy(), np.array(r["log_z"], dtype=np.float32)[:, temperature_index])
+        assert np.allclose(hidden[pos:pos + n].numpy(), np.array(r["hidden"], dtype=np.float32))
         assert {pos + p for p in r["mlm_positions"]} <= mlm
+        assert [labels[pos + p] for p in r["mlm_positions"]] == r["mlm_labels"]
         pos += n
     assert batch.tokens == pos == batch.topk_ids.shape[0]
-    labels = dict(zip(batch.mlm_index.tolist(), batch.mlm_labels.tolist()))
-    first = by_key[(int(batch.seq_id[0]), int(batch.view[0]))]
-    assert [labels[p] for p in first["mlm_positions"]] == first["mlm_labels"]
+
+
+def test_batches_hold_the_cached_rows_token_for_token(reference_cache, manifest):
+    t = plain_rows(pq.read_table([reference_cache / e.path for e in manifest.shards]))
+    batch = next(iter_batches(reference_cache, manifest, spec(temperature_index=2), DataPosition(0, 0)))
+    assert_rows_match(batch, {(r["seq_id"], r["view"]): r for r in t}, 2)
+
+
+def test_batches_gather_across_shards_and_row_groups(copy_cache, all_rows):
+    """Shards of one row group per row, windows of two shards: the loader gathers every batch
+    from the row groups where they lie (no joined copy), and each row still holds its own values;
+    the epoch still holds every row once, in the same batches as one row group per shard gives."""
+    cache = copy_cache()
+    m = load_manifest(cache)
+    before = list(iter_batches(cache, m, spec(window=2), DataPosition(0, 0), epochs=1))
+    split_row_groups(cache, 1)
+    m = load_manifest(cache)
+    assert all(pq.ParquetFile(cache / e.path).num_row_groups == e.rows for e in m.shards)
+    assert max(e.rows for e in m.shards) > 1
+    t = plain_rows(pq.read_table([cache / e.path for e in m.shards]))
+    by_key = {(r["seq_id"], r["view"]): r for r in t}
+    after = list(iter_batches(cache, m, spec(window=2), DataPosition(0, 0), epochs=1))
+    for batch in after:
+        assert_rows_match(batch, by_key, 1)
+    assert set(rows_of(after)) == all_rows and len(rows_of(after)) == len(all_rows)
+    assert [set(rows_of([b])) for b in after] == [set(rows_of([b])) for b in before]
+
+
+def test_targets_travel_as_stored_and_are_widened_where_used(reference_cache, manifest):
+    """A batch holds the float targets in the shard's float16 (half the bytes to pin and copy);
+    `to(device)` widens them to float32 there, value for value, and leaves the integers alone."""
+    import torch
+
+    batch = next(iter_batches(reference_cache, manifest, spec(), DataPosition(0, 0)))
+    assert batch.hidden.dtype == batch.topk_logits.dtype == torch.float16
+    used = batch.to(torch.device("cpu"))
+    assert used.hidden.dtype == used.topk_logits.dtype == used.log_z.dtype == torch.float32
+    assert used.hidden.equal(batch.hidden.float()) and used.topk_logits.equal(batch.topk_logits.float())
+    assert used.input_ids is batch.input_ids and used.topk_ids.dtype == torch.int64
+
+
+def test_a_bad_value_in_a_later_row_group_is_named_by_its_row_in_the_shard(copy_cache):
+    import random
+
+    import tamper
+
+    for seed in range(20):  # a NaN in a row past a shard's first row (each row a row group below)
+        cache = copy_cache(f"cache-{seed}")
+        done = tamper.corrupt(cache, "nan", random.Random(seed))
+        if int(done["what"].split()[2]) >= 1:
+            break
+    assert int(done["what"].split()[2]) >= 1
+    split_row_groups(cache, 1)
+    shard, _, row, column = done["what"].split()
+    with pytest.raises(CorruptCacheError, match=rf"{shard}.*row {row} \(sequence \d+, view \d+\): {column}"):
+        list(iter_batches(cache, load_manifest(cache), spec(), DataPosition(0, 0), epochs=1))
+
+
+def test_a_reused_read_buffer_never_backs_a_decoded_column(tmp_path):
+    """read_hashed hashes what it reads, block by block, into a buffer the next shard reuses; any
+    decoded column that points into that buffer is copied out before the buffer is reused."""
+    import hashlib
+
+    from kdpipe.pipeline.fsutil import read_hashed
+    from kdpipe.pipeline.loader import _own
+    from kdpipe.pipeline.shards import ShardData
+
+    buf = bytearray(1 << 20)
+    for size in (0, 1, 300_000, 1 << 20):
+        f = tmp_path / f"f{size}"
+        f.write_bytes(np.random.default_rng(size).bytes(size))
+        view, digest = read_hashed(f, size, buf)
+        assert bytes(view) == f.read_bytes() and digest == hashlib.sha256(f.read_bytes()).hexdigest()
+    buf[64:80] = bytes(range(1, 17))
+    inside = np.frombuffer(buf, dtype=np.uint16, count=8, offset=64)
+    expected = inside.tolist()
+    data = ShardData(seq_id=np.arange(2), view=np.zeros(2, np.uint8), length=np.array([4, 4]),
+                     input_ids=inside, mlm_count=np.zeros(2, np.int64), mlm_positions=np.zeros(0, np.uint16),
+                     mlm_labels=np.zeros(0, np.uint16))
+    kept = data.seq_id
+    _own([data], buf)
+    assert data.seq_id is kept  # memory of its own: left as it is
+    buf[64:80] = bytes(16)  # the next shard read into the buffer
+    assert data.input_ids.tolist() == expected and inside.tolist() == [0] * 8
 
 
 def test_a_corrupt_shard_is_refused_when_reached(copy_cache):

@@ -133,9 +133,10 @@ class TargetMode:
         """What in a read shard's target columns contradicts the manifest's settings."""
         return None
 
-    def gather(self, data: ShardData, tgt: np.ndarray, sample_offsets: np.ndarray | None,
-               temperature_index: int) -> dict[str, np.ndarray]:
-        """This mode's columns at target rows `tgt` of a decoded shard (loader.collate)."""
+    def takes(self, data: ShardData, tgt: np.ndarray, sample_offsets: np.ndarray | None,
+              temperature_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Where this mode's batch columns come from at target rows `tgt` of a decoded row group:
+        name -> (array, its rows to take); loader.collate takes them straight into the batch."""
         return {}
 
     def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -195,8 +196,9 @@ def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
-def float_tensor(x: np.ndarray) -> torch.Tensor:
-    """A float32 tensor of a gathered (writable) float16 or float32 array: torch widens float16 with
-    vector instructions, numpy value by value (about 30x slower: a batch's hidden states took longer
-    to widen than to decode)."""
-    return torch.from_numpy(x).float()
+def stored_tensor(x: np.ndarray) -> torch.Tensor:
+    """A gathered (writable) array as a tensor in the dtype the shard stores it (float16 for most
+    float targets), without a copy. `loader.Batch.to` widens float tensors to float32 on the device
+    where they are used: half the bytes to pin and copy to an accelerator, and the host's loader
+    threads spend nothing on widening (on a CPU it is a small part of a training step)."""
+    return torch.from_numpy(x)

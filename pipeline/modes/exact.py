@@ -14,7 +14,7 @@ import torch
 
 from kdpipe.pipeline.losses import exact_kl_from_state
 from kdpipe.pipeline.modes.base import (
-    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, float_tensor, pick,
+    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, stored_tensor, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner
 from kdpipe.schemas.shard import vector_field
@@ -49,12 +49,12 @@ class Exact(TargetMode):
                ) -> dict[str, torch.Tensor]:
         return {"teacher_state": x}  # (P, H')
 
-    def gather(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
-               temperature_index: int) -> dict[str, np.ndarray]:
-        return {"teacher_state": data.teacher_state[tgt]}
+    def takes(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
+              temperature_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {"teacher_state": (data.teacher_state, tgt)}
 
     def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {"teacher_state": float_tensor(pieces["teacher_state"])}  # (P, H')
+        return {"teacher_state": stored_tensor(pieces["teacher_state"])}  # (P, H')
 
     def ce(self, logits: torch.Tensor, batch: Any, rows: torch.Tensor | None, temperature: float,
            head: TeacherHead | None) -> torch.Tensor:

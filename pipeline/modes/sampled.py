@@ -82,16 +82,15 @@ class Sampled(TargetMode):
             parts["sample_len"].append(keep.sum(-1))
         return {name: torch.cat(ts) for name, ts in parts.items()}
 
-    def gather(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
-               temperature_index: int) -> dict[str, np.ndarray]:
-        slen = data.sample_len[tgt].astype(np.int64)
-        smp = ranges(sample_offsets[tgt], slen)
-        return {"sample_len": slen, "sample_ids": data.sample_ids[smp],
-                "sample_counts": data.sample_counts[smp]}
+    def takes(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
+              temperature_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        smp = ranges(sample_offsets[tgt], data.sample_len[tgt].astype(np.int64))  # the draws of those positions
+        return {"sample_len": (data.sample_len, tgt), "sample_ids": (data.sample_ids, smp),
+                "sample_counts": (data.sample_counts, smp)}
 
     def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """(P, S) ids and counts, each position's distinct draws left-aligned, padding with count 0."""
-        slen = pieces["sample_len"]
+        slen = pieces["sample_len"].astype(np.int64)
         width = int(slen.max()) if len(slen) else 0
         out_ids = np.zeros((len(slen), width), dtype=np.int64)
         out_counts = np.zeros((len(slen), width), dtype=np.int64)

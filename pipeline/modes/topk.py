@@ -16,7 +16,7 @@ import torch
 
 from kdpipe.pipeline.losses import topk_kl
 from kdpipe.pipeline.modes.base import (
-    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, float_tensor, pick,
+    FidelityCase, FidelityChunk, Made, TargetMode, TargetSettings, TeacherHead, stored_tensor, pick,
 )
 from kdpipe.pipeline.teacher import TeacherRunner, reduce_logits
 from kdpipe.schemas.shard import vector_field
@@ -69,15 +69,15 @@ class TopK(TargetMode):
             return "its temperature grid differs from the manifest's"
         return None
 
-    def gather(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
-               temperature_index: int) -> dict[str, np.ndarray]:
-        return {"topk_ids": data.topk_ids[tgt], "topk_logits": data.topk_logits[tgt],
-                "log_z": data.log_z[tgt, temperature_index]}
+    def takes(self, data: Any, tgt: np.ndarray, sample_offsets: np.ndarray | None,
+              temperature_index: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {"topk_ids": (data.topk_ids, tgt), "topk_logits": (data.topk_logits, tgt),
+                "log_z": (data.log_z[:, temperature_index], tgt)}
 
     def batch_tensors(self, pieces: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {"topk_ids": torch.from_numpy(pieces["topk_ids"].astype(np.int64)),  # (P, k)
-                "topk_logits": float_tensor(pieces["topk_logits"]),  # (P, k)
-                "log_z": float_tensor(pieces["log_z"])}  # (P,) at the chosen T
+                "topk_logits": stored_tensor(pieces["topk_logits"]),  # (P, k)
+                "log_z": stored_tensor(pieces["log_z"])}  # (P,) at the chosen T
 
     def train_problems(self, *, alpha_ce: float, alpha_cos: float, temperature: float,
                        temperatures: tuple[float, ...]) -> list[str]:
