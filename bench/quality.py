@@ -109,6 +109,9 @@ class Preset:
     # the task-distilled students' transfer set: up to this many more examples of each task's
     # training pool, labels never used (eval's --task-distill-transfer)
     task_distill_transfer: int = 0
+    # where a task's pool runs short of that, top it up with augmented copies of the training
+    # examples (eval's --task-distill-augment; the bench's --task-distill-augment sets it)
+    task_distill_augment: bool = False
 
 
 PRESETS = {
@@ -281,6 +284,7 @@ class Bench:
             sweep_lr=list(p.task_sweep_lr), sweep_epochs=list(p.task_sweep_epochs),
             batch_size=p.task_batch, max_length=64, group_by_length=True,
             task_distill=distilled, task_distill_transfer=p.task_distill_transfer if distilled else 0,
+            task_distill_augment=p.task_distill_augment and bool(distilled),
             speed_repeats=5, device=self.device, precision=self.precision)))
         return json.loads((self.w / "report" / "report.json").read_text())
 
@@ -411,8 +415,10 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         for n in (n for n in names if STUDENTS.get(n, {}).get("task_distill")):
             r, r_se = t["retention_pct"][n], t.get("retention_se_pct", {}).get(n, 0.0)
             lines.append(f"- Retention of {n} (the cached student, distilled on each task too, with a transfer set "
-                         f"of up to {summary.get('preset_sizes', {}).get('task_distill_transfer')} unlabelled "
-                         f"examples): **{r:.1f}% ± {r_se:.1f}**; target ≥ 97%: {verdict(r, r_se, 97.0, math.inf)}.")
+                         f"of up to {summary.get('preset_sizes', {}).get('task_distill_transfer')} unlabelled examples"
+                         + (", topped up with augmented copies of the training examples where the pool ran short"
+                            if summary.get("preset_sizes", {}).get("task_distill_augment") else "")
+                         + f"): **{r:.1f}% ± {r_se:.1f}**; target ≥ 97%: {verdict(r, r_se, 97.0, math.inf)}.")
         if gap is not None:
             lines.append(f"- Cached minus online: **{gap:+.2f} ± {gap_se:.2f} points** (s.e.); target within "
                          f"0.3: {verdict(gap, gap_se, -0.3, 0.3)}.")
@@ -475,6 +481,8 @@ def main() -> None:
     ap.add_argument("--extra-text", action="append", default=[], metavar="TEXT", help="more distillation text "
                     "for the dumps (a builtin name or a file; repeatable); the teacher's adaptation and the "
                     "held-out text stay the Wikipedia text's")
+    ap.add_argument("--task-distill-augment", action="store_true", help="top each task's transfer set up to "
+                    "the preset's size with augmented copies of the training examples (eval's option)")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--summarize", action="store_true", help="only rebuild the table of a finished WORKDIR "
                     "(from its summary.json and report); runs nothing")
@@ -508,7 +516,8 @@ def run_all(a: argparse.Namespace) -> None:
             sys.exit(f"error: --extra-text: {e}")
     a.workdir.mkdir(parents=True, exist_ok=True)
     precision = demo_precision(a.precision, a.device)
-    b = Bench(a.workdir, PRESETS[a.preset], a.device, names, precision, tuple(a.extra_text))
+    preset = dataclasses.replace(PRESETS[a.preset], task_distill_augment=a.task_distill_augment)
+    b = Bench(a.workdir, preset, a.device, names, precision, tuple(a.extra_text))
     b.summary.update(preset=a.preset, preset_sizes=dataclasses.asdict(b.p), machine=machine(), precision=precision,
                      extra_text=list(a.extra_text))
     train, heldout = b.data()

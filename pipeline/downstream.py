@@ -273,10 +273,14 @@ class Split:
     # the transfer set: training-pool examples after `train`, whose labels are never used; the
     # task-distilled students are fine-tuned on the teacher's logits of them
     transfer: list[int] = field(default_factory=list)
+    # augmented copies of the training examples that top the transfer set up (pipeline/augment.py)
+    augmented: int = 0
 
     def record(self, examples: int, file: str) -> dict[str, Any]:
         transfer = {"transfer": len(self.transfer),
                     "transfer_indices_sha256": indices_sha(self.transfer)} if self.transfer else {}
+        if self.augmented:
+            transfer["augmented"] = self.augmented
         return {"method": SPLIT_METHOD, "seed": self.seed, "dev_fraction": self.dev_fraction,
                 "examples": examples, "train": len(self.train), "dev": len(self.dev),
                 "train_pool": self.train_pool, "dev_pool": self.dev_pool,
@@ -380,6 +384,8 @@ class Encoded:
     dev_ids: list[list[int]]
     dev_y: list[int]
     transfer_ids: list[list[int]] = field(default_factory=list)  # unlabelled: soft labels only
+    # per transfer example: the training example it is an augmented copy of, or -1 (the pool's own)
+    transfer_from: list[int] = field(default_factory=list)
 
 
 def class_indices(task: Task, examples: list[int]) -> list[int]:
@@ -388,27 +394,38 @@ def class_indices(task: Task, examples: list[int]) -> list[int]:
     return [cls[task.labels[i]] for i in examples]
 
 
-def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int) -> Encoded:
-    def enc(ix: list[int]) -> list[list[int]]:
-        if not ix:
+def encode_task(tokenizer: Any, task: Task, split: Split, max_length: int,
+                augmented: list[tuple[int, str]] = ()) -> Encoded:
+    """`augmented`: (training example, text) of each augmented copy, after the pool's transfer set."""
+    def enc(texts: list[str]) -> list[list[int]]:
+        if not texts:
             return []
-        out = tokenizer([task.texts[i] for i in ix], truncation=True, max_length=max_length,
+        out = tokenizer(texts, truncation=True, max_length=max_length,
                         return_attention_mask=False, return_token_type_ids=False, verbose=False)
         return [list(x) for x in out["input_ids"]]
 
-    return Encoded(enc(split.train), class_indices(task, split.train),
-                   enc(split.dev), class_indices(task, split.dev), enc(split.transfer))
+    def of(ix: list[int]) -> list[str]:
+        return [task.texts[i] for i in ix]
+
+    return Encoded(enc(of(split.train)), class_indices(task, split.train),
+                   enc(of(split.dev)), class_indices(task, split.dev),
+                   enc(of(split.transfer)) + enc([text for _, text in augmented]),
+                   [-1] * len(split.transfer) + [ex for ex, _ in augmented])
 
 
 def carve(data: Encoded, train: list[int], tune: list[int]) -> Encoded:
     """The sweep's data from a task's encoding: `data`'s training examples (indices `train`, in
-    that order) outside `tune` to fine-tune on, those in `tune` to score; the same transfer set."""
+    that order) outside `tune` to fine-tune on, those in `tune` to score; the same transfer set
+    less the augmented copies of the examples in `tune` (they would show the tuning inputs)."""
     pos = {ix: p for p, ix in enumerate(train)}
     held = set(tune)
     fit = [pos[i] for i in train if i not in held]
     scored = [pos[i] for i in tune]
+    kept = [j for j, src in enumerate(data.transfer_from or [-1] * len(data.transfer_ids)) if src not in held]
     return Encoded([data.train_ids[p] for p in fit], [data.train_y[p] for p in fit],
-                   [data.train_ids[p] for p in scored], [data.train_y[p] for p in scored], data.transfer_ids)
+                   [data.train_ids[p] for p in scored], [data.train_y[p] for p in scored],
+                   [data.transfer_ids[j] for j in kept],
+                   [data.transfer_from[j] for j in kept] if data.transfer_from else [])
 
 
 GROUP_POOL = 16  # batches per pool that `train_batches` sorts by length

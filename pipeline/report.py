@@ -231,7 +231,11 @@ def render_markdown(report: Report) -> str:
                        f"T = {d['temperature']:g}, the teacher being the one fine-tuned with the same seed on the "
                        "same examples (in the sweep: on its fit examples alone)"
                        + (f", and on the teacher's logits alone of {sp.transfer} more examples of the training "
-                          "pool whose labels are never used (the transfer set)" if sp.transfer else "") + ".")
+                          "pool whose labels are never used (the transfer set)" if sp.transfer else "")
+                       + (f"{' and' if sp.transfer else ', and on the teacher’s logits alone of'} {sp.augmented} "
+                          "augmented copies of the training examples (word pieces replaced by the pretrained "
+                          "teacher's masked-LM guesses; in the sweep, none of the tuning examples')"
+                          if sp.augmented else "") + ".")
         out.append("")
         rows = [[x.model + (" †" if x.task_distill else ""), spread_pct(x.accuracy), num(x.accuracy_retention, 1),
                  spread_pct(x.macro_f1),

@@ -63,7 +63,8 @@ def settings(config: dict[str, Any], device: torch.device, models: list[Model],
         if distilled:  # the students fine-tuned against the teacher too, and how
             out["downstream"]["task_distill"] = {"students": distilled, "alpha": config["task_distill_alpha"],
                                                  "temperature": config["task_distill_temperature"],
-                                                 "transfer": config["task_distill_transfer"]}
+                                                 "transfer": config["task_distill_transfer"],
+                                                 **({"augment": True} if config["task_distill_augment"] else {})}
     inputs = {
         "models": {m.name: {"role": m.role, "weights_sha256": m.entry["weights_sha256"],
                             "tokenizer_sha256": m.tokenizer_sha} for m in models},
@@ -123,6 +124,11 @@ def sweep_key(task: str, model: str, lr: float, seed: int) -> str:
     return f"sweep/{task}/{model}/lr{lr:g}/seed{seed}"
 
 
+def augment_key(task: str) -> str:
+    """A task's augmented copies of its training examples (pipeline/augment.py), made once."""
+    return f"augment/{task}"
+
+
 def soft_key(task: str, seed: int) -> str:
     """The teacher fine-tuned on a sweep's fit examples alone (its chosen recipe, sweep seed k):
     its logits on them are the soft labels of the distilled students' sweep."""
@@ -132,7 +138,7 @@ def soft_key(task: str, seed: int) -> str:
 @dataclass(frozen=True)
 class Parts:
     """parts/speed.json, parts/mlm/<model>.json, parts/task/<task>/<model>/seed<k>.json,
-    parts/sweep/<task>/<model>/lr<lr>/seed<k>.json, parts/soft/<task>/seed<k>.json."""
+    parts/sweep/<task>/<model>/lr<lr>/seed<k>.json, parts/soft/<task>/seed<k>.json, parts/augment/<task>.json."""
 
     out: Path  # the report directory
     settings_sha: str  # of eval.json's content

@@ -163,6 +163,7 @@ class TaskSplit(_Frozen):
     tune_indices_sha256: str | None = None
     transfer: int | None = None  # the task-distilled students' transfer set: examples after `train`
     transfer_indices_sha256: str | None = None
+    augmented: int | None = None  # of them, augmented copies of the training examples (pipeline/augment.py)
 
 
 class TaskSection(_Frozen):
@@ -216,7 +217,7 @@ class Part(_Frozen):
 
     format: Literal["kdpipe-eval-part"] = PART_FORMAT
     format_version: Literal[1] = REPORT_VERSION
-    kind: Literal["mlm", "speed", "task", "sweep", "soft"]
+    kind: Literal["mlm", "speed", "task", "sweep", "soft", "augment"]
     key: str  # the file name without .json
     settings_sha256: str  # of eval.json's content: a part from other settings is never used
     data: dict[str, Any]

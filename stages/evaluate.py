@@ -22,6 +22,7 @@ are reused. Finish: assemble report.json, report.md and the plots, each written 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from kdpipe.pipeline import corpus as corpus_mod
-from kdpipe.pipeline import downstream, mlm_eval, model_card, report_dir, sections, speed
+from kdpipe.pipeline import augment, downstream, mlm_eval, model_card, report_dir, sections, speed
 from kdpipe.pipeline import report as render
 from kdpipe.pipeline import storage
 from kdpipe.pipeline.compiling import CompileSettings, compile_options
@@ -47,7 +48,7 @@ from kdpipe.pipeline.fsutil import (
 from kdpipe.pipeline.masking import MaskingSpec
 from kdpipe.pipeline.models import Model, load_model, read_curves, resolve_models, split_name
 from kdpipe.pipeline.provenance import provenance
-from kdpipe.pipeline.report_dir import Parts, soft_key, sweep_key, task_key
+from kdpipe.pipeline.report_dir import Parts, augment_key, soft_key, sweep_key, task_key
 from kdpipe.schemas.report import MARKDOWN_NAME, REPORT_NAME, ModelEntry, Report
 
 
@@ -96,6 +97,7 @@ class EvalConfig(CompileSettings):
     task_distill_alpha: float = Field(0.5, gt=0, le=1)
     task_distill_temperature: float = Field(2.0, gt=0)
     task_distill_transfer: int = Field(0, ge=0)  # unlabelled training-pool examples per task
+    task_distill_augment: bool = False  # top the transfer set up with augmented copies (pipeline/augment.py)
     # size and speed
     speed: bool = True
     speed_batch_size: int = Field(32, ge=1)
@@ -198,11 +200,21 @@ def set_up(cfg: EvalConfig) -> Setup:
     if cfg.task_distill_transfer and not cfg.task_distill:
         raise KdpipeError("--task-distill-transfer is the transfer set of the students --task-distill names; "
                           "name them")
+    if cfg.task_distill_augment and not cfg.task_distill_transfer:
+        raise KdpipeError("--task-distill-augment tops the transfer set up to --task-distill-transfer "
+                          "examples per task: give that size")
     splits = {t.name: downstream.split_indices(len(t.texts), cfg.dev_fraction, cfg.split_seed,
                                                cfg.max_train_examples, cfg.max_dev_examples,
                                                cfg.task_distill_transfer) for t in tasks}
+    if cfg.task_distill_augment:
+        splits = {name: replace(sp, augmented=cfg.task_distill_transfer - len(sp.transfer))
+                  for name, sp in splits.items()}
     for name, sp in splits.items():
-        if len(sp.transfer) < cfg.task_distill_transfer:
+        if sp.augmented:
+            say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
+                f"{len(sp.train)} fine-tuned on; {sp.augmented} augmented copies of those top the transfer "
+                f"set up to {cfg.task_distill_transfer}")
+        elif len(sp.transfer) < cfg.task_distill_transfer:
             say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
                 f"{len(sp.train)} fine-tuned on, so the transfer set has {len(sp.transfer)}, not "
                 f"{cfg.task_distill_transfer}" + ("" if cfg.max_train_examples else " (set --max-train-examples)"))
@@ -210,6 +222,8 @@ def set_up(cfg: EvalConfig) -> Setup:
              for name, sp in splits.items()} if cfg.sweeping else {}
     distilled = task_distilled(cfg.task_distill, [m.name for m in students], bool(tasks))
     load_model(teacher)
+    if cfg.task_distill_augment and teacher.missing_head:
+        raise KdpipeError(f"--task-distill-augment needs the teacher's masked-LM head, and {teacher.path} has none")
     for s in students:
         load_model(s, teacher.tokenizer)
     models = [teacher, *students]
@@ -283,10 +297,32 @@ def run(s: Setup) -> dict[str, int]:
                 done += 1
     encoded: dict[tuple[str, str], downstream.Encoded] = {}  # one encoding per task and tokenizer
 
+    def augmented(task: downstream.Task) -> list[tuple[int, str]]:
+        """The task's augmented copies, made once by the teacher's masked LM (pipeline/augment.py)."""
+        nonlocal done
+        sp = s.splits[task.name]
+        if not sp.augmented:
+            return []
+        key = augment_key(task.name)
+        part = s.parts.read(key)
+        if part is None:
+            copies = augment.sources(sp.train, sp.augmented)
+            t0 = time.perf_counter()
+            texts = augment.augment(s.teacher.module.to(s.device), s.teacher.tokenizer, task.texts, copies,
+                                    s.cfg.split_seed, s.cfg.max_length, s.device)
+            s.teacher.module.cpu()
+            part = {"sources": [ex for ex, _ in copies], "texts": texts, "task": task.name}
+            s.parts.write("augment", key, part)
+            done += 1
+            say(f"{task.name} | {s.teacher.name} | {len(texts)} augmented copies of the training examples "
+                f"({time.perf_counter() - t0:.1f} s)")
+        return list(zip(part["sources"], part["texts"]))
+
     def data(task: downstream.Task, m: Model) -> downstream.Encoded:
         ek = (task.name, m.tokenizer_sha)
         if ek not in encoded:
-            encoded[ek] = downstream.encode_task(m.tokenizer, task, s.splits[task.name], s.cfg.max_length)
+            encoded[ek] = downstream.encode_task(m.tokenizer, task, s.splits[task.name], s.cfg.max_length,
+                                                 augmented(task))
         m.module.cpu()  # fine-tuning loads its own copy; free the accelerator
         return encoded[ek]
 
@@ -510,6 +546,10 @@ def fill_model_cards(s: Setup, report: Report) -> list[str]:
 @click.option("--task-distill-transfer", type=int, help="A transfer set for those students: up to N more "
               "examples of each task's training pool (after the --max-train-examples fine-tuned on; never "
               "dev), their labels never used, fine-tuned on with the teacher's logits only. [0]")
+@click.option("--task-distill-augment/--no-task-distill-augment", default=None, help="Top each task's "
+              "transfer set up to --task-distill-transfer with augmented copies of the training examples where "
+              "the pool runs short: word pieces replaced by the pretrained teacher's masked-LM guesses "
+              "(TinyBERT's data augmentation). [off]")
 @click.option("--speed/--no-speed", default=None, help="Measure latency and throughput. [on]")
 @click.option("--speed-batch-size", type=int, help="Batch size of the throughput test. [32]")
 @click.option("--speed-seq-len", type=int, help="Tokens per sequence of the speed test. [128]")

@@ -489,6 +489,37 @@ def test_a_student_distilled_on_the_task_is_fine_tuned_against_the_teacher(
                    "task_distill.alpha: 0.7 → 0.5")
 
 
+def test_augmented_copies_top_the_transfer_set_up(tmp_path: Path, work: Path, teacher_dir: Path) -> None:
+    """`--task-distill-augment`: where the training pool has fewer than --task-distill-transfer
+    examples left, augmented copies of the training examples fill the transfer set, made once by
+    the teacher's masked LM; the sweep leaves out the copies of its tuning examples."""
+    out = tmp_path / "aug"
+    args = ["--teacher", teacher_dir, "--student", f"td={work / 'full'}", "--task", work / "task.jsonl",
+            "--out", out, "--no-speed", "--seeds", "1", "--batch-size", "8", "--max-train-examples", "40", *SWEEP,
+            "--task-distill", "td", "--task-distill-transfer", "30", "--task-distill-augment"]
+    summary = ok(kdpipe(*args))
+    assert summary["computed"] == 1 + 2 * 2 + 1 + 2  # the copies, 2 models x 2 rates, the soft labels, 2 fine-tunes
+    report = Report.model_validate_json((out / "report.json").read_text())
+    (task,) = report.tasks
+    assert (task.split.transfer, task.split.augmented) == (14, 16)  # the pool has 14 left after the 40
+    split = json.loads((out / task.split.file).read_text())
+    part = lambda *key: json.loads((out / "parts" / Path(*key)).with_suffix(".json").read_text())["data"]  # noqa: E731
+    copies = part("augment", task.name)
+    assert copies["sources"] == split["train"][:16] and len(copies["texts"]) == 16
+    texts = [json.loads(line)["text"] for line in (work / "task.jsonl").read_text().splitlines()]
+    assert sum(t != texts[i] for t, i in zip(copies["texts"], copies["sources"])) >= 12  # re-guessed pieces
+    assert len(part("task", task.name, report.teacher, "seed0")["train_logits"]) == 40 + 30
+    tune = set(split["tune"])
+    kept = sum(src not in tune for src in copies["sources"])
+    assert 0 < kept < 16  # some copies are of tuning examples: the sweep leaves them out
+    assert len(part("soft", task.name, "seed0")["train_logits"]) == 40 - len(tune) + 14 + kept
+    assert "16 augmented copies of the training examples" in (out / "report.md").read_text()
+    settings = json.loads((out / "eval.json").read_text())["settings"]["downstream"]["task_distill"]
+    assert settings["augment"] is True and settings["transfer"] == 30
+    assert ok(kdpipe(*args))["computed"] == 0  # resumes, the copies included
+    one_line_error(kdpipe(*args[:-3], "--task-distill-augment"), "--task-distill-augment", "--task-distill-transfer")
+
+
 def test_a_run_named_twice_gets_its_first_names_model_card(tmp_path: Path, work: Path, teacher_dir: Path) -> None:
     run = Path(shutil.copytree(work / "full", tmp_path / "run"))
     card = run / "final" / "README.md"
