@@ -212,7 +212,7 @@ def set_up(cfg: EvalConfig) -> Setup:
     for name, sp in splits.items():
         if sp.augmented:
             say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
-                f"{len(sp.train)} fine-tuned on; {sp.augmented} augmented copies of those top the transfer "
+                f"{len(sp.train)} fine-tuned on; {sp.augmented} augmented copies of the training examples top the transfer "
                 f"set up to {cfg.task_distill_transfer}")
         elif len(sp.transfer) < cfg.task_distill_transfer:
             say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
