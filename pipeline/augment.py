@@ -31,6 +31,7 @@ from kdpipe.pipeline.padding import pad
 
 RATE = 0.3  # share of word pieces replaced in a copy
 TOP_K = 15  # candidates per replaced piece (TinyBERT's K)
+MAX_COPIES = 20  # copies of one training example at most (TinyBERT makes 20)
 _TOKENS_PER_BATCH = 8192
 
 

@@ -210,6 +210,10 @@ def set_up(cfg: EvalConfig) -> Setup:
         splits = {name: replace(sp, augmented=cfg.task_distill_transfer - len(sp.transfer))
                   for name, sp in splits.items()}
     for name, sp in splits.items():
+        if sp.augmented > augment.MAX_COPIES * len(sp.train):
+            raise KdpipeError(f"--task-distill-transfer {cfg.task_distill_transfer} with --task-distill-augment needs "
+                              f"{sp.augmented} augmented copies of task {name}'s {len(sp.train)} training examples; "
+                              f"at most {augment.MAX_COPIES} copies of each are made: ask for a smaller transfer set")
         if sp.augmented:
             say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
                 f"{len(sp.train)} fine-tuned on; {sp.augmented} augmented copies of the training examples top the transfer "

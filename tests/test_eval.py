@@ -518,6 +518,7 @@ def test_augmented_copies_top_the_transfer_set_up(tmp_path: Path, work: Path, te
     assert settings["augment"] is True and settings["transfer"] == 30
     assert ok(kdpipe(*args))["computed"] == 0  # resumes, the copies included
     one_line_error(kdpipe(*args[:-3], "--task-distill-augment"), "--task-distill-augment", "--task-distill-transfer")
+    one_line_error(kdpipe(*args[:-2], "1000000", "--task-distill-augment"), "at most 20 copies")
 
 
 def test_a_run_named_twice_gets_its_first_names_model_card(tmp_path: Path, work: Path, teacher_dir: Path) -> None:
