@@ -276,8 +276,8 @@ def _gather_order(rows: list[tuple[_Window, int]]) -> list[tuple[_Window, int]]:
 
 
 def _groups(rows: list[tuple[_Window, int]]) -> list[tuple[_Part, np.ndarray]]:
-    """A batch's (window, row) as (row group, its rows there), in batch order: within each run of
-    one window's rows, grouped by row group (stable: a no-op on rows in `_gather_order`)."""
+    """A batch's (window, row) as (row group, its rows there), in batch order: each run of rows of
+    one row group (one run per row group for rows in `_gather_order`)."""
     out = []
     i = 0
     while i < len(rows):
@@ -287,11 +287,9 @@ def _groups(rows: list[tuple[_Window, int]]) -> list[tuple[_Part, np.ndarray]]:
             j += 1
         r = np.array([x[1] for x in rows[i:j]], dtype=np.int64)
         g = np.searchsorted(win.bases, r, side="right") - 1  # (rows,) row group of each
-        order = np.argsort(g, kind="stable")
-        r, g = r[order], g[order]
-        for k in np.unique(g):
-            sel = r[g == k]
-            out.append((win.parts[k], sel - win.bases[k]))
+        for run in np.split(np.arange(len(r)), np.flatnonzero(np.diff(g)) + 1):
+            k = int(g[run[0]])
+            out.append((win.parts[k], r[run] - win.bases[k]))
         i = j
     return out
 

@@ -214,14 +214,14 @@ def set_up(cfg: EvalConfig) -> Setup:
             raise KdpipeError(f"--task-distill-transfer {cfg.task_distill_transfer} with --task-distill-augment needs "
                               f"{sp.augmented} augmented copies of task {name}'s {len(sp.train)} training examples; "
                               f"at most {augment.MAX_COPIES} copies of each are made: ask for a smaller transfer set")
+        pool = (f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
+                f"{len(sp.train)} fine-tuned on")
         if sp.augmented:
-            say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
-                f"{len(sp.train)} fine-tuned on; {sp.augmented} augmented copies of the training examples top the transfer "
-                f"set up to {cfg.task_distill_transfer}")
+            say(f"{pool}; {sp.augmented} augmented copies of the training examples top the transfer set up to "
+                f"{cfg.task_distill_transfer}")
         elif len(sp.transfer) < cfg.task_distill_transfer:
-            say(f"note: task {name}: its training pool has {len(sp.transfer)} examples besides the "
-                f"{len(sp.train)} fine-tuned on, so the transfer set has {len(sp.transfer)}, not "
-                f"{cfg.task_distill_transfer}" + ("" if cfg.max_train_examples else " (set --max-train-examples)"))
+            say(f"{pool}, so the transfer set has {len(sp.transfer)}, not {cfg.task_distill_transfer}"
+                + ("" if cfg.max_train_examples else " (set --max-train-examples)"))
     tunes = {name: downstream.tune_split(sp.train, cfg.tune_fraction, cfg.split_seed)
              for name, sp in splits.items()} if cfg.sweeping else {}
     distilled = task_distilled(cfg.task_distill, [m.name for m in students], bool(tasks))
