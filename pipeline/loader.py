@@ -154,16 +154,19 @@ class EpochPlan:
 def read_parts(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> list[ShardData]:
     """One listed shard, hash-checked, its row groups decoded and checked against the manifest,
     kept apart (the loader gathers from them as they are; joining them would copy every column).
-    Its file is read once, into this thread's read buffer: the bytes hashed are the bytes parsed."""
-    buffer = _read_buffer(entry.bytes)
-    path, raw = shard_source(cache_dir, entry, buffer=buffer)
+    Its file is read once, into a reused read buffer: the bytes hashed are the bytes parsed."""
+    buffer = _BUFFERS.take(entry.bytes)
     try:
-        parts = list(iter_row_groups(path if raw is None else raw))
-    except LayoutError as e:
-        raise CorruptShardError(path, str(e)) from None
+        path, raw = shard_source(cache_dir, entry, buffer=buffer)
+        try:
+            parts = list(iter_row_groups(path if raw is None else raw))
+        except LayoutError as e:
+            raise CorruptShardError(path, str(e)) from None
+        finally:
+            del raw
+        _own(parts, buffer)
     finally:
-        del raw  # the buffer is this thread's again
-    _own(parts, buffer)
+        _BUFFERS.give(buffer)  # nothing decoded points into it now: the next shard may reuse it
     rows = sum(p.rows for p in parts)
     if rows != entry.rows or not parts:
         raise CorruptShardError(path, f"{rows} rows, manifest says {entry.rows}")
@@ -180,16 +183,30 @@ def read_parts(cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> list[S
     return parts
 
 
-_buffers = threading.local()
+class _ReadBuffers:
+    """Buffers for shard files, shared by the loader's threads and kept from one loader to the
+    next, so reading a shard faults in and zeroes no fresh memory (a buffer per thread did, for
+    every new loader's threads: bench/RESULTS.md). Never more of them than threads have read at once."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        """A free buffer of at least `size` bytes (the largest free one, grown if need be)."""
+        with self._lock:
+            buf = self._free.pop() if self._free else bytearray(0)
+        if len(buf) < size:
+            buf = bytearray(size)
+        return buf
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.append(buf)
+            self._free.sort(key=len)
 
 
-def _read_buffer(size: int) -> bytearray:
-    """This thread's buffer for shard files, grown to `size` bytes: one per loader thread, reused
-    from shard to shard, so reading a shard faults in and zeroes no fresh memory."""
-    buf = getattr(_buffers, "buf", None)
-    if buf is None or len(buf) < size:
-        _buffers.buf = buf = bytearray(size)
-    return buf
+_BUFFERS = _ReadBuffers()
 
 
 def _own(parts: list[ShardData], buffer: bytearray) -> None:

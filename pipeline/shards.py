@@ -377,12 +377,14 @@ _VECTOR_COLUMNS = ("hidden", "hidden_layers", "relation", *PER_TARGET)  # stored
 
 def iter_row_groups(source: Path | bytes | memoryview) -> Iterator[ShardData]:
     """Stream a shard (its path, or its bytes read already) a row group at a time: memory is
-    bounded by one row group."""
+    bounded by one row group. Decoded on the caller's thread alone (pyarrow's own pool made one
+    loader thread take up to two cores, for no gain in its own rate, and competed with the
+    loader's other threads and the training step's)."""
     pf = pq.ParquetFile(source if isinstance(source, (str, Path)) else pa.BufferReader(source))
     start = 0
     for i in range(pf.metadata.num_row_groups):
         try:
-            data = from_table(pf.read_row_group(i))
+            data = from_table(pf.read_row_group(i, use_threads=False))
         except LayoutError as e:
             raise e.shifted(start) from None
         start += data.rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,24 @@ def test_a_reused_read_buffer_never_backs_a_decoded_column(tmp_path):
     assert data.seq_id is kept  # memory of its own: left as it is
     buf[64:80] = bytes(16)  # the next shard read into the buffer
     assert data.input_ids.tolist() == expected and inside.tolist() == [0] * 8
+
+
+def test_read_buffers_are_shared_by_threads_and_never_lent_twice():
+    """A buffer given back is the next taker's, from any thread; two takers at once get two."""
+    from kdpipe.pipeline.loader import _ReadBuffers
+
+    pool = _ReadBuffers()
+    a = pool.take(100)
+    b = pool.take(50)
+    assert a is not b and len(a) >= 100 and len(b) >= 50
+    pool.give(b)
+    pool.give(a)
+    got = []
+    t = threading.Thread(target=lambda: got.append(pool.take(80)))
+    t.start()
+    t.join()
+    assert got[0] is a  # the largest free one, reused: no fresh memory
+    assert len(pool.take(1000)) >= 1000  # grown where none is large enough
 
 
 def test_a_corrupt_shard_is_refused_when_reached(copy_cache):
