@@ -6,6 +6,8 @@ No torch here: the dump's masking processes import this and nothing heavy.
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 MAX_WORKERS = 256  # more is a typo, not a machine
 
@@ -17,3 +19,14 @@ def cores() -> int:
 def default_workers(most: int = 32) -> int:
     """One core for the main thread (feeding the device, masking), the others for workers."""
     return max(1, min(cores() - 1, most))
+
+
+def die_with_parent(parent: int) -> None:
+    """Worker process initializer: exit once the parent is gone. A killed parent closes no pipe a
+    worker would notice (the workers hold both ends of their queues), so each one watches."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kdpipe-watch-parent", daemon=True).start()

@@ -42,8 +42,11 @@ class CorruptShardError(CorruptCacheError):
 
     def __init__(self, path: Any, what: str, advice: str = "run `kdpipe cache verify --deep` and re-dump the "
                                                            "shard") -> None:
-        self.path, self.what = path, what
+        self.path, self.what, self.advice = path, what, advice
         super().__init__(f"corrupt cache: {path}: {what}; {advice}")
+
+    def __reduce__(self) -> tuple:  # raised in a loader's worker process, re-raised in the loader
+        return type(self), (self.path, self.what, self.advice)
 
 
 def validate_record(cls: type[M], raw: Any, what: str, error: type[KdpipeError] = KdpipeError) -> M:

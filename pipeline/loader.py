@@ -17,13 +17,14 @@ of each one's rows (`part`): the data position stays global, so a checkpoint res
 number of ranks without skipping or repeating a row. Each rank reads the windows' shards, but
 decodes and trains on its own rows only.
 Only the current window is in memory (each shard's file read once by `cache.shard_source` into
-its thread's reused buffer, hashed as it is read and checked before use, then parsed a row group
+a reused read buffer, hashed as it is read and checked before use, then parsed a row group
 at a time), so memory is flat in the cache size. The window's row groups are kept apart: a batch
 is gathered from them straight into its arrays (rows grouped by row group inside the batch), and
 its float targets stay in their stored float16 until `Batch.to` widens them on the device.
 A background thread (`prefetch.Prefetcher`, in student-train) decodes and pads the next batches
-while the model trains on this one; with `workers` > 1, the next window is decoded and batches
-collated in a pool of threads as well.
+while the model trains on this one; with `workers` > 1, the next window's shards are decoded in
+worker processes (`shard_readers`: the GIL would serialise threads) and batches collated in a
+pool of threads as well.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kdpipe.pipeline.cache import open_shard, shard_source
-from kdpipe.pipeline import values
+from kdpipe.pipeline import shard_readers, values
 from kdpipe.pipeline.errors import CorruptShardError, KdpipeError
 from kdpipe.pipeline.modes import TargetMode, TargetSettings, get_mode
 from kdpipe.pipeline.modes.base import stored_tensor
@@ -374,22 +375,38 @@ def collate(rows: list[tuple[_Window, int]], spec: LoaderSpec, position: Positio
     )
 
 
+class _ThreadReaders:
+    """`read_parts` in a pool of this process's threads (where worker processes cannot be used)."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+
+    def submit(self, cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> "Future[list[ShardData]]":
+        return self.pool.submit(read_parts, cache_dir, entry, manifest)
+
+
+Readers = Any  # _ThreadReaders or shard_readers.ProcessReaders: submit(cache_dir, entry, manifest)
+
+
 def _read_window(cache_dir: Path, manifest: Manifest, window: list[ShardEntry], mode: TargetMode,
-                 pool: ThreadPoolExecutor | None) -> "Future[_Window] | _Window":
-    """A window's shards decoded (hash check, Parquet decode) in the pool, one shard a thread,
-    or here and now without one."""
-    if pool is None:
-        return _Window([p for e in window for p in read_parts(cache_dir, e, manifest)], mode)
-    parts = [pool.submit(read_parts, cache_dir, e, manifest) for e in window]
-    return pool.submit(lambda: _Window([p for f in parts for p in f.result()], mode))
+                 readers: Readers | None) -> "Callable[[], _Window]":
+    """A window's shards decoded (hash check, Parquet decode, value checks): with readers, started
+    there now, one shard a worker; without, when the window is taken. Taking it (calling what is
+    returned) joins them in the caller's thread."""
+    if readers is None:
+        return lambda: _Window([p for e in window for p in read_parts(cache_dir, e, manifest)], mode)
+    parts = [readers.submit(cache_dir, e, manifest) for e in window]
+    return lambda: _Window([p for f in parts for p in f.result()], mode)
 
 
 def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position,
-                epochs: int | None, pool: ThreadPoolExecutor | None = None
+                epochs: int | None, readers: Readers | None = None
                 ) -> Iterator[tuple[_Window, int, int, int, EpochPlan]]:
-    """(window, row in window, epoch, index of the row in the epoch, plan) from `start` on. With a
-    pool, the next window of the epoch is decoded while this one's rows are handed out."""
+    """(window, row in window, epoch, index of the row in the epoch, plan) from `start` on. With
+    readers, the next window of the epoch is decoded while this one's rows are handed out."""
     epoch, index = start.epoch, start.index
+    # what a reader needs of the manifest, whatever the cache's size (sent to each reader process)
+    told = manifest if readers is None else manifest.model_copy(update={"shards": []})
     mode = get_mode(manifest.targets)
     while epochs is None or epoch < epochs:
         plan = EpochPlan(manifest.shards, spec.seed, epoch, spec.window)
@@ -398,12 +415,10 @@ def _row_stream(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Po
         ahead = None
         while index < plan.rows:
             w = plan.window_of(index)
-            win = ahead if ahead is not None else _read_window(cache_dir, manifest, plan.windows[w], mode, pool)
-            ahead = None
-            if pool is not None:
-                win = win.result()
-                if w + 1 < len(plan.windows):
-                    ahead = _read_window(cache_dir, manifest, plan.windows[w + 1], mode, pool)
+            take = ahead if ahead is not None else _read_window(cache_dir, told, plan.windows[w], mode, readers)
+            win, ahead = take(), None
+            if readers is not None and w + 1 < len(plan.windows):
+                ahead = _read_window(cache_dir, told, plan.windows[w + 1], mode, readers)
             order = plan.window_order(w)
             base = int(plan.starts[w])
             for i in range(index - base, len(order)):
@@ -427,19 +442,21 @@ def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: P
                  pin_memory: bool = False) -> Iterator[Batch]:
     """Batches from `start` to the end of epoch `epochs - 1` (forever when None), in order.
     part = (rank, world): the share of every global batch this rank trains on (see the top).
-    workers > 1: the next window's shards are decoded and the next batches collated in that many
-    threads (pyarrow, hashlib and numpy's copies release the GIL), at most 2 x workers batches
-    ahead; the batches are the same. pin_memory: batches in page-locked memory, for
-    non-blocking copies to a CUDA device."""
+    workers > 1: the next window's shards are read, decoded and checked by that many worker
+    processes (`shard_readers`; threads where they cannot be used) while this window's batches
+    are collated in as many threads, at most 2 x workers batches ahead; the batches are the same.
+    pin_memory: batches in page-locked memory, for non-blocking copies to a CUDA device."""
     if workers < 1:
         raise KdpipeError(f"loader workers must be at least 1, not {workers}")
     if workers == 1:
         yield from _batches(cache_dir, manifest, spec, start, epochs, part, None, pin_memory)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="kdpipe-loader") as pool:
+        readers = (shard_readers.readers(workers) if shard_readers.usable(Path(cache_dir), manifest, spec.window)
+                   else _ThreadReaders(pool))
         ahead: deque[Future] = deque()
         try:
-            for job in _batches(cache_dir, manifest, spec, start, epochs, part, pool, pin_memory):
+            for job in _batches(cache_dir, manifest, spec, start, epochs, part, readers, pin_memory):
                 ahead.append(pool.submit(job))
                 while len(ahead) > 2 * workers:
                     yield ahead.popleft().result()
@@ -451,8 +468,9 @@ def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: P
 
 
 def _batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Position, epochs: int | None,
-             part: tuple[int, int], pool: ThreadPoolExecutor | None, pin_memory: bool) -> Iterator:
-    """The batches of `iter_batches`, each as it is (no pool) or as a job that makes it (pool)."""
+             part: tuple[int, int], readers: Readers | None, pin_memory: bool) -> Iterator:
+    """The batches of `iter_batches`, each as it is (no readers) or, with readers decoding the
+    windows, as a job that makes it."""
     rows: list[tuple[_Window, int]] = []
     longest = 0
     cur = (start.epoch, start.index)  # (epoch, index after the last row taken)
@@ -471,9 +489,9 @@ def _batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: Posit
                 b = _share(taken, rank, world, spec, pos, progress)
             return b.pinned() if pin_memory else b
 
-        return make if pool is not None else make()
+        return make if readers is not None else make()
 
-    for win, r, epoch, index, plan in _row_stream(Path(cache_dir), manifest, spec, start, epochs, pool):
+    for win, r, epoch, index, plan in _row_stream(Path(cache_dir), manifest, spec, start, epochs, readers):
         length = int(win.length[r])
         if rows and (cur[0] != epoch or _full_before(len(rows), longest, length, spec)):
             yield emit()  # full, or the epoch ended (a batch never crosses an epoch's end)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -39,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdpipe.pipeline.cores import MAX_WORKERS
+from kdpipe.pipeline.cores import MAX_WORKERS, die_with_parent
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.masking import mask_sequences
@@ -68,17 +66,6 @@ def _ready(_: int) -> int:
     return os.getpid()
 
 
-def _die_with(parent: int) -> None:
-    """Masking process initializer: exit once the parent is gone. A killed parent closes no pipe
-    a worker would notice (the workers hold both ends of their queues), so each one watches."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="kdpipe-watch-parent", daemon=True).start()
-
-
 class ShardWriters:
     """Encode shards in `n` writer threads, write each one atomically in order of submission.
 
@@ -99,7 +86,7 @@ class ShardWriters:
         self.maskers = 0 if n == 1 else max(1, n // 4)
         self.gathers = n > 1
         self._maskers: Executor | None = None if n == 1 else ProcessPoolExecutor(
-            self.maskers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with,
+            self.maskers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
             initargs=(os.getpid(),))
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kdpipe-shard-io")  # write + fsync + rename
         self._encoding: deque[tuple[Path, Future]] = deque()

@@ -854,8 +854,9 @@ def _follow(s: Setup, shared: dict[str, Any], w: distributed.World,
 @click.option("--keep-checkpoints", type=int, help="Checkpoints kept. [3]")
 @click.option("--log-every", type=int, help="Updates between metrics lines. [10]")
 @click.option("--prefetch", type=int, help="Batches decoded ahead in a background thread. [4]")
-@click.option("--loader-workers", type=int, help="Threads decoding shards and collating batches "
-              "(the batches are the same whatever the number). [cores - 1, 1 to 4]")
+@click.option("--loader-workers", type=int, help="Worker processes reading and decoding shards (threads "
+              "where /dev/shm cannot hold their slots); 1: all in the training process. The batches are the "
+              "same whatever the number. [cores - 1, 1 to 4]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N. [auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast of the "
               "student's forward pass (the losses are float32); fp16 scales the loss (GradScaler), skipping "

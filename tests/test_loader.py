@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -285,10 +287,17 @@ BATCH_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidd
                  "topk_logits", "log_z")
 
 
+@pytest.mark.parametrize("readers", ["processes", "threads"])
 @pytest.mark.parametrize("part", [(0, 1), (1, 2)])
-def test_worker_threads_give_the_same_batches(reference_cache, manifest, part):
-    """Decoding windows ahead and collating in threads changes nothing a batch holds, from the
-    start or from a resumed position, alone or as one rank's share."""
+def test_loader_workers_give_the_same_batches(reference_cache, manifest, part, readers, monkeypatch):
+    """Decoding windows ahead in worker processes (or threads, where /dev/shm cannot be used) and
+    collating in threads changes nothing a batch holds, from the start or from a resumed
+    position, alone or as one rank's share."""
+    from kdpipe.pipeline import shard_readers
+
+    assert shard_readers.usable(reference_cache, manifest, 2)  # this machine has a /dev/shm
+    if readers == "threads":
+        monkeypatch.setattr(shard_readers, "usable", lambda *a: False)
     s = spec(window=2)
     for start in (DataPosition(0, 0), DataPosition(0, 33), DataPosition(1, 5)):
         one = list(iter_batches(reference_cache, manifest, s, start, epochs=2, part=part))
@@ -310,6 +319,77 @@ def test_a_corrupt_shard_is_refused_by_the_worker_threads_too(copy_cache):
     p.write_bytes(p.read_bytes()[:-9] + b"corrupted")
     with pytest.raises(CorruptCacheError, match="corrupt cache"):
         list(iter_batches(cache, m, spec(window=1), DataPosition(0, 0), epochs=1, workers=2))
+
+
+def test_a_bad_value_is_named_alike_by_the_worker_processes(copy_cache):
+    """A shard's first bad value, found in a reader process, reaches the loader as the same one-line
+    error the loader itself raises (the error crosses the process boundary intact)."""
+    import random
+
+    import tamper
+
+    cache = copy_cache()
+    tamper.corrupt(cache, "nan", random.Random(3))
+    m = load_manifest(cache)
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(CorruptCacheError) as e:
+            list(iter_batches(cache, m, spec(window=1), DataPosition(0, 0), epochs=1, workers=workers))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "nothing was trained on it" in errors[0]
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+def test_a_slot_is_never_reused_while_a_shard_in_it_is_in_use(reference_cache, manifest):
+    """A reader process writes each shard into a slot of shared memory that the loader's arrays are
+    views of: a slot goes back to the free list only when the last view of it is gone (here a
+    torch tensor made from one), and is then reused; the views hold what `read_parts` reads."""
+    import gc
+
+    import torch
+
+    from kdpipe.pipeline.loader import read_parts
+    from kdpipe.pipeline.shard_readers import SHM, ProcessReaders
+
+    a, b = manifest.shards[0], manifest.shards[1]
+    pool = ProcessReaders(1)
+    try:
+        first = pool.submit(reference_cache, a, manifest).result()
+        kept = torch.from_numpy(first[0].hidden[2:5].copy()), torch.from_numpy(first[0].hidden[2:5])
+        assert not first[0].hidden.flags.writeable  # the loader reads the slot, never writes it
+        del first
+        gc.collect()
+        second = pool.submit(reference_cache, b, manifest).result()  # slot 0 is still in use: a new one
+        assert len(pool._names) == 2 and kept[1].equal(kept[0])
+        expected = read_parts(reference_cache, b, manifest)
+        for got, want in zip(second, expected):
+            for name in ("input_ids", "mlm_positions", "hidden", "topk_ids", "topk_logits", "log_z"):
+                assert np.array_equal(getattr(got, name), getattr(want, name)), name
+        del kept, second
+        gc.collect()
+        pool.submit(reference_cache, a, manifest).result()
+        assert len(pool._names) == 2  # a freed slot was reused
+        files = [SHM / n for n in pool._names]
+        assert all(f.exists() for f in files)
+    finally:
+        pool.close()
+    assert not any(f.exists() for f in files)
+
+
+def test_slot_files_of_a_killed_loader_are_swept():
+    from kdpipe.pipeline.shard_readers import SHM, _sweep_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that is gone
+    stale, mine = SHM / f"kdpipe-loader-{dead.pid}-0", SHM / f"kdpipe-loader-{os.getpid()}-999"
+    stale.touch()
+    mine.touch()
+    try:
+        _sweep_stale()
+        assert not stale.exists() and mine.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)
 
 
 def test_zero_loader_workers_is_refused(reference_cache, manifest):

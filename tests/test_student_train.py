@@ -92,6 +92,22 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_cach
     assert strip(metrics(out)) == strip(metrics(finished_run))
 
 
+def test_loader_worker_processes_train_the_same_run(tmp_path, reference_cache, finished_run, kdpipe_cli):
+    """The real command with its shards read by worker processes (spawned from the console script,
+    handing shards back through /dev/shm) trains the same rows in the same steps to the same
+    weights as the uninterrupted run, and leaves no shared-memory file behind."""
+    from kdpipe.pipeline.shard_readers import SHM
+
+    before = set(SHM.glob("kdpipe-loader-*"))
+    out = tmp_path / "workers"
+    kdpipe_cli("student-train", "--cache", reference_cache, "--out", out, *RESUME, "--loader-workers", "2")
+    assert samples(out) == samples(finished_run)
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
+    assert strip(metrics(out)) == strip(metrics(finished_run))
+    assert (out / "final" / "model.safetensors").read_bytes() == (finished_run / "final" / "model.safetensors").read_bytes()
+    assert set(SHM.glob("kdpipe-loader-*")) <= before
+
+
 def test_every_epoch_sees_every_row_once(finished_run, reference_cache):
     import pyarrow.parquet as pq
 
