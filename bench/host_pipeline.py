@@ -23,7 +23,8 @@ pace is everything around them; this measures that on any machine, with no model
 - dump floor: zstd at the dump's level over the same shards' raw Arrow buffers, plus SHA-256 of
   what that produced: the work no dump avoids, on one core (and N cores in N processes).
 - loader: `loader.iter_batches` (hash check, Parquet decode, shuffle, collation) over the
-  shards just written, no model, with 1..N decode workers.
+  shards just written, no model, with 1..N decode workers (from 2 on, worker processes that
+  hand the decoded shards back through shared memory; `pipeline/shard_readers.py`).
 - loader floor: SHA-256 of each shard file plus zstd decompression of the compressed buffers.
 
 Every configuration is timed in rounds interleaved with the floor, so machine load that comes and
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import multiprocessing
 import os
 import shutil
 import sys
@@ -373,7 +375,9 @@ def floor(paths: list[Path], kind: str, level: int, n: int) -> float:
     if n == 1:
         return _floor_job((kind, paths, level, 1))
     parts = [paths[i::n] for i in range(n)]
-    with ProcessPoolExecutor(n) as pool:  # each process times its own share, all at once
+    # each process times its own share, all at once; spawned, not forked: a fork marks this
+    # process's memory copy-on-write, and the next path timed here would pay the faults
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         return max(pool.map(_floor_job, [(kind, p, level, 1) for p in parts]))
 
 
