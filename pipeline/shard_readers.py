@@ -80,6 +80,7 @@ class ProcessReaders:
         _sweep_stale()
         self.n = n
         self._names: list[str] = []  # slot -> its file in SHM
+        self._lock = threading.Lock()
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._maps: dict[int, mmap.mmap] = {}  # slot -> this process's mapping of it
         self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
@@ -93,10 +94,11 @@ class ProcessReaders:
             return self._free.get_nowait()
         except queue.Empty:
             pass
-        name = f"{_PREFIX}{os.getpid()}-{len(self._names)}"
-        (SHM / name).touch(mode=0o600)
-        self._names.append(name)
-        return len(self._names) - 1
+        with self._lock:  # two loaders in one process may share the pool
+            name = f"{_PREFIX}{os.getpid()}-{len(self._names)}"
+            (SHM / name).touch(mode=0o600)
+            self._names.append(name)
+            return len(self._names) - 1
 
     def submit(self, cache_dir: Path, entry: ShardEntry, manifest: Manifest) -> "Future[list[ShardData]]":
         from kdpipe.pipeline.cache import _expected_fingerprint
