@@ -36,6 +36,7 @@ import re
 import threading
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ class ProcessReaders:
         self._maps: dict[int, mmap.mmap] = {}  # slot -> this process's mapping of it
         self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=die_with_parent, initargs=(os.getpid(),))
-        list(self._pool.map(_ready, range(n)))  # start every process now
+        self.pids = list(self._pool.map(_ready, range(n)))  # start every process now
+        self.broken = False  # a worker died: this pool takes no more work
 
     def _slot(self) -> int:
         """A free slot, or a new one where every slot backs a shard still in use (so there are as
@@ -105,8 +107,6 @@ class ProcessReaders:
 
         slot = self._slot()
         cache_dir = Path(cache_dir)
-        job = self._pool.submit(_decode, cache_dir, entry, manifest,
-                                _expected_fingerprint.get(cache_dir.resolve()), self._names[slot])
         out: Future[list[ShardData]] = Future()
         out.set_running_or_notify_cancel()
 
@@ -115,10 +115,23 @@ class ProcessReaders:
                 out.set_result(self._attach(slot, *f.result()))
             except BaseException as e:  # the worker's error (a corrupt shard, no room) is the shard's
                 self._free.put(slot)
-                out.set_exception(e)
+                out.set_exception(self._died(entry) if isinstance(e, BrokenProcessPool) else e)
 
+        try:
+            job = self._pool.submit(_decode, cache_dir, entry, manifest,
+                                    _expected_fingerprint.get(cache_dir.resolve()), self._names[slot])
+        except BrokenProcessPool:
+            self._free.put(slot)
+            out.set_exception(self._died(entry))
+            return out
         job.add_done_callback(done)
         return out
+
+    def _died(self, entry: ShardEntry) -> KdpipeError:
+        """The error for a shard whose worker died; the pool takes no more work (`readers` starts anew)."""
+        self.broken = True
+        return KdpipeError(f"a loader worker process died while reading {entry.path} (killed, or out of "
+                           "memory); rerun (a run resumes from its last checkpoint), or with --loader-workers 1")
 
     def _attach(self, slot: int, layout: Layout, size: int) -> list[ShardData]:
         """The row groups a worker wrote into `slot`, as read-only views of this process's mapping."""
@@ -146,6 +159,8 @@ _pools_lock = threading.Lock()
 def readers(n: int) -> ProcessReaders:
     """This process's pool of n reader processes, started on first use."""
     with _pools_lock:
+        if n in _pools and _pools[n].broken:
+            _pools.pop(n).close()
         if n not in _pools:
             _pools[n] = ProcessReaders(n)
         return _pools[n]

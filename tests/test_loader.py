@@ -376,6 +376,22 @@ def test_a_slot_is_never_reused_while_a_shard_in_it_is_in_use(reference_cache, m
     assert not any(f.exists() for f in files)
 
 
+def test_a_dead_reader_process_is_one_clear_error_and_the_next_loader_starts_afresh(reference_cache, manifest):
+    import signal
+
+    from kdpipe.pipeline import shard_readers
+    from kdpipe.pipeline.errors import KdpipeError
+
+    pool = shard_readers.readers(1)
+    os.kill(pool.pids[0], signal.SIGKILL)
+    for entry in manifest.shards[:2]:  # the death seen by the running job, then by the next submit
+        with pytest.raises(KdpipeError, match=r"a loader worker process died while reading shards/.*workers 1"):
+            pool.submit(reference_cache, entry, manifest).result(timeout=60)
+    fresh = shard_readers.readers(1)
+    assert fresh is not pool and not fresh.broken
+    assert fresh.submit(reference_cache, manifest.shards[0], manifest).result(timeout=60)[0].rows > 0
+
+
 def test_slot_files_of_a_killed_loader_are_swept():
     from kdpipe.pipeline.shard_readers import SHM, _sweep_stale
 
