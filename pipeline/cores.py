@@ -21,6 +21,11 @@ def default_workers(most: int = 32) -> int:
     return max(1, min(cores() - 1, most))
 
 
+def worker_pid(_: int) -> int:
+    """A pool's warm-up job: mapping it over range(n) starts all n worker processes now."""
+    return os.getpid()
+
+
 def die_with_parent(parent: int) -> None:
     """Worker process initializer: exit once the parent is gone. A killed parent closes no pipe a
     worker would notice (the workers hold both ends of their queues), so each one watches."""

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdpipe.pipeline.cores import die_with_parent
+from kdpipe.pipeline.cores import die_with_parent, worker_pid
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.shards import ShardData
 from kdpipe.schemas.manifest import Manifest, ShardEntry
@@ -79,14 +79,13 @@ class ProcessReaders:
 
     def __init__(self, n: int) -> None:
         _sweep_stale()
-        self.n = n
         self._names: list[str] = []  # slot -> its file in SHM
         self._lock = threading.Lock()
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._maps: dict[int, mmap.mmap] = {}  # slot -> this process's mapping of it
         self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=die_with_parent, initargs=(os.getpid(),))
-        self.pids = list(self._pool.map(_ready, range(n)))  # start every process now
+        self.pids = list(self._pool.map(worker_pid, range(n)))  # start every process now
         self.broken = False  # a worker died: this pool takes no more work
 
     def _slot(self) -> int:
@@ -171,10 +170,6 @@ def _close_all() -> None:
     for pool in _pools.values():
         pool.close()
     _pools.clear()
-
-
-def _ready(_: int) -> int:
-    return os.getpid()
 
 
 # ------------------------------------------------------------------------------ in the worker

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from kdpipe.pipeline.cores import MAX_WORKERS, die_with_parent
+from kdpipe.pipeline.cores import MAX_WORKERS, die_with_parent, worker_pid
 from kdpipe.pipeline.errors import KdpipeError
 from kdpipe.pipeline.fsutil import atomic_write_bytes
 from kdpipe.pipeline.masking import mask_sequences
@@ -60,10 +60,6 @@ def encode(data: ShardData | Callable[[], ShardData], schema: pa.Schema, fingerp
         data = data()
     buf = shard_bytes(to_table(data, schema), fingerprint_sha256, zstd_level)
     return buf, hashlib.sha256(buf).hexdigest()
-
-
-def _ready(_: int) -> int:
-    return os.getpid()
 
 
 class ShardWriters:
@@ -92,7 +88,7 @@ class ShardWriters:
         self._encoding: deque[tuple[Path, Future]] = deque()
         self._writing: Future | None = None
         if self._maskers is not None:  # start every process now (a fresh interpreter each)
-            list(self._maskers.map(_ready, range(self.maskers)))
+            list(self._maskers.map(worker_pid, range(self.maskers)))
 
     def mask(self, spec: Any, first_seq: int, seqs: list[np.ndarray]) -> Future | None:
         """A shard's masked rows (`masking.mask_sequences` with a `dump.RowSpec`'s settings) from a

@@ -43,6 +43,11 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def untimed(ms: list[dict]) -> list[dict]:
+    """Metrics lines without their timings (which no two runs share)."""
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in ms]
+
+
 def samples(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
 
@@ -88,8 +93,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_cach
         assert (out / "final" / f).read_bytes() == (finished_run / "final" / f).read_bytes(), f
     # the same rows in the same steps: none skipped, none repeated across the resume
     assert samples(out) == samples(finished_run)
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
-    assert strip(metrics(out)) == strip(metrics(finished_run))
+    assert untimed(metrics(out)) == untimed(metrics(finished_run))
 
 
 def test_loader_worker_processes_train_the_same_run(tmp_path, reference_cache, finished_run, kdpipe_cli):
@@ -102,8 +106,7 @@ def test_loader_worker_processes_train_the_same_run(tmp_path, reference_cache, f
     out = tmp_path / "workers"
     kdpipe_cli("student-train", "--cache", reference_cache, "--out", out, *RESUME, "--loader-workers", "2")
     assert samples(out) == samples(finished_run)
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
-    assert strip(metrics(out)) == strip(metrics(finished_run))
+    assert untimed(metrics(out)) == untimed(metrics(finished_run))
     assert (out / "final" / "model.safetensors").read_bytes() == (finished_run / "final" / "model.safetensors").read_bytes()
     assert set(SHM.glob("kdpipe-loader-*")) <= before
 
