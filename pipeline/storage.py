@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kdpipe.pipeline.errors import KdpipeError
+from kdpipe.pipeline.errors import KdpipeError, first_line
 from kdpipe.pipeline.fsutil import atomic_dir, exclusive_lock, sha256_bytes
 from kdpipe.schemas.checkpoint import (
     CHECKPOINT_META, CHECKPOINT_PATTERN, CHECKPOINTS_DIR, FINAL_DIR, LATEST_NAME, METRICS_NAME, RUN_NAME,

@@ -272,3 +272,19 @@ def test_eval_report_on_s3_resumes_from_the_store(s3, tmp_path, monkeypatch, tea
     after = objects(s3, prefix)
     assert {k: v for k, v in after.items() if k.startswith("parts/")} == \
         {k: v for k, v in on_store.items() if k.startswith("parts/")}
+
+
+@pytest.mark.parametrize("raised, expected", [
+    (PermissionError("access denied\nrequest id 42"), "s3://bucket/cache: PermissionError: access denied"),
+    (ValueError("bad bucket name\ndetails"), "s3://bucket/cache: bad bucket name"),
+])
+def test_a_store_library_error_becomes_one_line_naming_the_url(raised, expected):
+    """Whatever the filesystem library raises (network, credentials, a bad name) reaches the user as
+    one line naming the URL, its first line only."""
+    from kdpipe.pipeline.errors import KdpipeError
+    from kdpipe.pipeline.storage import store_errors
+
+    with pytest.raises(KdpipeError) as e:
+        with store_errors("s3://bucket/cache"):
+            raise raised
+    assert str(e.value) == expected
