@@ -452,8 +452,12 @@ def iter_batches(cache_dir: Path, manifest: Manifest, spec: LoaderSpec, start: P
         yield from _batches(cache_dir, manifest, spec, start, epochs, part, None, pin_memory)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="kdpipe-loader") as pool:
-        readers = (shard_readers.readers(workers) if shard_readers.usable(Path(cache_dir), manifest, spec.window)
-                   else _ThreadReaders(pool))
+        why = shard_readers.why_not(Path(cache_dir), manifest, spec.window)
+        if why is None:
+            readers: Readers = shard_readers.readers(workers)
+        else:
+            shard_readers.note_threads(why, workers)
+            readers = _ThreadReaders(pool)
         ahead: deque[Future] = deque()
         try:
             for job in _batches(cache_dir, manifest, spec, start, epochs, part, readers, pin_memory):

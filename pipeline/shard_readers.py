@@ -22,7 +22,7 @@ The pool is started once per process and worker count (a fresh interpreter per
 worker, ~2 s with torch), and kept for later loaders; its workers exit with the process that
 started them, and the slot files are removed at exit (and, after a kill, by the next loader).
 Where there is no /dev/shm with room for the slots, or the cache lives on a store (its fetcher
-is this process's), the loader reads in threads instead.
+is this process's), the loader reads in threads instead, and says why once on stderr.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import queue
 import re
+import sys
 import threading
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -54,18 +55,40 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once, not one 
 Layout = list[dict[str, tuple[int, str, tuple[int, ...]]]]  # per row group: column -> (offset, dtype, shape)
 
 
-def usable(cache_dir: Path, manifest: Manifest, window: int) -> bool:
-    """Whether worker processes can hand this cache's shards back: a local cache (a store's
-    fetcher lives in this process) and a /dev/shm with room for the slots a loader usually holds
-    (the window trained on, the next one read, two more for batches still being collated; twice
-    the largest shard's file each, as decoded columns take more than their compressed bytes)."""
+def why_not(cache_dir: Path, manifest: Manifest, window: int) -> str | None:
+    """Why worker processes cannot hand this cache's shards back, or None when they can: they need
+    a local cache (a store's fetcher lives in this process) and a /dev/shm with room for the slots
+    a loader usually holds (the window trained on, the next one read, two more for batches still
+    being collated; twice the largest shard's file each, as decoded columns take more than their
+    compressed bytes). The reason is said once (`note_threads`): a container's default /dev/shm
+    of 64 MB would otherwise slow the loader without a word."""
     from kdpipe.pipeline.cache import _fetcher
 
-    if _fetcher(cache_dir) is not None or not SHM.is_dir() or not os.access(SHM, os.W_OK):
-        return False
+    if _fetcher(cache_dir) is not None:
+        return "the cache is on a store"
+    if not SHM.is_dir() or not os.access(SHM, os.W_OK):
+        return f"there is no writable {SHM}"
     st = os.statvfs(SHM)
     need = (2 * window + 2) * 2 * max((e.bytes for e in manifest.shards), default=0)
-    return st.f_bavail * st.f_frsize >= need
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        return (f"{SHM} has {free / 2**20:,.0f} MiB free and the worker processes need {need / 2**20:,.0f} MiB "
+                "(in a container, give it more: docker run --shm-size=2g)")
+    return None
+
+
+_noted: set[str] = set()
+
+
+def note_threads(why: str, workers: int) -> None:
+    """One line on stderr, once per reason and process: the loader reads in threads because `why`."""
+    if why in _noted:
+        return
+    _noted.add(why)
+    from tqdm import tqdm
+
+    tqdm.write(f"kdpipe: note: the loader reads shards in {workers} threads, not worker processes, as {why}; "
+               "threads decode more slowly", file=sys.stderr)
 
 
 class _Base(np.ndarray):

@@ -289,15 +289,17 @@ BATCH_TENSORS = ("input_ids", "attention_mask", "mlm_index", "mlm_labels", "hidd
 
 @pytest.mark.parametrize("readers", ["processes", "threads"])
 @pytest.mark.parametrize("part", [(0, 1), (1, 2)])
-def test_loader_workers_give_the_same_batches(reference_cache, manifest, part, readers, monkeypatch):
-    """Decoding windows ahead in worker processes (or threads, where /dev/shm cannot be used) and
-    collating in threads changes nothing a batch holds, from the start or from a resumed
-    position, alone or as one rank's share."""
+def test_loader_workers_give_the_same_batches(reference_cache, manifest, part, readers, monkeypatch, tmp_path,
+                                              capsys):
+    """Decoding windows ahead in worker processes (or threads, where /dev/shm cannot be used:
+    said once on stderr) and collating in threads changes nothing a batch holds, from the start
+    or from a resumed position, alone or as one rank's share."""
     from kdpipe.pipeline import shard_readers
 
-    assert shard_readers.usable(reference_cache, manifest, 2)  # this machine has a /dev/shm
+    assert shard_readers.why_not(reference_cache, manifest, 2) is None  # this machine has a /dev/shm
+    monkeypatch.setattr(shard_readers, "_noted", set())
     if readers == "threads":
-        monkeypatch.setattr(shard_readers, "usable", lambda *a: False)
+        monkeypatch.setattr(shard_readers, "SHM", tmp_path / "no-shm")
     s = spec(window=2)
     for start in (DataPosition(0, 0), DataPosition(0, 33), DataPosition(1, 5)):
         one = list(iter_batches(reference_cache, manifest, s, start, epochs=2, part=part))
@@ -310,6 +312,20 @@ def test_loader_workers_give_the_same_batches(reference_cache, manifest, part, r
                 assert getattr(a, name).equal(getattr(b, name)), name
             if part[1] > 1:
                 assert a.part.global_tokens == b.part.global_tokens
+    notes = [line for line in capsys.readouterr().err.splitlines() if "kdpipe: note" in line]
+    if readers == "threads":
+        assert len(notes) == 1 and "3 threads" in notes[0] and "no writable" in notes[0], notes
+    else:
+        assert not notes
+
+
+def test_a_small_dev_shm_is_named_with_what_the_workers_need(reference_cache, manifest):
+    """A /dev/shm too small for the readers' slots (a container's 64 MB) is the reason given."""
+    from kdpipe.pipeline import shard_readers
+
+    huge = manifest.model_copy(update={"shards": [e.model_copy(update={"bytes": 2**50}) for e in manifest.shards]})
+    why = shard_readers.why_not(reference_cache, huge, 2)
+    assert why is not None and "MiB free and the worker processes need" in why and "--shm-size" in why
 
 
 def test_a_corrupt_shard_is_refused_by_the_worker_threads_too(copy_cache):
